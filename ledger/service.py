@@ -1,0 +1,134 @@
+"""The ledger process: cost events in, Postgres rows out, in batches.
+
+Events are buffered up to `batch_size` or `flush_ms`, written in one
+transaction, and acked only after the commit. While the database is down the
+batch is retried with backoff and stays unacked, so a crash at any point
+redelivers it and the idempotent insert absorbs the repeat.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import asyncpg
+import structlog
+from aio_pika.exceptions import ChannelInvalidStateError
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
+
+from ledger import store
+from modelyard import broker
+from modelyard.config import Config
+from modelyard.topology import LEDGER_QUEUE, build_topology
+from schemas.codec import InvalidMessage, decode_cost
+from schemas.costs import CostEvent
+
+log = structlog.get_logger("modelyard.ledger")
+
+MAX_BACKOFF_S = 5.0
+
+
+class Ledger:
+    """Consumes `ledger.costs` and writes the ledger table."""
+
+    def __init__(self, config: Config, connection: AbstractRobustConnection) -> None:
+        self.config = config
+        self.connection = connection
+        self.batch_size = config.ledger.batch_size
+        self.flush_s = config.ledger.flush_ms / 1000
+        self._buffer: list[AbstractIncomingMessage] = []
+        self._full = asyncio.Event()
+        self._channel: AbstractChannel | None = None
+        self._pool: asyncpg.Pool | None = None
+        self._flusher: asyncio.Task[None] | None = None
+        self.written = 0
+
+    async def start(self) -> None:
+        """Connect to Postgres and the broker, then start consuming."""
+        self._pool = await asyncpg.create_pool(self.config.database_url, min_size=1, max_size=2)
+        async with self._pool.acquire() as conn:
+            await store.ensure_partitions(conn)
+        # Room for one batch being written and the next one filling.
+        self._channel = channel = await broker.open_channel(self.connection, prefetch=2 * self.batch_size)
+        queues = await broker.declare(channel, build_topology(self.config.pool_names()))
+        self._flusher = asyncio.create_task(self._flush_forever())
+        await queues[LEDGER_QUEUE].consume(self._receive)
+        log.info("ledger started", batch_size=self.batch_size, flush_ms=self.config.ledger.flush_ms)
+
+    async def stop(self) -> None:
+        """Flush nothing more; close channel (unacked events are redelivered) and pool."""
+        if self._flusher is not None:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
+        if self._channel is not None and not self._channel.is_closed:
+            await self._channel.close()
+        if self._pool is not None:
+            await self._pool.close()
+
+    async def _receive(self, message: AbstractIncomingMessage) -> None:
+        self._buffer.append(message)
+        if len(self._buffer) >= self.batch_size:
+            self._full.set()
+
+    async def _flush_forever(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._full.wait(), self.flush_s)
+            self._full.clear()
+            while self._buffer:
+                batch, self._buffer = self._buffer[: self.batch_size], self._buffer[self.batch_size :]
+                await self._flush(batch)
+
+    async def _flush(self, batch: list[AbstractIncomingMessage]) -> None:
+        decoded: list[tuple[AbstractIncomingMessage, CostEvent]] = []
+        for message in batch:
+            try:
+                decoded.append((message, decode_cost(message.body)))
+            except InvalidMessage as exc:
+                await self._dead_letter(message, f"undecodable cost event: {exc}")
+        try:
+            await self._write([event for _, event in decoded])
+        except asyncpg.DataError:
+            # One bad row must not block the queue: find it, park it, keep the rest.
+            decoded = await self._write_one_by_one(decoded)
+        self.written += len(decoded)
+        if decoded:
+            # Batches are flushed in delivery order, one at a time, so acking
+            # the last tag with `multiple` settles exactly this batch.
+            with contextlib.suppress(ChannelInvalidStateError):
+                await decoded[-1][0].ack(multiple=True)
+
+    async def _write_one_by_one(
+        self, decoded: list[tuple[AbstractIncomingMessage, CostEvent]]
+    ) -> list[tuple[AbstractIncomingMessage, CostEvent]]:
+        kept = []
+        for message, event in decoded:
+            try:
+                await self._write([event])
+            except asyncpg.DataError as exc:
+                await self._dead_letter(message, f"ledger rejected the event: {exc}")
+            else:
+                kept.append((message, event))
+        return kept
+
+    async def _dead_letter(self, message: AbstractIncomingMessage, reason: str) -> None:
+        log.error("cost event dead-lettered", reason=reason)
+        with contextlib.suppress(ChannelInvalidStateError):
+            await message.reject(requeue=False)
+
+    async def _write(self, events: list[CostEvent]) -> None:
+        """Write until it works: a down database delays the ledger, never loses it."""
+        if not events:
+            return
+        assert self._pool is not None
+        backoff = 0.1
+        while True:
+            try:
+                async with self._pool.acquire() as conn:
+                    await store.write_batch(conn, events)
+                return
+            except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError) as exc:
+                log.warning("ledger write failed; retrying", error=str(exc), retry_in_s=backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF_S)

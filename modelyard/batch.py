@@ -1,0 +1,188 @@
+"""`modelyard submit FILE.jsonl`: an OpenAI Batch API input file through modelyard.
+
+Resumable by construction. The batch id is derived from the input's content,
+so a re-run finds the same durable results queue. Two files next to the
+output record progress: the output itself (finished lines, never re-run) and
+`OUTPUT.submitted` (lines the broker confirmed; their results are awaited,
+not re-submitted, so nothing is billed twice).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import uuid
+from collections.abc import Iterator
+from decimal import Decimal
+from pathlib import Path
+
+import msgspec
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from modelyard.client import Client, new_trace
+from modelyard.openai_format import batch_output_line
+from schemas.chat import ChatRequest
+from schemas.codec import InvalidMessage
+from schemas.errors import ErrorKind, job_error
+from schemas.jobs import CompletionJob, Metadata
+from schemas.results import JobResult, Timings
+
+_NAMESPACE = uuid.UUID("5b0c6f8e-8a47-4f0e-9b7c-6d1f1c1d2a10")
+CHAT_URL = "/v1/chat/completions"
+
+
+class BatchLine(msgspec.Struct, forbid_unknown_fields=False):
+    """One input line (OpenAI Batch API format)."""
+
+    custom_id: str
+    method: str
+    url: str
+    body: ChatRequest
+
+
+class BatchSummary(msgspec.Struct):
+    """What a finished batch did."""
+
+    batch_id: str
+    total: int
+    ok: int
+    errors: int
+    skipped: int
+    cost: Decimal
+
+
+_line_decoder = msgspec.json.Decoder(BatchLine)
+
+
+def batch_id_for(data: bytes) -> str:
+    """A stable id for an input file's content: re-runs resume the same batch."""
+    return "b" + hashlib.sha256(data).hexdigest()[:16]
+
+
+def parse_line(raw: bytes, number: int, batch_id: str) -> tuple[str, CompletionJob | JobResult]:
+    """A job for a valid line, or the error result a bad line is answered with."""
+    custom_id = f"line-{number}"
+    try:
+        line = _line_decoder.decode(raw)
+        custom_id = line.custom_id
+        if line.method.upper() != "POST" or line.url != CHAT_URL:
+            raise InvalidMessage(f"only POST {CHAT_URL} is supported, got {line.method} {line.url}", "$.url")
+    except (msgspec.ValidationError, msgspec.DecodeError, InvalidMessage) as exc:
+        field = exc.field if isinstance(exc, InvalidMessage) else None
+        error = job_error(ErrorKind.INVALID_JOB, f"line {number}: {exc}", field=field)
+        job_id = uuid.uuid5(_NAMESPACE, f"{batch_id}/{custom_id}").hex
+        return custom_id, JobResult(job_id=job_id, status="error", error=error, timings=Timings())
+    job = CompletionJob(
+        id=uuid.uuid5(_NAMESPACE, f"{batch_id}/{custom_id}").hex,
+        request=line.body,
+        metadata=Metadata(batch_id=batch_id, custom_id=custom_id),
+        priority="batch",
+        trace=new_trace(),
+    )
+    return custom_id, job
+
+
+def _read_ids(path: Path, key: str | None) -> set[str]:
+    """custom_ids recorded in a file; a torn last line (crash mid-write) is ignored."""
+    if not path.exists():
+        return set()
+    ids: set[str] = set()
+    for raw in path.read_bytes().splitlines():
+        try:
+            ids.add(msgspec.json.decode(raw)[key] if key else raw.decode())
+        except (msgspec.DecodeError, KeyError, TypeError, UnicodeDecodeError):
+            continue
+    return ids
+
+
+def _lines(data: bytes) -> Iterator[tuple[int, bytes]]:
+    for number, raw in enumerate(data.splitlines(), start=1):
+        if raw.strip():
+            yield number, raw
+
+
+async def run_batch(
+    client: Client, input_path: Path, output_path: Path, *, show_progress: bool = True
+) -> BatchSummary:
+    """Submit every unfinished line and write results as they arrive."""
+    data = input_path.read_bytes()
+    batch_id = batch_id_for(data)
+    queue = f"batch.{batch_id}"
+    submitted_path = output_path.with_name(output_path.name + ".submitted")
+    done = _read_ids(output_path, "custom_id")
+    submitted = _read_ids(submitted_path, None)
+    parsed = [parse_line(raw, n, batch_id) for n, raw in _lines(data)]
+    _check_unique([cid for cid, _ in parsed])
+    custom_by_job = {
+        (item.id if isinstance(item, CompletionJob) else item.job_id): cid for cid, item in parsed
+    }
+    await client.declare_results_queue(queue)
+    summary = BatchSummary(batch_id, len(parsed), 0, 0, len(done), Decimal(0))
+    with output_path.open("ab") as out, submitted_path.open("a") as sub, _progress(show_progress) as bar:
+        task = bar.add_task(f"batch {batch_id}", total=len(parsed), completed=len(done))
+
+        def record(result: JobResult) -> None:
+            custom_id = custom_by_job.get(result.job_id)
+            if custom_id is None or custom_id in done:
+                return
+            out.write(batch_output_line(result, custom_id))
+            out.flush()
+            done.add(custom_id)
+            summary.ok += result.status == "ok"
+            summary.errors += result.status == "error"
+            summary.cost += result.cost or 0
+            bar.advance(task)
+
+        for custom_id, item in parsed:
+            if isinstance(item, JobResult):
+                record(item)
+        to_send = [
+            item
+            for cid, item in parsed
+            if isinstance(item, CompletionJob) and cid not in done and cid not in submitted
+        ]
+
+        def confirmed(job: CompletionJob) -> None:
+            # Flushed per line: a crash must not forget a confirmed job, or a
+            # re-run would submit (and bill) it again.
+            sub.write(f"{job.metadata.custom_id}\n")
+            sub.flush()
+
+        sender = asyncio.create_task(
+            client.submit_many(to_send, queue, on_confirmed=confirmed) if to_send else _nothing()
+        )
+        if len(done) < len(parsed):
+            async for result in client.results(queue):
+                record(result)
+                if len(done) >= len(parsed):
+                    break
+        await sender
+    await client.delete_queue(queue)
+    submitted_path.unlink(missing_ok=True)
+    return summary
+
+
+class BatchInputError(ValueError):
+    """The input file as a whole cannot be run."""
+
+
+def _check_unique(custom_ids: list[str]) -> None:
+    seen: set[str] = set()
+    for cid in custom_ids:
+        if cid in seen:
+            raise BatchInputError(f"custom_id {cid!r} appears more than once; each line needs its own")
+        seen.add(cid)
+
+
+async def _nothing() -> int:
+    return 0
+
+
+def _progress(enabled: bool) -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        disable=not enabled,
+    )

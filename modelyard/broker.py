@@ -1,0 +1,104 @@
+"""The only module that talks AMQP: connect, declare, publish with confirms.
+
+Every publish that carries work or cost is persistent and awaits the broker's
+confirm; callers ack their input only after that returns, which is what makes
+a crash at any point lose nothing (at worst the input is redelivered).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aio_pika
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustConnection,
+)
+
+from aio_pika.exceptions import ChannelInvalidStateError, MessageProcessError
+
+from modelyard.topology import DEAD_EXCHANGE, Topology
+
+PERSISTENT = aio_pika.DeliveryMode.PERSISTENT
+
+
+async def connect(url: str, name: str) -> AbstractRobustConnection:
+    """A connection that reconnects and re-consumes by itself after a broker restart."""
+    return await aio_pika.connect_robust(url, client_properties={"connection_name": name})
+
+
+async def open_channel(
+    connection: AbstractRobustConnection, prefetch: int | None = None
+) -> AbstractChannel:
+    """A channel with publisher confirms; unroutable mandatory publishes raise."""
+    channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+    if prefetch is not None:
+        await channel.set_qos(prefetch_count=prefetch)
+    return channel
+
+
+async def declare(channel: AbstractChannel, topology: Topology) -> dict[str, AbstractQueue]:
+    """Declare every exchange, queue and binding; safe to run from every process."""
+    exchanges: dict[str, AbstractExchange] = {}
+    for spec in topology.exchanges:
+        exchanges[spec.name] = await channel.declare_exchange(
+            spec.name, aio_pika.ExchangeType(spec.type), durable=True
+        )
+    queues: dict[str, AbstractQueue] = {}
+    for q in topology.queues:
+        queue = await channel.declare_queue(q.name, durable=True, arguments=q.arguments)
+        for exchange, key in q.bindings:
+            await queue.bind(exchanges[exchange], key)
+        queues[q.name] = queue
+    return queues
+
+
+def message(
+    body: bytes,
+    *,
+    correlation_id: str | None = None,
+    reply_to: str | None = None,
+    headers: dict[str, Any] | None = None,
+    priority: int | None = None,
+) -> aio_pika.Message:
+    """A persistent JSON message."""
+    return aio_pika.Message(
+        body,
+        content_type="application/json",
+        delivery_mode=PERSISTENT,
+        correlation_id=correlation_id,
+        reply_to=reply_to,
+        headers=headers,
+        priority=priority,
+    )
+
+
+async def dead_letter(channel: AbstractChannel, body: bytes, reason: str) -> None:
+    """Park a message on the dead queue with the reason, for inspection and replay."""
+    exchange = await channel.get_exchange(DEAD_EXCHANGE, ensure=False)
+    await exchange.publish(message(body, headers={"x-modelyard-reason": reason}), routing_key="")
+
+
+Handler = Callable[[AbstractIncomingMessage], Awaitable[None]]
+
+
+def guarded(handler: Handler, log: Any) -> Handler:
+    """Wrap a consumer so a bug in it requeues the message instead of leaving it
+    unacked forever (which would silently shrink the prefetch window). A message
+    that fails every time is dead-lettered by the queue's delivery limit."""
+
+    async def run(message: AbstractIncomingMessage) -> None:
+        try:
+            await handler(message)
+        except Exception:
+            log.exception("handler failed; message requeued", message_id=message.correlation_id)
+            # Already settled, or its channel is gone (the broker requeues it then).
+            with contextlib.suppress(MessageProcessError, ChannelInvalidStateError):
+                await message.nack(requeue=True)
+
+    return run

@@ -1,0 +1,256 @@
+"""The `modelyard` command.
+
+Every subcommand validates its input before starting anything and reports a
+bad config, file or flag as one clear line on stderr (exit 2), never a
+traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Callable, Coroutine
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from modelyard import logs
+from modelyard.config import Config, ConfigError, load
+
+DEFAULT_CONFIG = "modelyard.yaml"
+
+
+class UsageError(Exception):
+    """A problem with what the user asked for; printed without a traceback."""
+
+
+def _config(args: argparse.Namespace) -> Config:
+    config = load(args.config)
+    logs.configure(args.log_level or config.log_level, log_prompts=config.log_prompts)
+    return config
+
+
+def _run(coro: Coroutine[Any, Any, Any]) -> Any:
+    from modelyard.runtime import install_uvloop  # noqa: PLC0415  (keeps `--help` fast)
+
+    install_uvloop()
+    return asyncio.run(coro)
+
+
+def cmd_serve(roles: list[str]) -> Callable[[argparse.Namespace], int]:
+    """A command that runs the given roles until SIGINT/SIGTERM."""
+
+    def command(args: argparse.Namespace) -> int:
+        from modelyard.runtime import serve  # noqa: PLC0415
+
+        config = _config(args)
+        pools = config.pool_names()
+        if getattr(args, "pool", None):
+            unknown = [p for p in args.pool if p not in pools]
+            if unknown:
+                raise UsageError(f"no pool named {', '.join(unknown)} (pools: {', '.join(pools)})")
+            pools = args.pool
+        if getattr(args, "fake_provider", False):
+            return _run(_with_fake(serve(config, roles, pools, "modelyard-up"), args.fake_port))
+        _run(serve(config, roles, pools, f"modelyard-{'-'.join(roles)}"))
+        return 0
+
+    return command
+
+
+async def _with_fake(main: Coroutine[Any, Any, None], port: int) -> int:
+    from modelyard.fake import FakeSettings, start  # noqa: PLC0415
+
+    runner, bound = await start("127.0.0.1", port, FakeSettings())
+    print(f"fake provider on http://127.0.0.1:{bound}", file=sys.stderr)
+    try:
+        await main
+    finally:
+        await runner.cleanup()
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from ledger.migrate import migrate  # noqa: PLC0415
+
+    config = _config(args)
+    applied = _run(migrate(config.database_url))
+    print(f"applied {len(applied)} migration(s): {', '.join(applied) or 'none pending'}")
+    return 0
+
+
+def cmd_fake_provider(args: argparse.Namespace) -> int:
+    from modelyard.fake import FakeSettings, serve  # noqa: PLC0415
+
+    settings = FakeSettings(
+        latency_ms=args.latency_ms,
+        rate_429=args.rate_429,
+        rate_500=args.rate_500,
+        rate_503=args.rate_503,
+        rate_hang=args.rate_hang,
+        rate_malformed=args.rate_malformed,
+        api_key=args.api_key,
+        seed=args.seed,
+    )
+    print(f"fake provider on http://{args.host}:{args.port}", file=sys.stderr)
+    _run(serve(args.host, args.port, settings))
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from modelyard.batch import BatchInputError, run_batch  # noqa: PLC0415
+    from modelyard.client import Client  # noqa: PLC0415
+
+    config = _config(args)
+    source = Path(args.file)
+    if not source.is_file():
+        raise UsageError(f"input file {source} does not exist")
+    output = Path(args.output or source.with_suffix(".output.jsonl"))
+
+    async def main() -> int:
+        async with await Client.connect(config.broker_url, "modelyard-submit") as client:
+            try:
+                summary = await run_batch(client, source, output, show_progress=not args.quiet)
+            except BatchInputError as exc:
+                raise UsageError(str(exc)) from exc
+        print(
+            f"batch {summary.batch_id}: {summary.total} lines, {summary.ok} ok, "
+            f"{summary.errors} errors, {summary.skipped} already done; "
+            f"cost ${summary.cost} -> {output}"
+        )
+        return 0
+
+    return int(_run(main()))
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    import asyncpg  # noqa: PLC0415
+    from rich.console import Console  # noqa: PLC0415
+    from rich.table import Table  # noqa: PLC0415
+
+    from modelyard import report  # noqa: PLC0415
+
+    config = _config(args)
+    group_by = [g.strip() for g in args.group_by.split(",") if g.strip()]
+    report.report_sql(group_by)  # validate before connecting
+    until = args.until or datetime.now(UTC).date()
+    since = args.since or until - timedelta(days=30)
+
+    async def main() -> list[dict[str, Any]]:
+        conn = await asyncpg.connect(config.database_url)
+        try:
+            return await report.fetch_report(conn, group_by, since, until)
+        finally:
+            await conn.close()
+
+    rows = _run(main())
+    columns = [*group_by, *report.MEASURES]
+    if args.format == "csv":
+        sys.stdout.write(report.render_csv(rows, columns))
+    elif args.format == "json":
+        print(report.render_json(rows))
+    else:
+        table = Table(title=f"Spend {since} to {until} (USD)")
+        for column in columns:
+            table.add_column(column, justify="right" if column in report.MEASURES else "left")
+        for row in rows:
+            table.add_row(*(str(row[c]) for c in columns))
+        table.add_section()
+        table.add_row("total", *[""] * (len(columns) - 2), str(report.total_cost(rows)))
+        Console().print(table)
+    return 0
+
+
+def cmd_topology(args: argparse.Namespace) -> int:
+    from modelyard.topology import build_topology, definitions  # noqa: PLC0415
+
+    config = _config(args)
+    text = json.dumps(definitions(build_topology(config.pool_names()), args.vhost), indent=2) + "\n"
+    if args.export:
+        Path(args.export).write_text(text, encoding="utf-8")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def _day(value: str) -> date:
+    try:
+        return date.fromisoformat(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not a date (YYYY-MM-DD): {value!r}") from exc
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser for every subcommand."""
+    parser = argparse.ArgumentParser(prog="modelyard", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--config",
+        default=os.environ.get("MODELYARD_CONFIG", DEFAULT_CONFIG),
+        help="config file (default: $MODELYARD_CONFIG or ./modelyard.yaml)",
+    )
+    parser.add_argument("--log-level", help="debug, info, warning, error (default: from config)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    up = sub.add_parser("up", help="router, every worker pool and the ledger in one process")
+    up.add_argument("--fake-provider", action="store_true", help="also start the fake provider")
+    up.add_argument("--fake-port", type=int, default=8900)
+    up.set_defaults(func=cmd_serve(["ledger", "worker", "router"]))
+    sub.add_parser("router", help="run a router").set_defaults(func=cmd_serve(["router"]))
+    worker = sub.add_parser("worker", help="run worker pool(s)")
+    worker.add_argument("--pool", action="append", required=True, help="pool name (repeatable)")
+    worker.set_defaults(func=cmd_serve(["worker"]))
+    sub.add_parser("ledger", help="run the ledger writer").set_defaults(func=cmd_serve(["ledger"]))
+    sub.add_parser("migrate", help="create the database and apply migrations").set_defaults(
+        func=cmd_migrate
+    )
+
+    fake = sub.add_parser("fake-provider", help="run the fake LLM provider (tests, demo, bench)")
+    fake.add_argument("--host", default="127.0.0.1")
+    fake.add_argument("--port", type=int, default=8900)
+    fake.add_argument("--latency-ms", type=float, default=0.0)
+    for fault in ("429", "500", "503", "hang", "malformed"):
+        fake.add_argument(f"--rate-{fault}", type=float, default=0.0, help=f"share of {fault} faults")
+    fake.add_argument("--api-key", help="require this bearer key")
+    fake.add_argument("--seed", type=int, default=0)
+    fake.set_defaults(func=cmd_fake_provider)
+
+    submit = sub.add_parser("submit", help="run an OpenAI Batch API .jsonl file")
+    submit.add_argument("file")
+    submit.add_argument("-o", "--output", help="output .jsonl (default: FILE.output.jsonl)")
+    submit.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    submit.set_defaults(func=cmd_submit)
+
+    rep = sub.add_parser("report", help="spend from the ledger")
+    rep.add_argument("--group-by", default="team,model,day")
+    rep.add_argument("--since", type=_day, help="first day (default: 30 days before --until)")
+    rep.add_argument("--until", type=_day, help="last day (default: today, UTC)")
+    rep.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    rep.set_defaults(func=cmd_report)
+
+    topo = sub.add_parser("topology", help="print the RabbitMQ definitions for this config")
+    topo.add_argument("--export", help="write to this file instead of stdout")
+    topo.add_argument("--vhost", default="/")
+    topo.set_defaults(func=cmd_topology)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (ConfigError, UsageError, ValueError) as exc:
+        print(f"modelyard: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except OSError as exc:
+        print(f"modelyard: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

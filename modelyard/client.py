@@ -1,0 +1,214 @@
+"""The producer's client: submit jobs, await answers, collect batch results.
+
+    async with await Client.connect(url) as client:
+        result = await client.complete(new_job("gpt-4o-mini", [Message(role="user", content="hi")]))
+
+Every submit waits for the broker's confirm, so a returned `submit` means the
+job is safely queued. Results are de-duplicated by job id: a redelivered job
+can produce a second result (marked `redelivered`), and clients keep the first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterable
+from datetime import datetime
+from types import TracebackType
+from typing import Any, Self
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
+
+from modelyard import broker
+from modelyard.topology import JOBS_EXCHANGE, build_topology
+from schemas.chat import ChatRequest, Message
+from schemas.codec import decode_reply, encode
+from schemas.jobs import CompletionJob, Metadata, TraceContext
+from schemas.results import JobResult, StreamChunk
+
+
+def new_trace() -> TraceContext:
+    """A fresh W3C traceparent, so every job is traceable even without OTel upstream."""
+    return TraceContext(traceparent=f"00-{os.urandom(16).hex()}-{os.urandom(8).hex()}-01")
+
+
+def new_job(
+    model: str,
+    messages: list[Message],
+    *,
+    job_id: str | None = None,
+    metadata: Metadata | None = None,
+    deadline: datetime | None = None,
+    **params: Any,
+) -> CompletionJob:
+    """A job for `model` with a fresh id and trace; `params` are ChatRequest fields."""
+    return CompletionJob(
+        id=job_id or uuid.uuid4().hex,
+        request=ChatRequest(model=model, messages=messages, **params),
+        metadata=metadata or Metadata(),
+        deadline=deadline,
+        trace=new_trace(),
+    )
+
+
+class ResultTimeoutError(TimeoutError):
+    """No result arrived in time; the job may still finish (its result is then dropped)."""
+
+
+class Client:
+    """A connection to modelyard's broker, for producers."""
+
+    def __init__(self, connection: AbstractRobustConnection, channel: AbstractChannel) -> None:
+        self.connection = connection
+        self.channel = channel
+        self._exchange: aio_pika.abc.AbstractExchange | None = None
+        self._rpc_queue: str | None = None
+        self._waiting: dict[str, asyncio.Future[JobResult]] = {}
+        self._streams: dict[str, asyncio.Queue[JobResult | StreamChunk]] = {}
+
+    @classmethod
+    async def connect(cls, url: str, name: str = "modelyard-client") -> Client:
+        """Connect and make sure the submit side of the topology exists."""
+        connection = await broker.connect(url, name)
+        channel = await broker.open_channel(connection)
+        await broker.declare(channel, build_topology([]))
+        return cls(connection, channel)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the connection; pending `complete` calls fail."""
+        await self.connection.close()
+
+    async def submit(self, job: CompletionJob, reply_to: str | None = None) -> None:
+        """Publish a job and wait for the broker to confirm it is stored."""
+        if reply_to is not None:
+            job.reply_to = reply_to
+        if job.reply_to is None:
+            raise ValueError(f"job {job.id}: no reply_to: name the queue results should go to")
+        job.submitted_at = time.time()
+        if self._exchange is None:
+            self._exchange = await self.channel.get_exchange(JOBS_EXCHANGE, ensure=False)
+        await self._exchange.publish(
+            broker.message(encode(job), correlation_id=job.id, reply_to=job.reply_to),
+            routing_key="job",
+            mandatory=True,
+        )
+
+    async def submit_many(
+        self,
+        jobs: Iterable[CompletionJob],
+        reply_to: str,
+        *,
+        max_unconfirmed: int = 512,
+        on_confirmed: Callable[[CompletionJob], None] | None = None,
+    ) -> int:
+        """Publish many jobs with at most `max_unconfirmed` awaiting the broker.
+
+        Returns how many were confirmed. The first failed publish is raised
+        after the in-flight ones settle.
+        """
+        slots = asyncio.Semaphore(max_unconfirmed)
+        confirmed = 0
+
+        async def one(job: CompletionJob) -> None:
+            nonlocal confirmed
+            try:
+                await self.submit(job, reply_to)
+                confirmed += 1
+                if on_confirmed is not None:
+                    on_confirmed(job)
+            finally:
+                slots.release()
+
+        async with asyncio.TaskGroup() as group:
+            for job in jobs:
+                await slots.acquire()
+                group.create_task(one(job))
+        return confirmed
+
+    async def declare_results_queue(self, name: str) -> None:
+        """A durable queue for batch results: they survive this process and the broker."""
+        await self.channel.declare_queue(name, durable=True, arguments={"x-queue-type": "quorum"})
+
+    async def delete_queue(self, name: str) -> None:
+        """Remove a results queue once its batch is fully collected."""
+        await self.channel.queue_delete(name)
+
+    async def results(self, queue: str, *, prefetch: int = 512) -> AsyncIterator[JobResult]:
+        """Yield results from a durable queue, each job id once.
+
+        A result is acked when the next one is requested, i.e. after the
+        caller handled it: stopping mid-way loses nothing.
+        """
+        channel = await broker.open_channel(self.connection, prefetch=prefetch)
+        seen: set[str] = set()
+        try:
+            async with (await channel.get_queue(queue)).iterator() as messages:
+                async for message in messages:
+                    reply = decode_reply(message.body)
+                    if isinstance(reply, JobResult) and reply.job_id not in seen:
+                        seen.add(reply.job_id)
+                        yield reply
+                    await message.ack()
+        finally:
+            if not channel.is_closed:
+                await channel.close()
+
+    async def complete(self, job: CompletionJob, timeout: float = 60.0) -> JobResult:
+        """Submit and wait for the result (AMQP request/reply)."""
+        reply_to = await self._private_queue()
+        future: asyncio.Future[JobResult] = asyncio.get_running_loop().create_future()
+        self._waiting[job.id] = future
+        try:
+            await self.submit(job, reply_to)
+            return await asyncio.wait_for(future, timeout)
+        except TimeoutError as exc:
+            raise ResultTimeoutError(f"no result for job {job.id} within {timeout:g}s") from exc
+        finally:
+            self._waiting.pop(job.id, None)
+
+    async def stream(self, job: CompletionJob, timeout: float = 60.0) -> AsyncIterator[StreamChunk | JobResult]:
+        """Submit a streaming job; yield its chunks in order, then its final result."""
+        reply_to = await self._private_queue()
+        job.request.stream = True
+        chunks: asyncio.Queue[JobResult | StreamChunk] = asyncio.Queue()
+        self._streams[job.id] = chunks
+        try:
+            await self.submit(job, reply_to)
+            while True:
+                try:
+                    item = await asyncio.wait_for(chunks.get(), timeout)
+                except TimeoutError as exc:
+                    raise ResultTimeoutError(f"job {job.id} stalled for {timeout:g}s") from exc
+                yield item
+                if isinstance(item, JobResult):
+                    return
+        finally:
+            self._streams.pop(job.id, None)
+
+    async def _private_queue(self) -> str:
+        """This client's exclusive reply queue, created on first use."""
+        if self._rpc_queue is None:
+            queue = await self.channel.declare_queue(exclusive=True, auto_delete=True)
+            await queue.consume(self._on_reply, no_ack=True)
+            self._rpc_queue = queue.name
+        return self._rpc_queue
+
+    async def _on_reply(self, message: AbstractIncomingMessage) -> None:
+        reply = decode_reply(message.body)
+        if (chunks := self._streams.get(reply.job_id)) is not None:
+            chunks.put_nowait(reply)
+            return
+        future = self._waiting.get(reply.job_id)
+        if isinstance(reply, JobResult) and future is not None and not future.done():
+            future.set_result(reply)

@@ -1,0 +1,224 @@
+"""The one configuration file: models, deployments, pools, and where things run.
+
+Loaded and validated before anything starts: a bad entry is a `ConfigError`
+naming its path in the file (`deployments.gpt4o.pool: ...`), never a traceback
+from deep inside a worker. Broker and database URLs can be overridden by the
+environment (`MODELYARD_BROKER_URL`, `MODELYARD_DATABASE_URL`) so one file
+serves every environment.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from decimal import Decimal
+from pathlib import Path
+from typing import Annotated, Any
+
+import msgspec
+import yaml
+from msgspec import Meta
+
+DEFAULT_BROKER_URL = "amqp://guest:guest@127.0.0.1:5672/"
+DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/modelyard"
+
+Name = Annotated[str, Meta(pattern=r"^[A-Za-z0-9._\-]+$", min_length=1, max_length=100)]
+PerMTok = Decimal  # checked non-negative in _link (msgspec has no Decimal bounds)
+
+
+class ConfigError(ValueError):
+    """The configuration is unusable; the message names the path at fault."""
+
+
+class PriceOverride(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """USD per million tokens, for models genai-prices does not know or that
+    your contract prices differently. Unset cache prices fall back to input."""
+
+    input_per_mtok: PerMTok
+    output_per_mtok: PerMTok
+    cache_read_per_mtok: PerMTok | None = None
+    cache_write_per_mtok: PerMTok | None = None
+
+
+class Deployment(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """One concrete place a model runs: a provider, its model id, a key."""
+
+    provider: str
+    model: Annotated[str, Meta(min_length=1)]
+    pool: Name
+    api_base: str | None = None
+    api_key_env: str | None = None
+    timeout_s: Annotated[float, Meta(gt=0)] = 60.0
+    price: PriceOverride | None = None
+    price_provider: str | None = None
+    options: dict[str, Any] = msgspec.field(default_factory=dict)
+    name: str = ""  # filled from the mapping key on load
+
+
+class Target(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """A deployment in a model group, with its share of traffic."""
+
+    deployment: Name
+    weight: Annotated[float, Meta(gt=0)] = 1.0
+
+
+class ModelGroup(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """A public model name producers ask for, and where it may run."""
+
+    deployments: Annotated[list[Target], Meta(min_length=1)]
+    aliases: list[Name] = msgspec.field(default_factory=list)
+    name: str = ""
+
+
+class Pool(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """A worker pool: one queue, consumed with bounded concurrency."""
+
+    concurrency: Annotated[int, Meta(ge=1, le=10_000)] = 64
+
+
+class RouterSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """How many jobs a router process works on at once, and the size limit."""
+
+    concurrency: Annotated[int, Meta(ge=1)] = 256
+    max_job_bytes: Annotated[int, Meta(ge=1024)] = 8 * 1024 * 1024
+
+
+class LedgerSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Batching of ledger writes: up to `batch_size` events or `flush_ms`."""
+
+    batch_size: Annotated[int, Meta(ge=1, le=10_000)] = 500
+    flush_ms: Annotated[float, Meta(gt=0)] = 50.0
+
+
+class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """The whole file."""
+
+    deployments: dict[Name, Deployment]
+    models: dict[Name, ModelGroup]
+    pools: dict[Name, Pool] = msgspec.field(default_factory=dict)
+    broker_url: str = DEFAULT_BROKER_URL
+    database_url: str = DEFAULT_DATABASE_URL
+    log_level: str = "info"
+    log_prompts: bool = False
+    router: RouterSettings = msgspec.field(default_factory=RouterSettings)
+    ledger: LedgerSettings = msgspec.field(default_factory=LedgerSettings)
+
+    def pool(self, name: str) -> Pool:
+        """A pool's settings; pools used by deployments need no explicit entry."""
+        return self.pools.get(name) or Pool()
+
+    def pool_names(self) -> list[str]:
+        """Every pool some deployment runs in, sorted."""
+        return sorted({d.pool for d in self.deployments.values()} | set(self.pools))
+
+
+class _Loader(yaml.SafeLoader):
+    """Keeps YAML floats as their text, so `0.15` becomes Decimal('0.15') exactly."""
+
+
+_Loader.add_constructor(
+    "tag:yaml.org,2002:float",
+    lambda loader, node: loader.construct_scalar(node),  # type: ignore[arg-type]
+)
+
+_MSGSPEC_PATH = re.compile(r" - at `\$(?P<path>[^`]*)`$")
+
+
+def _readable(msgspec_error: str) -> str:
+    """Turn msgspec's `... - at `$.a[...]`` into `a...: ...`."""
+    match = _MSGSPEC_PATH.search(msgspec_error)
+    if not match:
+        return msgspec_error
+    path = match["path"].lstrip(".") or "(top level)"
+    return f"{path}: {msgspec_error[: match.start()]}"
+
+
+_SECTIONS: dict[str, type[msgspec.Struct]] = {
+    "deployments": Deployment,
+    "models": ModelGroup,
+    "pools": Pool,
+}
+
+
+def _check_entries(entries: Any, section: str, kind: type[msgspec.Struct]) -> None:
+    """Validate a mapping section entry by entry, so errors name the entry's key
+    (msgspec alone reports a dict value's path as `[...]`)."""
+    if not isinstance(entries, dict):
+        return  # the whole-document conversion reports the wrong type
+    for key, value in entries.items():
+        try:
+            msgspec.convert(value, kind, strict=False)
+        except msgspec.ValidationError as exc:
+            message = _readable(str(exc))
+            if message.startswith("(top level): "):
+                message = message.removeprefix("(top level)")
+            elif not message.startswith("["):
+                message = f".{message}" if ": " in message else f": {message}"
+            raise ConfigError(f"{section}.{key}{message}") from exc
+
+
+def parse(raw: Any, env: Mapping[str, str], known_providers: set[str]) -> Config:
+    """Validate a parsed YAML document into a `Config`, or raise `ConfigError`."""
+    if not isinstance(raw, dict):
+        raise ConfigError("(top level): expected a mapping of settings")
+    for section, kind in _SECTIONS.items():
+        _check_entries(raw.get(section), section, kind)
+    try:
+        config = msgspec.convert(raw, Config, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(_readable(str(exc))) from exc
+    config.broker_url = env.get("MODELYARD_BROKER_URL", config.broker_url)
+    config.database_url = env.get("MODELYARD_DATABASE_URL", config.database_url)
+    _link(config, known_providers)
+    return config
+
+
+def _link(config: Config, known_providers: set[str]) -> None:
+    """Cross-check references that types alone cannot: names, pools, aliases."""
+    for name, deployment in config.deployments.items():
+        deployment.name = name
+        _check_price(f"deployments.{name}.price", deployment.price)
+        if deployment.provider not in known_providers:
+            choices = ", ".join(sorted(known_providers))
+            raise ConfigError(
+                f"deployments.{name}.provider: unknown provider {deployment.provider!r} "
+                f"(one of: {choices})"
+            )
+    seen: dict[str, str] = {}
+    for name, group in config.models.items():
+        group.name = name
+        for i, target in enumerate(group.deployments):
+            if target.deployment not in config.deployments:
+                raise ConfigError(
+                    f"models.{name}.deployments[{i}].deployment: "
+                    f"no deployment named {target.deployment!r}"
+                )
+        for label in (name, *group.aliases):
+            if label in seen:
+                raise ConfigError(f"models.{name}: name {label!r} is already used by {seen[label]}")
+            seen[label] = f"models.{name}"
+
+
+def _check_price(path: str, price: PriceOverride | None) -> None:
+    if price is None:
+        return
+    for field in price.__struct_fields__:
+        value = getattr(price, field)
+        if value is not None and (not value.is_finite() or value < 0):
+            raise ConfigError(f"{path}.{field}: must be a non-negative number, got {value}")
+
+
+def load(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
+    """Read, parse and validate the config file at `path`."""
+    from workers.providers import PROVIDERS  # noqa: PLC0415  (config must not import workers eagerly)
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+    try:
+        raw = yaml.load(text, Loader=_Loader)  # noqa: S506  (a SafeLoader subclass)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    return parse(raw, os.environ if env is None else env, set(PROVIDERS))

@@ -1,0 +1,65 @@
+"""Answering producers: building results and putting them on reply queues."""
+
+from __future__ import annotations
+
+import time
+
+import aio_pika
+import structlog
+from aio_pika.abc import AbstractChannel
+
+from modelyard import broker
+from schemas.codec import encode
+from schemas.errors import JobError
+from schemas.jobs import CompletionJob
+from schemas.results import JobResult, StreamChunk, Timings
+
+log = structlog.get_logger("modelyard.replies")
+
+
+def timings_for(job: CompletionJob, started_at: float | None = None) -> Timings:
+    """The job's stage timestamps, finished now."""
+    return Timings(
+        submitted_at=job.submitted_at,
+        routed_at=job.route.routed_at if job.route else None,
+        started_at=started_at,
+        finished_at=time.time(),
+    )
+
+
+def error_result(job: CompletionJob, error: JobError, *, redelivered: bool = False) -> JobResult:
+    """The final result for a job that failed with `error`."""
+    return JobResult(
+        job_id=job.id,
+        status="error",
+        error=error,
+        model=job.request.model,
+        deployment=job.route.deployment if job.route else None,
+        metadata=job.metadata,
+        attempts=job.attempts,
+        timings=timings_for(job),
+        redelivered=redelivered,
+    )
+
+
+async def send_reply(
+    channel: AbstractChannel, reply_to: str | None, reply: JobResult | StreamChunk
+) -> None:
+    """Publish to the producer's queue and wait for the broker's confirm.
+
+    A reply nobody can receive (no `reply_to`, or its queue is gone) goes to
+    the dead queue with the reason, so the answer, already paid for, is kept.
+    """
+    body = encode(reply)
+    if not reply_to:
+        await broker.dead_letter(channel, body, "no reply_to on the job")
+        return
+    try:
+        await channel.default_exchange.publish(
+            broker.message(body, correlation_id=reply.job_id),
+            routing_key=reply_to,
+            mandatory=True,
+        )
+    except aio_pika.exceptions.DeliveryError:
+        log.warning("reply queue missing, result dead-lettered", reply_to=reply_to)
+        await broker.dead_letter(channel, body, f"reply queue {reply_to!r} does not exist")

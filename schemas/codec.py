@@ -1,0 +1,95 @@
+"""Encoding and decoding at the edges, with errors that name the field.
+
+Every component decodes messages through here, once. A body that does not
+decode raises `InvalidMessage` with a JSON path, which the caller turns into an
+`invalid_job` result (or a dead letter when there is nobody to answer).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, TypeVar
+
+import msgspec
+
+from schemas.costs import CostEvent
+from schemas.errors import ErrorKind, JobError, job_error
+from schemas.jobs import CompletionJob
+from schemas.results import Reply
+
+T = TypeVar("T")
+
+# Large enough for a few base64 images, small enough that one bad producer
+# cannot make a router hold gigabytes. Configurable per deployment of modelyard.
+DEFAULT_MAX_JOB_BYTES = 8 * 1024 * 1024
+
+_PATH = re.compile(r" - at `(?P<path>[^`]+)`$")
+
+encoder = msgspec.json.Encoder(decimal_format="string")
+_job_decoder = msgspec.json.Decoder(CompletionJob)
+_reply_decoder = msgspec.json.Decoder(Reply)
+_cost_decoder = msgspec.json.Decoder(CostEvent)
+
+
+class InvalidMessage(ValueError):
+    """A message that cannot be accepted; `field` is the JSON path at fault."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+    def to_error(self) -> JobError:
+        """The `invalid_job` error to answer the producer with."""
+        return job_error(ErrorKind.INVALID_JOB, str(self), field=self.field)
+
+
+def encode(value: Any) -> bytes:
+    """Encode any schema value as JSON bytes (Decimals as exact strings)."""
+    return encoder.encode(value)
+
+
+def _decode(decoder: msgspec.json.Decoder[T], body: bytes) -> T:
+    try:
+        return decoder.decode(body)
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        match = _PATH.search(text)
+        raise InvalidMessage(text, match["path"] if match else "$") from exc
+    except msgspec.DecodeError as exc:
+        raise InvalidMessage(f"body is not valid JSON: {exc}", "$") from exc
+
+
+def decode_job(body: bytes, max_bytes: int = DEFAULT_MAX_JOB_BYTES) -> CompletionJob:
+    """Decode a submitted job, enforcing the size limit before parsing."""
+    if len(body) > max_bytes:
+        raise InvalidMessage(f"job is {len(body)} bytes, over the {max_bytes}-byte limit", "$")
+    return _decode(_job_decoder, body)
+
+
+def decode_reply(body: bytes) -> Reply:
+    """Decode a message from a reply queue (a result or a stream chunk)."""
+    return _decode(_reply_decoder, body)
+
+
+def decode_cost(body: bytes) -> CostEvent:
+    """Decode a cost event."""
+    return _decode(_cost_decoder, body)
+
+
+def salvage_envelope(body: bytes) -> tuple[str | None, str | None]:
+    """Best-effort `(id, reply_to)` from a body that failed to decode.
+
+    Lets the router answer a malformed job instead of silently dropping it;
+    anything that is not a JSON object with string fields yields `None`s.
+    """
+    try:
+        raw = msgspec.json.decode(body)
+    except msgspec.DecodeError:
+        return None, None
+    if not isinstance(raw, dict):
+        return None, None
+    job_id, reply_to = raw.get("id"), raw.get("reply_to")
+    return (
+        job_id if isinstance(job_id, str) and job_id else None,
+        reply_to if isinstance(reply_to, str) and reply_to else None,
+    )

@@ -1,0 +1,52 @@
+"""The cost event: one per billed provider call, the ledger's only input."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from decimal import Decimal
+from typing import Any, Literal
+
+import msgspec
+
+from schemas.results import Usage
+
+PriceSource = Literal["genai-prices", "override", "unknown"]
+
+
+class CostEvent(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """What one provider call cost, and who it was for.
+
+    `event_id` is unique per provider call and stable across redelivery, so
+    the ledger can write it idempotently. `cost` is an exact decimal in USD;
+    it is `None` only when `price_source` is `unknown` (never a silent zero).
+    `raw_usage` keeps the provider's own counters for reconciliation.
+    """
+
+    event_id: uuid.UUID
+    job_id: str
+    occurred_at: datetime
+    provider: str
+    deployment: str
+    provider_model: str
+    model: str
+    usage: Usage
+    cost: Decimal | None
+    price_source: PriceSource
+    status: Literal["ok", "error"] = "ok"
+    latency_ms: float = 0.0
+    provider_request_id: str | None = None
+    key_id: str | None = None
+    team: str | None = None
+    project: str | None = None
+    user: str | None = None
+    batch_id: str | None = None
+    custom_id: str | None = None
+    raw_usage: dict[str, Any] | None = None
+    currency: str = "USD"
+    v: int = 1
+
+    @property
+    def price_unknown(self) -> bool:
+        """True when no price was found: finance must look at this row."""
+        return self.price_source == "unknown"

@@ -1,0 +1,88 @@
+"""The completion job: what a producer publishes and every component passes on.
+
+Schema evolution follows msgspec's rules: new fields get defaults, nothing is
+renamed or reordered, and `v` is bumped only for a change old readers cannot
+ignore.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import Meta
+
+from schemas.chat import ChatRequest
+from schemas.errors import ErrorKind
+
+JOB_VERSION = 1
+
+JobId = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:\-]+$")]
+
+
+class Metadata(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """Who the work is for; copied onto the result and every cost event."""
+
+    team: str | None = None
+    project: str | None = None
+    user: str | None = None
+    batch_id: str | None = None
+    custom_id: str | None = None
+    tags: list[str] = msgspec.field(default_factory=list)
+
+
+class TraceContext(msgspec.Struct, omit_defaults=True):
+    """W3C trace context, so one trace spans producer, router and worker."""
+
+    traceparent: str
+    tracestate: str | None = None
+
+    def trace_id(self) -> str | None:
+        """The 32-hex trace id inside `traceparent`, if it is well formed."""
+        parts = self.traceparent.split("-")
+        return parts[1] if len(parts) == 4 and len(parts[1]) == 32 else None
+
+
+class Route(msgspec.Struct, kw_only=True):
+    """Where the router sent the job: filled in by the router, read by workers."""
+
+    deployment: str
+    pool: str
+    routed_at: float
+
+
+class Attempt(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """One provider call made for the job (history travels with the job)."""
+
+    deployment: str
+    provider: str
+    started_at: float
+    finished_at: float
+    outcome: Literal["ok", "error"]
+    error: ErrorKind | None = None
+    provider_request_id: str | None = None
+
+
+class CompletionJob(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """A normalized completion job.
+
+    `id` doubles as the idempotency key: results and cost events carry it, and
+    clients drop a second result for an id they have already seen. `reply_to`
+    names the queue the result goes to (the AMQP `reply_to` property is used
+    when this is absent). `deadline` is absolute; past it the job is answered
+    `deadline_exceeded` rather than run.
+    """
+
+    id: JobId
+    request: ChatRequest
+    v: int = JOB_VERSION
+    key_id: str | None = None
+    metadata: Metadata = msgspec.field(default_factory=Metadata)
+    reply_to: str | None = None
+    deadline: datetime | None = None
+    submitted_at: float | None = None
+    priority: Literal["interactive", "batch"] = "interactive"
+    trace: TraceContext | None = None
+    route: Route | None = None
+    attempts: list[Attempt] = msgspec.field(default_factory=list)

@@ -1,0 +1,101 @@
+"""Shared fixtures: real broker, real database, the project's fake provider.
+
+One vhost, one database and one fake provider per test session; tests that
+kill processes make their own (see `fresh_vhost` / `fresh_database`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import pytest_asyncio
+
+from modelyard.config import Config, parse
+from tests.services import (
+    config_document,
+    fresh_database,
+    fresh_vhost,
+    free_port,
+    modelyard,
+    wait_for_port,
+)
+from workers.providers import PROVIDERS
+
+FAKE_KEY = "test-key"
+os.environ["TEST_FAKE_KEY"] = FAKE_KEY
+os.environ["TEST_WRONG_KEY"] = "not-the-key"
+
+
+@pytest.fixture(scope="session")
+def broker_url() -> Iterator[str]:
+    with fresh_vhost() as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def database_url() -> Iterator[str]:
+    with fresh_database() as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def fake_port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    """The fake provider, in its own process like a real provider."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("fake") / "fake.log"
+    process = modelyard("fake-provider", "--port", str(port), "--api-key", FAKE_KEY, log=log)
+    try:
+        wait_for_port(port)
+        yield port
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+@pytest.fixture(scope="session")
+def config_doc(broker_url: str, database_url: str, fake_port: int) -> dict[str, Any]:
+    return config_document(broker_url, database_url, fake_port)
+
+
+@pytest.fixture(scope="session")
+def config(config_doc: dict[str, Any]) -> Config:
+    return parse(config_doc, {}, set(PROVIDERS))
+
+
+class FakeControl:
+    """The fake provider's admin API: its request log and fault settings."""
+
+    def __init__(self, session: aiohttp.ClientSession, port: int) -> None:
+        self.session = session
+        self.base = f"http://127.0.0.1:{port}/_fake"
+
+    async def requests(self) -> list[dict[str, Any]]:
+        async with self.session.get(f"{self.base}/requests") as r:
+            entries: list[dict[str, Any]] = await r.json()
+            return entries
+
+    async def clear(self) -> None:
+        async with self.session.delete(f"{self.base}/requests") as r:
+            r.raise_for_status()
+
+    async def set(self, **settings: Any) -> None:
+        async with self.session.put(f"{self.base}/settings", json=settings) as r:
+            r.raise_for_status()
+
+
+@pytest_asyncio.fixture(scope="session")
+async def fake(fake_port: int) -> AsyncIterator[FakeControl]:
+    async with aiohttp.ClientSession() as session:
+        yield FakeControl(session, fake_port)
+
+
+@pytest.fixture
+def tmp_config(tmp_path: Path, config_doc: dict[str, Any]) -> Path:
+    from tests.services import write_config  # noqa: PLC0415
+
+    return write_config(tmp_path / "modelyard.yaml", config_doc)

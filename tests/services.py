@@ -1,0 +1,145 @@
+"""Real RabbitMQ and PostgreSQL for tests: a fresh vhost and database each time.
+
+The servers outlive the test run (CI reuses them), so every run gets its own
+vhost and database and removes them afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import yaml
+
+RABBIT = os.environ.get("MODELYARD_TEST_RABBIT", "guest:guest@127.0.0.1:5672")
+PG = os.environ.get("MODELYARD_TEST_PG", "postgres@127.0.0.1:5432")
+
+
+def _rabbitmqctl(*args: str) -> None:
+    ctl = shutil.which("rabbitmqctl") or "/usr/sbin/rabbitmqctl"
+    subprocess.run([ctl, "-q", *args], check=True, capture_output=True, timeout=60)
+
+
+@contextmanager
+def fresh_vhost() -> Iterator[str]:
+    """A new vhost the guest user may use; yields its AMQP URL, deletes it after."""
+    name = f"modelyard-test-{uuid.uuid4().hex[:10]}"
+    _rabbitmqctl("add_vhost", name)
+    try:
+        _rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+        yield f"amqp://{RABBIT}/{name}"
+    finally:
+        _rabbitmqctl("delete_vhost", name)
+
+
+async def _admin(sql: str) -> None:
+    conn = await asyncpg.connect(f"postgresql://{PG}/postgres")
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+@contextmanager
+def fresh_database() -> Iterator[str]:
+    """A new, migrated database; yields its URL, drops it after."""
+    from ledger.migrate import migrate  # noqa: PLC0415
+
+    name = f"modelyard_test_{uuid.uuid4().hex[:10]}"
+    url = f"postgresql://{PG}/{name}"
+    asyncio.run(migrate(url))
+    try:
+        yield url
+    finally:
+        asyncio.run(_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout: float = 20.0) -> None:
+    """Block until something accepts connections on the port."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on port {port} after {timeout}s")
+
+
+def modelyard(*args: str, log: Path | None = None, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """Start a `modelyard` CLI process (stdout/stderr to `log` when given)."""
+    if log is None:
+        return subprocess.Popen(
+            [sys.executable, "-m", "modelyard.cli", *args],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env={**os.environ, **(env or {})},
+        )
+    with log.open("ab") as out:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(
+            [sys.executable, "-m", "modelyard.cli", *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+        )
+
+
+def config_document(broker_url: str, database_url: str, fake_port: int, **extra: Any) -> dict[str, Any]:
+    """A config document serving every test model from the fake provider."""
+    base = f"http://127.0.0.1:{fake_port}/v1"
+    deployment = {
+        "provider": "openai",
+        "api_base": base,
+        "pool": "main",
+        "timeout_s": 5,
+        "api_key_env": "TEST_FAKE_KEY",
+    }
+    return {
+        "broker_url": broker_url,
+        "database_url": database_url,
+        "log_level": "warning",
+        "pools": {"main": {"concurrency": 32}, "crash": {"concurrency": 16}},
+        "ledger": {"batch_size": 200, "flush_ms": 20},
+        "deployments": {
+            "mini": {**deployment, "model": "gpt-4o-mini"},
+            "mini-badkey": {**deployment, "model": "gpt-4o-mini", "api_key_env": "TEST_WRONG_KEY"},
+            "priced": {
+                **deployment,
+                "model": "house-model",
+                "price": {"input_per_mtok": "1.25", "output_per_mtok": "10", "cache_read_per_mtok": "0.125"},
+            },
+            "unpriced": {**deployment, "model": "house-model"},
+            "crash-mini": {**deployment, "model": "gpt-4o-mini", "pool": "crash"},
+        },
+        "models": {
+            "gpt-4o-mini": {"aliases": ["fast"], "deployments": [{"deployment": "mini"}]},
+            "badkey": {"deployments": [{"deployment": "mini-badkey"}]},
+            "priced": {"deployments": [{"deployment": "priced"}]},
+            "unpriced": {"deployments": [{"deployment": "unpriced"}]},
+            "crash": {"deployments": [{"deployment": "crash-mini"}]},
+        },
+        **extra,
+    }
+
+
+def write_config(path: Path, document: dict[str, Any]) -> Path:
+    """Write a config document as YAML."""
+    path.write_text(yaml.safe_dump(document), encoding="utf-8")
+    return path

@@ -1,0 +1,224 @@
+"""End to end, in one process, on the real broker, database and fake provider:
+job in, result back, cost in the ledger."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import aio_pika
+import pytest
+import pytest_asyncio
+
+from ledger.service import Ledger
+from modelyard import broker
+from modelyard.client import Client, new_job
+from modelyard.config import Config
+from modelyard.topology import DEAD_QUEUE, JOBS_EXCHANGE
+from router.service import Router
+from schemas.chat import Message
+from schemas.codec import decode_reply
+from schemas.errors import ErrorKind
+from schemas.jobs import Metadata
+from schemas.results import JobResult
+from tests.conftest import FakeControl
+from tests.pipeline import eventually, ledger_rows
+from workers.pool import Worker
+from workers.pricing import cost_of, price_card
+
+pytestmark = pytest.mark.asyncio
+
+
+@pytest_asyncio.fixture(scope="module")
+async def pipeline(config: Config) -> AsyncIterator[None]:
+    connection = await broker.connect(config.broker_url, "test-pipeline")
+    components = [Ledger(config, connection), Worker(config, "main", connection), Router(config, connection)]
+    for component in components:
+        await component.start()
+    yield
+    for component in reversed(components):
+        await component.stop()
+    await connection.close()
+
+
+@pytest_asyncio.fixture(scope="module")
+async def client(config: Config, pipeline: None) -> AsyncIterator[Client]:
+    async with await Client.connect(config.broker_url) as c:
+        yield c
+
+
+def ask(model: str, text: str = "Say something deterministic.", **kwargs: object) -> object:
+    return new_job(model, [Message(role="user", content=text)], **kwargs)  # type: ignore[arg-type]
+
+
+async def test_job_result_and_ledger_row(
+    client: Client, config: Config, database_url: str, fake: FakeControl
+) -> None:
+    job = new_job(
+        "fast",  # an alias of gpt-4o-mini
+        [Message(role="user", content="Tell me about queues.")],
+        metadata=Metadata(team="search", project="ranker", user="u1", tags=["t"]),
+    )
+    result = await client.complete(job, timeout=10)
+
+    assert (result.status, result.error) == ("ok", None)
+    assert result.response is not None and result.response.content
+    assert result.usage is not None and result.usage.input_tokens > 0
+    assert (result.deployment, result.provider, result.model) == ("mini", "openai", "fast")
+    assert result.cost == cost_of(result.usage, price_card(config.deployments["mini"]))
+    assert [a.outcome for a in result.attempts] == ["ok"]
+
+    rows = await eventually(lambda: ledger_rows(database_url, "job_id = $1", job.id), bool)
+    assert len(rows) == 1
+    row = rows[0]
+    assert (row["team"], row["project"], row["user_id"]) == ("search", "ranker", "u1")
+    assert (row["provider"], row["deployment"], row["model"]) == ("openai", "mini", "fast")
+    assert row["cost"] == result.cost
+    assert row["price_source"] == "genai-prices"
+    assert row["input_tokens"] == result.usage.input_tokens
+    assert row["output_tokens"] == result.usage.output_tokens
+    logged = {e["request_id"] for e in await fake.requests()}
+    assert row["provider_request_id"] in logged
+
+
+async def test_price_override_arithmetic(client: Client, database_url: str) -> None:
+    result = await client.complete(ask("priced"), timeout=10)
+
+    assert result.status == "ok" and result.usage is not None
+    u = result.usage
+    plain = u.input_tokens - u.cache_read_tokens
+    expected = (Decimal(plain) * Decimal("1.25") + Decimal(u.cache_read_tokens) * Decimal("0.125")
+                + Decimal(u.output_tokens) * Decimal(10)) / Decimal(1_000_000)
+    assert result.cost == expected
+    rows = await eventually(lambda: ledger_rows(database_url, "job_id = $1", result.job_id), bool)
+    assert [(r["cost"], r["price_source"]) for r in rows] == [(expected, "override")]
+
+
+async def test_unknown_price_is_flagged_not_zero(client: Client, database_url: str) -> None:
+    result = await client.complete(ask("unpriced"), timeout=10)
+
+    assert result.status == "ok" and result.cost is None
+    rows = await eventually(lambda: ledger_rows(database_url, "job_id = $1", result.job_id), bool)
+    assert [(r["cost"], r["price_source"]) for r in rows] == [(None, "unknown")]
+
+
+async def test_unknown_model(client: Client, fake: FakeControl) -> None:
+    before = len(await fake.requests())
+    result = await client.complete(ask("no-such-model"), timeout=10)
+
+    assert result.status == "error" and result.error is not None
+    assert (result.error.kind, result.error.retryable) == (ErrorKind.UNKNOWN_MODEL, False)
+    assert result.error.field == "$.request.model"
+    assert len(await fake.requests()) == before
+
+
+async def test_provider_401_is_auth_and_not_retried(client: Client, fake: FakeControl) -> None:
+    before = [e for e in await fake.requests() if e["status"] == 401]
+    result = await client.complete(ask("badkey"), timeout=10)
+
+    assert result.error is not None
+    assert (result.error.kind, result.error.retryable, result.error.provider_status) == (
+        ErrorKind.AUTH, False, 401,
+    )
+    assert "not-the-key" not in result.error.message
+    after = [e for e in await fake.requests() if e["status"] == 401]
+    assert len(after) == len(before) + 1
+
+
+async def test_deadline_already_passed(client: Client, fake: FakeControl) -> None:
+    before = len(await fake.requests())
+    job = ask("fast", deadline=datetime.now(UTC) - timedelta(seconds=1))
+    result = await client.complete(job, timeout=10)  # type: ignore[arg-type]
+
+    assert result.error is not None and result.error.kind == ErrorKind.DEADLINE_EXCEEDED
+    assert len(await fake.requests()) == before
+
+
+async def _raw_submit(config: Config, body: bytes, reply_to: str | None) -> None:
+    connection = await aio_pika.connect(config.broker_url)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        exchange = await channel.get_exchange(JOBS_EXCHANGE)
+        await exchange.publish(aio_pika.Message(body, reply_to=reply_to), routing_key="job")
+
+
+async def _replies(config: Config, bodies: list[bytes], wait: float = 1.0) -> list[JobResult]:
+    """Submit raw bodies with a fresh reply queue; collect what comes back."""
+    connection = await aio_pika.connect(config.broker_url)
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(exclusive=True)
+        for body in bodies:
+            await _raw_submit(config, body, queue.name)
+        got: list[JobResult] = []
+        deadline = time.monotonic() + wait * 5
+        while time.monotonic() < deadline and len(got) < len(bodies):
+            message = await queue.get(fail=False)
+            if message is None:
+                await __import__("asyncio").sleep(0.05)
+                continue
+            await message.ack()
+            reply = decode_reply(message.body)
+            assert isinstance(reply, JobResult)
+            got.append(reply)
+        # Anything more arriving later would be a retry of a bad job.
+        await __import__("asyncio").sleep(wait)
+        while (extra := await queue.get(fail=False)) is not None:
+            got.append(decode_reply(extra.body))  # type: ignore[arg-type]
+        return got
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        (b'{"id": "bad-1", "request": {"model": "fast", "messages": []}}', "$.request.messages"),
+        (b'{"id": "bad-2", "request": {"model": "fast", "messages": [{"role": "robot"}]}}',
+         "$.request.messages[0].role"),
+        (b'{"id": "bad-3", "request": {"model": "fast", "messages": [{"role": "user", "content": 7}]}}',
+         "$.request.messages[0].content"),
+        (b'{"id": "bad-4", "request": {"model": "fast", "messages": [{"role": "user", "content": "x"}],'
+         b' "temperature": 9}}', "$.request.temperature"),
+        (b'{"id": "bad-5"}', "$"),
+    ],
+)
+async def test_invalid_job_answered_once_and_not_run(
+    config: Config, client: Client, fake: FakeControl, body: bytes, field: str
+) -> None:
+    before = len(await fake.requests())
+    replies = await _replies(config, [body])
+
+    assert [(r.status, r.error.kind if r.error else None) for r in replies] == [
+        ("error", ErrorKind.INVALID_JOB)
+    ]
+    assert replies[0].error is not None and replies[0].error.field == field
+    assert replies[0].error.retryable is False
+    assert len(await fake.requests()) == before
+
+
+async def test_oversized_job_is_invalid(config: Config, client: Client) -> None:
+    text = "x" * (config.router.max_job_bytes + 10)
+    body = b'{"id": "big-1", "request": {"model": "fast", "messages": [{"role": "user", "content": "%s"}]}}' % (
+        text.encode()
+    )
+    replies = await _replies(config, [body])
+
+    assert len(replies) == 1 and replies[0].error is not None
+    assert replies[0].error.kind == ErrorKind.INVALID_JOB
+    assert "limit" in replies[0].error.message
+
+
+async def test_unanswerable_garbage_is_dead_lettered(config: Config, client: Client) -> None:
+    connection = await aio_pika.connect(config.broker_url)
+    async with connection:
+        channel = await connection.channel()
+        dead = await channel.declare_queue(DEAD_QUEUE, passive=True)
+        before = dead.declaration_result.message_count
+        await _raw_submit(config, b"\x00 not json at all", None)
+
+        async def count() -> int:
+            q = await channel.declare_queue(DEAD_QUEUE, passive=True)
+            return int(q.declaration_result.message_count or 0)
+
+        assert await eventually(count, lambda n: n > (before or 0), timeout=10) == (before or 0) + 1
