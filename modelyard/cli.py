@@ -153,14 +153,17 @@ def cmd_report(args: argparse.Namespace) -> int:
     elif args.format == "json":
         print(report.render_json(rows))
     else:
-        table = Table(title=f"Spend {since} to {until} (USD)")
+        table = Table(title=f"Spend {since} to {until}")
         for column in columns:
-            table.add_column(column, justify="right" if column in report.MEASURES else "left")
+            measure = column in report.MEASURES
+            table.add_column(report.LABELS.get(column, column), justify="right" if measure else "left")
         for row in rows:
-            table.add_row(*(str(row[c]) for c in columns))
+            table.add_row(*(report.cell(c, row[c]) for c in columns))
+        sums = report.totals(rows)
         table.add_section()
-        table.add_row("total", *[""] * (len(columns) - 2), str(report.total_cost(rows)))
-        Console().print(table)
+        table.add_row("total", *[""] * (len(group_by) - 1), *(report.cell(m, sums[m]) for m in report.MEASURES))
+        # Off a terminal (a pipe, CI logs) do not squeeze columns to 80 characters.
+        Console(width=None if sys.stdout.isatty() else 200).print(table)
     return 0
 
 

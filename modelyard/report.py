@@ -46,15 +46,36 @@ def render_csv(rows: list[dict[str, Any]], columns: list[str]) -> str:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows({k: cell(k, v) for k, v in row.items()} for row in rows)
     return buffer.getvalue()
 
 
 def render_json(rows: list[dict[str, Any]]) -> str:
     """JSON array; costs as exact decimal strings, days as ISO dates."""
-    return msgspec.json.encode(rows, decimal_format="string").decode()
+    readable = [{k: exact(v) if isinstance(v, Decimal) else v for k, v in row.items()} for row in rows]
+    return msgspec.json.encode(readable).decode()
 
 
-def total_cost(rows: list[dict[str, Any]]) -> Decimal:
-    """The sum of the rows' cost."""
-    return sum((Decimal(r["cost"]) for r in rows), Decimal(0))
+LABELS = {
+    "input_tokens": "input",
+    "output_tokens": "output",
+    "cache_read_tokens": "cached",
+    "cost": "cost (USD)",
+    "unpriced_calls": "unpriced",
+}
+
+
+def exact(value: Decimal) -> str:
+    """A decimal without trailing zeros or exponent: 0.017536160000 -> 0.01753616."""
+    text = format(value, "f")
+    return text.rstrip("0").rstrip(".") if "." in text else text
+
+
+def totals(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each measure summed over the rows (cost stays exact)."""
+    return {m: sum((r[m] for r in rows), Decimal(0) if m == "cost" else 0) for m in MEASURES}
+
+
+def cell(column: str, value: Any) -> str:
+    """How a value reads in the table."""
+    return exact(value) if isinstance(value, Decimal) else str(value)

@@ -49,9 +49,7 @@ class FakeServer:
     async def chat(self, body: dict[str, Any], headers: dict[str, str] | None = None) -> Answer:
         return await self.post_raw(CHAT, aiohttp.JsonPayload(body), headers)
 
-    async def post_raw(
-        self, path: str, data: Any, headers: dict[str, str] | None = None
-    ) -> Answer:
+    async def post_raw(self, path: str, data: Any, headers: dict[str, str] | None = None) -> Answer:
         async with self.session.post(self.base + path, data=data, headers=headers) as response:
             body = await response.read()
             return Answer(response.status, CIMultiDict(response.headers), body)

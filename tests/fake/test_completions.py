@@ -170,7 +170,9 @@ async def test_reasoning_models_bill_reasoning_inside_completion(server: FakeSer
     usage = body["usage"]
     reasoning = usage["completion_tokens_details"]["reasoning_tokens"]
     assert reasoning > 0
-    assert usage["completion_tokens"] == reasoning + tokens(body["choices"][0]["message"]["content"])
+    assert usage["completion_tokens"] == reasoning + tokens(
+        body["choices"][0]["message"]["content"]
+    )
 
 
 @pytest.mark.asyncio
