@@ -20,7 +20,7 @@ from ledger import store
 from modelyard import broker
 from modelyard.config import Config
 from modelyard.topology import LEDGER_QUEUE, build_topology
-from schemas.codec import InvalidMessage, decode_cost
+from schemas.codec import InvalidMessage, decode_costs, encode
 from schemas.costs import CostEvent
 
 log = structlog.get_logger("modelyard.ledger")
@@ -81,41 +81,39 @@ class Ledger:
                 await self._flush(batch)
 
     async def _flush(self, batch: list[AbstractIncomingMessage]) -> None:
-        decoded: list[tuple[AbstractIncomingMessage, CostEvent]] = []
+        decoded: list[tuple[AbstractIncomingMessage, list[CostEvent]]] = []
         for message in batch:
             try:
-                decoded.append((message, decode_cost(message.body)))
+                decoded.append((message, decode_costs(message.body).events))
             except InvalidMessage as exc:
-                await self._dead_letter(message, f"undecodable cost event: {exc}")
+                log.error("undecodable cost message dead-lettered", reason=str(exc))
+                with contextlib.suppress(ChannelInvalidStateError):
+                    await message.reject(requeue=False)
+        events = [event for _, batch_events in decoded for event in batch_events]
         try:
-            await self._write([event for _, event in decoded])
+            await self._write(events)
         except asyncpg.DataError:
             # One bad row must not block the queue: find it, park it, keep the rest.
-            decoded = await self._write_one_by_one(decoded)
-        self.written += len(decoded)
+            events = await self._write_one_by_one(events)
+        self.written += len(events)
         if decoded:
             # Batches are flushed in delivery order, one at a time, so acking
             # the last tag with `multiple` settles exactly this batch.
             with contextlib.suppress(ChannelInvalidStateError):
                 await decoded[-1][0].ack(multiple=True)
 
-    async def _write_one_by_one(
-        self, decoded: list[tuple[AbstractIncomingMessage, CostEvent]]
-    ) -> list[tuple[AbstractIncomingMessage, CostEvent]]:
+    async def _write_one_by_one(self, events: list[CostEvent]) -> list[CostEvent]:
         kept = []
-        for message, event in decoded:
+        for event in events:
             try:
                 await self._write([event])
             except asyncpg.DataError as exc:
-                await self._dead_letter(message, f"ledger rejected the event: {exc}")
+                log.error("ledger rejected a cost event; dead-lettered", reason=str(exc))
+                assert self._channel is not None
+                await broker.dead_letter(self._channel, encode(event), f"ledger rejected: {exc}")
             else:
-                kept.append((message, event))
+                kept.append(event)
         return kept
-
-    async def _dead_letter(self, message: AbstractIncomingMessage, reason: str) -> None:
-        log.error("cost event dead-lettered", reason=reason)
-        with contextlib.suppress(ChannelInvalidStateError):
-            await message.reject(requeue=False)
 
     async def _write(self, events: list[CostEvent]) -> None:
         """Write until it works: a down database delays the ledger, never loses it."""

@@ -1,8 +1,8 @@
 """modelyard's message contracts: the only thing components share."""
 
 from schemas.chat import ChatRequest, Message, Tool, ToolCall
-from schemas.codec import InvalidMessage, decode_cost, decode_job, decode_reply, encode
-from schemas.costs import CostEvent
+from schemas.codec import InvalidMessage, decode_costs, decode_job, decode_reply, encode
+from schemas.costs import CostBatch, CostEvent
 from schemas.errors import ErrorKind, JobError, job_error
 from schemas.jobs import Attempt, CompletionJob, Metadata, Route, TraceContext
 from schemas.results import Completion, JobResult, Reply, StreamChunk, Timings, Usage
@@ -12,6 +12,7 @@ __all__ = [
     "ChatRequest",
     "Completion",
     "CompletionJob",
+    "CostBatch",
     "CostEvent",
     "ErrorKind",
     "InvalidMessage",
@@ -27,7 +28,7 @@ __all__ = [
     "ToolCall",
     "TraceContext",
     "Usage",
-    "decode_cost",
+    "decode_costs",
     "decode_job",
     "decode_reply",
     "encode",

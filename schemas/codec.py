@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from schemas.costs import CostEvent
+from schemas.costs import CostBatch
 from schemas.errors import ErrorKind, JobError, job_error
 from schemas.jobs import CompletionJob
 from schemas.results import Reply
@@ -28,7 +28,7 @@ _PATH = re.compile(r" - at `(?P<path>[^`]+)`$")
 encoder = msgspec.json.Encoder(decimal_format="string")
 _job_decoder = msgspec.json.Decoder(CompletionJob)
 _reply_decoder = msgspec.json.Decoder(Reply)
-_cost_decoder = msgspec.json.Decoder(CostEvent)
+_cost_decoder = msgspec.json.Decoder(CostBatch)
 
 
 class InvalidMessage(ValueError):
@@ -71,8 +71,8 @@ def decode_reply(body: bytes) -> Reply:
     return _decode(_reply_decoder, body)
 
 
-def decode_cost(body: bytes) -> CostEvent:
-    """Decode a cost event."""
+def decode_costs(body: bytes) -> CostBatch:
+    """Decode a message from the costs queue."""
     return _decode(_cost_decoder, body)
 
 

@@ -50,3 +50,14 @@ class CostEvent(msgspec.Struct, kw_only=True, omit_defaults=True):
     def price_unknown(self) -> bool:
         """True when no price was found: finance must look at this row."""
         return self.price_source == "unknown"
+
+
+class CostBatch(msgspec.Struct, kw_only=True):
+    """Cost events published together: one broker message for many calls.
+
+    A worker sends events in batches because a message per call doubled the
+    broker work per job; the ledger writes each event idempotently either way.
+    """
+
+    events: list[CostEvent]
+    v: int = 1

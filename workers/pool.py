@@ -30,6 +30,7 @@ from schemas.errors import ErrorKind, JobError, job_error
 from schemas.jobs import Attempt, CompletionJob
 from schemas.results import JobResult
 from workers import transport
+from workers.costs import CostPublisher
 from workers.pricing import PriceCard, cost_of, price_card
 from workers.providers import PROVIDERS, AdapterError, ProviderReply
 
@@ -96,7 +97,7 @@ class Worker:
         self._session = transport.new_session(self.concurrency)
         self._channel = channel = await broker.open_channel(self.connection, prefetch=self.concurrency)
         queues = await broker.declare(channel, build_topology(self.config.pool_names()))
-        self._costs = await channel.get_exchange(COSTS_EXCHANGE)
+        self._costs = CostPublisher(await channel.get_exchange(COSTS_EXCHANGE))
         await queues[worker_queue(self.pool)].consume(broker.guarded(self.handle, log))
         log.info("worker started", pool=self.pool, concurrency=self.concurrency)
 
@@ -123,14 +124,9 @@ class Worker:
             assert self._channel is not None
             publishes = [send_reply(self._channel, job.reply_to, result)]
             if cost is not None:
-                publishes.append(self._publish_cost(cost))
+                publishes.append(self._costs.publish(cost))
             await asyncio.gather(*publishes)
         await message.ack()
-
-    async def _publish_cost(self, event: CostEvent) -> None:
-        await self._costs.publish(
-            broker.message(encode(event), correlation_id=event.job_id), routing_key="cost"
-        )
 
     async def _run(self, job: CompletionJob, *, redelivered: bool) -> tuple[JobResult, CostEvent | None]:
         """Call the provider for `job`; the result, and a cost event if billed."""

@@ -178,10 +178,9 @@ async def test_invalid_request_is_rejected_like_openai(
 
 
 @pytest.mark.asyncio
-async def test_body_that_is_not_json_is_rejected(server: FakeServer) -> None:
-    answer = await server.post_raw(
-        CHAT, b'{"model": "gpt-4o", "messa', {"Content-Type": "application/json"}
-    )
+@pytest.mark.parametrize("body", [b'{"model": "gpt-4o", "messa', b"[]"], ids=["cut", "array"])
+async def test_body_that_is_not_a_json_object_is_rejected(server: FakeServer, body: bytes) -> None:
+    answer = await server.post_raw(CHAT, body, {"Content-Type": "application/json"})
 
     assert answer.status == 400
     assert answer.json()["error"]["message"].startswith(

@@ -68,10 +68,12 @@ def unparsable_body() -> ApiError:
 def wrong_type(error: msgspec.ValidationError) -> ApiError:
     """A field has the wrong JSON type, or a nested required field is absent."""
     text, _, path = str(error).partition(" - at `$")
-    param = path.rstrip("`").lstrip(".") or None
+    param = path.rstrip("`").lstrip(".")
+    if not param:  # the body itself is not an object: OpenAI cannot parse it either
+        return unparsable_body()
     if text.startswith("Object missing required field `"):
         field = text.removeprefix("Object missing required field `").rstrip("`")
-        return missing(f"{param}.{field}" if param else field)
+        return missing(f"{param}.{field}")
     return bad_request(
         f"Invalid type for '{param}': {text[:1].lower()}{text[1:]}.", param, "invalid_type"
     )

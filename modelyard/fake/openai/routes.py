@@ -9,6 +9,7 @@ depends only on its valid requests. Every exchange is logged when it ends.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import time
 
@@ -66,9 +67,9 @@ class _Call:
             return self.error(parsed)
         self.exchange.model = parsed.conversation.model
         self.exchange.stream = parsed.stream
-        return await self.answer(request, parsed)
+        return await self.deliver(request, parsed)
 
-    async def answer(self, request: web.Request, parsed: Parsed) -> web.StreamResponse:
+    async def deliver(self, request: web.Request, parsed: Parsed) -> web.StreamResponse:
         """The answer after the fault roll and the latency (plus hang_s for a hang)."""
         dice = self.state.dice
         fault = self.exchange.fault = dice.draw()
@@ -101,12 +102,11 @@ class _Call:
         response = web.StreamResponse(headers={**_STREAM_HEADERS, **self.headers()})
         await response.prepare(request)
         self.exchange.status = response.status
-        try:
+        # A client that leaves mid-stream is no error: the log records the 200 it was sent.
+        with contextlib.suppress(ConnectionResetError):
             await response.write(sse[0])
             await response.write(b"".join(sse[1:]))
             await response.write_eof()
-        except ConnectionResetError:
-            pass  # the client left mid-stream; the log still records the 200 it was sent
         return response
 
     def error(self, error: ApiError) -> web.Response:

@@ -1,0 +1,161 @@
+"""End-to-end throughput and latency of the whole pipeline (`make bench`).
+
+Starts the fake provider (0 ms latency), a router, a worker and a ledger as
+separate processes on a fresh vhost and database, then measures:
+
+- throughput: N jobs submitted as a batch, jobs/s until every result is back,
+  and until every ledger row is committed;
+- latency at low load: submit-to-result of one job at a time (p50, p99);
+- the baseline: the same requests sent straight to the fake provider at the
+  same concurrency, and the ratio of the two;
+- peak RSS of every process.
+
+Not a test: it asserts nothing about speed. Figures vary with the machine;
+compare ratios from one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import time
+from pathlib import Path
+from tempfile import TemporaryDirectory
+
+import aiohttp
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from modelyard.client import Client, new_job  # noqa: E402
+from schemas.chat import Message  # noqa: E402
+from tests.services import (  # noqa: E402
+    config_document,
+    free_port,
+    fresh_database,
+    fresh_vhost,
+    modelyard,
+    wait_for_port,
+    write_config,
+)
+
+RESULTS = "bench-results"
+
+
+def jobs(n: int, tag: str) -> list:  # type: ignore[type-arg]
+    return [new_job("gpt-4o-mini", [Message(role="user", content=f"bench {tag} {i}")]) for i in range(n)]
+
+
+async def throughput(broker_url: str, database_url: str, n: int) -> tuple[float, float]:
+    import asyncpg  # noqa: PLC0415
+
+    batch = jobs(n, "throughput")
+    async with await Client.connect(broker_url) as client:
+        await client.declare_results_queue(RESULTS)
+        started = time.perf_counter()
+        sender = asyncio.create_task(client.submit_many(batch, RESULTS))
+        got = 0
+        async for _ in client.results(RESULTS):
+            got += 1
+            if got == n:
+                break
+        results_s = time.perf_counter() - started
+        await sender
+    conn = await asyncpg.connect(database_url)
+    try:
+        while await conn.fetchval("SELECT count(*) FROM ledger") < n + 200:  # + warm-up jobs
+            await asyncio.sleep(0.01)
+        ledger_s = time.perf_counter() - started
+    finally:
+        await conn.close()
+    return n / results_s, n / ledger_s
+
+
+async def latency(broker_url: str, n: int) -> list[float]:
+    samples = []
+    async with await Client.connect(broker_url) as client:
+        for job in jobs(n, "latency"):
+            started = time.perf_counter()
+            result = await client.complete(job, timeout=10)
+            samples.append((time.perf_counter() - started) * 1000)
+            assert result.status == "ok", result.error
+    return samples
+
+
+async def direct(port: int, n: int, concurrency: int) -> float:
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "bench direct"}]}
+    headers = {"authorization": "Bearer bench-key"}
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    slots = asyncio.Semaphore(concurrency)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
+
+        async def one() -> None:
+            async with slots, session.post(url, json=body, headers=headers) as r:
+                await r.read()
+
+        started = time.perf_counter()
+        await asyncio.gather(*(one() for _ in range(n)))
+        return n / (time.perf_counter() - started)
+
+
+async def warm_up(broker_url: str) -> None:
+    async with await Client.connect(broker_url) as client:
+        await asyncio.gather(*(client.complete(j, timeout=30) for j in jobs(200, "warm")))
+
+
+def peak_rss_mb(pid: int) -> float:
+    """VmHWM: the most resident memory the process ever had."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return psutil.Process(pid).memory_info().rss / 2**20
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=5000)
+    parser.add_argument("--latency-jobs", type=int, default=300)
+    parser.add_argument("--concurrency", type=int, default=128, help="worker pool concurrency")
+    args = parser.parse_args()
+
+    with TemporaryDirectory() as tmp, fresh_vhost() as broker_url, fresh_database() as database_url:
+        port = free_port()
+        doc = config_document(broker_url, database_url, port)
+        doc["pools"]["main"]["concurrency"] = args.concurrency
+        doc["ledger"] = {"batch_size": 500, "flush_ms": 20}
+        config = str(write_config(Path(tmp) / "bench.yaml", doc))
+        env = {"TEST_FAKE_KEY": "bench-key"}
+        procs = {
+            "fake-provider": modelyard("fake-provider", "--port", str(port), "--api-key", "bench-key"),
+            "router": modelyard("--config", config, "router", env=env),
+            "worker": modelyard("--config", config, "worker", "--pool", "main", env=env),
+            "ledger": modelyard("--config", config, "ledger", env=env),
+        }
+        try:
+            wait_for_port(port)
+            asyncio.run(warm_up(broker_url))
+            jobs_s, ledger_s = asyncio.run(throughput(broker_url, database_url, args.jobs))
+            samples = asyncio.run(latency(broker_url, args.latency_jobs))
+            direct_s = asyncio.run(direct(port, args.jobs, args.concurrency))
+            rss = {name: peak_rss_mb(p.pid) for name, p in procs.items()}
+        finally:
+            for p in procs.values():
+                p.terminate()
+            for p in procs.values():
+                p.wait(30)
+
+    q = statistics.quantiles(samples, n=100)
+    print(f"\nmodelyard pipeline benchmark ({args.jobs} jobs, pool concurrency {args.concurrency})")
+    print(f"  end to end, submit -> result : {jobs_s:8.0f} jobs/s")
+    print(f"  end to end, submit -> ledger : {ledger_s:8.0f} jobs/s")
+    print(f"  straight to the fake provider: {direct_s:8.0f} requests/s")
+    print(f"  pipeline / direct            : {jobs_s / direct_s:8.2f}")
+    print(f"  latency at low load (1 in flight, {len(samples)} jobs): p50 {q[49]:.2f} ms, p99 {q[98]:.2f} ms")
+    print("  peak RSS: " + ", ".join(f"{name} {mb:.0f} MiB" for name, mb in rss.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
