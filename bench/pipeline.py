@@ -29,9 +29,9 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from modelyard.client import Client, new_job  # noqa: E402
-from schemas.chat import Message  # noqa: E402
-from tests.services import (  # noqa: E402
+from modelyard.client import Client, new_job
+from schemas.chat import Message
+from tests.services import (
     config_document,
     free_port,
     fresh_database,
@@ -45,7 +45,9 @@ RESULTS = "bench-results"
 
 
 def jobs(n: int, tag: str) -> list:  # type: ignore[type-arg]
-    return [new_job("gpt-4o-mini", [Message(role="user", content=f"bench {tag} {i}")]) for i in range(n)]
+    return [
+        new_job("gpt-4o-mini", [Message(role="user", content=f"bench {tag} {i}")]) for i in range(n)
+    ]
 
 
 async def throughput(broker_url: str, database_url: str, n: int) -> tuple[float, float]:
@@ -65,7 +67,7 @@ async def throughput(broker_url: str, database_url: str, n: int) -> tuple[float,
         await sender
     conn = await asyncpg.connect(database_url)
     try:
-        while await conn.fetchval("SELECT count(*) FROM ledger") < n + 200:  # + warm-up jobs
+        while await conn.fetchval("SELECT count(*) FROM ledger") < n + 200:  # noqa: ASYNC110  (polling the database)
             await asyncio.sleep(0.01)
         ledger_s = time.perf_counter() - started
     finally:
@@ -128,7 +130,9 @@ def main() -> int:
         config = str(write_config(Path(tmp) / "bench.yaml", doc))
         env = {"TEST_FAKE_KEY": "bench-key"}
         procs = {
-            "fake-provider": modelyard("fake-provider", "--port", str(port), "--api-key", "bench-key"),
+            "fake-provider": modelyard(
+                "fake-provider", "--port", str(port), "--api-key", "bench-key"
+            ),
             "router": modelyard("--config", config, "router", env=env),
             "worker": modelyard("--config", config, "worker", "--pool", "main", env=env),
             "ledger": modelyard("--config", config, "ledger", env=env),
@@ -152,7 +156,8 @@ def main() -> int:
     print(f"  end to end, submit -> ledger : {ledger_s:8.0f} jobs/s")
     print(f"  straight to the fake provider: {direct_s:8.0f} requests/s")
     print(f"  pipeline / direct            : {jobs_s / direct_s:8.2f}")
-    print(f"  latency at low load (1 in flight, {len(samples)} jobs): p50 {q[49]:.2f} ms, p99 {q[98]:.2f} ms")
+    print(f"  latency at low load (1 in flight, {len(samples)} jobs):", end="")
+    print(f" p50 {q[49]:.2f} ms, p99 {q[98]:.2f} ms")
     print("  peak RSS: " + ", ".join(f"{name} {mb:.0f} MiB" for name, mb in rss.items()))
     return 0
 

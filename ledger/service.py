@@ -13,8 +13,8 @@ import contextlib
 
 import asyncpg
 import structlog
-from aio_pika.exceptions import ChannelInvalidStateError
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
+from aio_pika.exceptions import ChannelInvalidStateError
 
 from ledger import store
 from modelyard import broker
@@ -49,7 +49,9 @@ class Ledger:
         async with self._pool.acquire() as conn:
             await store.ensure_partitions(conn)
         # Room for one batch being written and the next one filling.
-        self._channel = channel = await broker.open_channel(self.connection, prefetch=2 * self.batch_size)
+        self._channel = channel = await broker.open_channel(
+            self.connection, prefetch=2 * self.batch_size
+        )
         queues = await broker.declare(channel, build_topology(self.config.pool_names()))
         self._flusher = asyncio.create_task(self._flush_forever())
         await queues[LEDGER_QUEUE].consume(self._receive)
@@ -77,7 +79,10 @@ class Ledger:
                 await asyncio.wait_for(self._full.wait(), self.flush_s)
             self._full.clear()
             while self._buffer:
-                batch, self._buffer = self._buffer[: self.batch_size], self._buffer[self.batch_size :]
+                batch, self._buffer = (
+                    self._buffer[: self.batch_size],
+                    self._buffer[self.batch_size :],
+                )
                 await self._flush(batch)
 
     async def _flush(self, batch: list[AbstractIncomingMessage]) -> None:

@@ -11,8 +11,12 @@ import json
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
+from asyncpg.pool import PoolConnectionProxy
 
 from schemas.costs import CostEvent
+
+# A plain connection or one borrowed from a pool.
+Conn = asyncpg.Connection | PoolConnectionProxy
 
 _COLUMNS: tuple[tuple[str, str], ...] = (
     ("event_id", "uuid"),
@@ -111,13 +115,13 @@ def columns(events: list[CostEvent]) -> list[list[object]]:
     return [list(col) for col in zip(*rows, strict=True)] if rows else [[] for _ in _COLUMNS]
 
 
-async def write_batch(conn: asyncpg.Connection, events: list[CostEvent]) -> None:
+async def write_batch(conn: Conn, events: list[CostEvent]) -> None:
     """Insert the events and their rollup in one transaction; duplicates are ignored."""
     async with conn.transaction():
         await conn.execute(INSERT_BATCH, *columns(events))
 
 
-async def ensure_partitions(conn: asyncpg.Connection, now: datetime | None = None) -> None:
+async def ensure_partitions(conn: Conn, now: datetime | None = None) -> None:
     """Make sure this month's and next month's partitions exist."""
     today = (now or datetime.now(UTC)).date()
     for day in (today, today.replace(day=1) + timedelta(days=32)):

@@ -22,7 +22,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from modelyard.client import Client, new_trace
 from modelyard.openai_format import batch_output_line
 from schemas.chat import ChatRequest
-from schemas.codec import InvalidMessage
 from schemas.errors import ErrorKind, job_error
 from schemas.jobs import CompletionJob, Metadata
 from schemas.results import JobResult, Timings
@@ -65,13 +64,11 @@ def parse_line(raw: bytes, number: int, batch_id: str) -> tuple[str, CompletionJ
     try:
         line = _line_decoder.decode(raw)
         custom_id = line.custom_id
-        if line.method.upper() != "POST" or line.url != CHAT_URL:
-            raise InvalidMessage(f"only POST {CHAT_URL} is supported, got {line.method} {line.url}", "$.url")
-    except (msgspec.ValidationError, msgspec.DecodeError, InvalidMessage) as exc:
-        field = exc.field if isinstance(exc, InvalidMessage) else None
-        error = job_error(ErrorKind.INVALID_JOB, f"line {number}: {exc}", field=field)
-        job_id = uuid.uuid5(_NAMESPACE, f"{batch_id}/{custom_id}").hex
-        return custom_id, JobResult(job_id=job_id, status="error", error=error, timings=Timings())
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        return custom_id, _bad_line(batch_id, custom_id, f"line {number}: {exc}", None)
+    if line.method.upper() != "POST" or line.url != CHAT_URL:
+        message = f"line {number}: only POST {CHAT_URL} is supported, got {line.method} {line.url}"
+        return custom_id, _bad_line(batch_id, custom_id, message, "$.url")
     job = CompletionJob(
         id=uuid.uuid5(_NAMESPACE, f"{batch_id}/{custom_id}").hex,
         request=line.body,
@@ -80,6 +77,13 @@ def parse_line(raw: bytes, number: int, batch_id: str) -> tuple[str, CompletionJ
         trace=new_trace(),
     )
     return custom_id, job
+
+
+def _bad_line(batch_id: str, custom_id: str, message: str, field: str | None) -> JobResult:
+    """The `invalid_job` answer for a line that cannot become a job."""
+    error = job_error(ErrorKind.INVALID_JOB, message, field=field)
+    job_id = uuid.uuid5(_NAMESPACE, f"{batch_id}/{custom_id}").hex
+    return JobResult(job_id=job_id, status="error", error=error, timings=Timings())
 
 
 def _read_ids(path: Path, key: str | None) -> set[str]:
@@ -105,7 +109,7 @@ async def run_batch(
     client: Client, input_path: Path, output_path: Path, *, show_progress: bool = True
 ) -> BatchSummary:
     """Submit every unfinished line and write results as they arrive."""
-    data = input_path.read_bytes()
+    data = await asyncio.to_thread(input_path.read_bytes)
     batch_id = batch_id_for(data)
     queue = f"batch.{batch_id}"
     submitted_path = output_path.with_name(output_path.name + ".submitted")
@@ -118,7 +122,11 @@ async def run_batch(
     }
     await client.declare_results_queue(queue)
     summary = BatchSummary(batch_id, len(parsed), 0, 0, len(done), Decimal(0))
-    with output_path.open("ab") as out, submitted_path.open("a") as sub, _progress(show_progress) as bar:
+    with (
+        output_path.open("ab") as out,
+        submitted_path.open("a") as sub,
+        _progress(show_progress) as bar,
+    ):
         task = bar.add_task(f"batch {batch_id}", total=len(parsed), completed=len(done))
 
         def record(result: JobResult) -> None:
@@ -133,7 +141,7 @@ async def run_batch(
             summary.cost += result.cost or 0
             bar.advance(task)
 
-        for custom_id, item in parsed:
+        for _, item in parsed:
             if isinstance(item, JobResult):
                 record(item)
         to_send = [
@@ -170,7 +178,9 @@ def _check_unique(custom_ids: list[str]) -> None:
     seen: set[str] = set()
     for cid in custom_ids:
         if cid in seen:
-            raise BatchInputError(f"custom_id {cid!r} appears more than once; each line needs its own")
+            raise BatchInputError(
+                f"custom_id {cid!r} appears more than once; each line needs its own"
+            )
         seen.add(cid)
 
 

@@ -19,7 +19,6 @@ from aio_pika.abc import (
     AbstractQueue,
     AbstractRobustConnection,
 )
-
 from aio_pika.exceptions import ChannelInvalidStateError, MessageProcessError
 
 from modelyard.topology import DEAD_EXCHANGE, Topology

@@ -54,7 +54,9 @@ def cmd_serve(roles: list[str]) -> Callable[[argparse.Namespace], int]:
                 raise UsageError(f"no pool named {', '.join(unknown)} (pools: {', '.join(pools)})")
             pools = args.pool
         if getattr(args, "fake_provider", False):
-            return _run(_with_fake(serve(config, roles, pools, "modelyard-up"), args.fake_port))
+            return int(
+                _run(_with_fake(serve(config, roles, pools, "modelyard-up"), args.fake_port))
+            )
         _run(serve(config, roles, pools, f"modelyard-{'-'.join(roles)}"))
         return 0
 
@@ -156,12 +158,18 @@ def cmd_report(args: argparse.Namespace) -> int:
         table = Table(title=f"Spend {since} to {until}")
         for column in columns:
             measure = column in report.MEASURES
-            table.add_column(report.LABELS.get(column, column), justify="right" if measure else "left")
+            table.add_column(
+                report.LABELS.get(column, column), justify="right" if measure else "left"
+            )
         for row in rows:
             table.add_row(*(report.cell(c, row[c]) for c in columns))
         sums = report.totals(rows)
         table.add_section()
-        table.add_row("total", *[""] * (len(group_by) - 1), *(report.cell(m, sums[m]) for m in report.MEASURES))
+        table.add_row(
+            "total",
+            *[""] * (len(group_by) - 1),
+            *(report.cell(m, sums[m]) for m in report.MEASURES),
+        )
         # Off a terminal (a pipe, CI logs) do not squeeze columns to 80 characters.
         Console(width=None if sys.stdout.isatty() else 200).print(table)
     return 0
@@ -215,7 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     fake.add_argument("--port", type=int, default=8900)
     fake.add_argument("--latency-ms", type=float, default=0.0)
     for fault in ("429", "500", "503", "hang", "malformed"):
-        fake.add_argument(f"--rate-{fault}", type=float, default=0.0, help=f"share of {fault} faults")
+        fake.add_argument(
+            f"--rate-{fault}", type=float, default=0.0, help=f"share of {fault} faults"
+        )
     fake.add_argument("--api-key", help="require this bearer key")
     fake.add_argument("--seed", type=int, default=0)
     fake.set_defaults(func=cmd_fake_provider)

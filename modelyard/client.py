@@ -177,7 +177,9 @@ class Client:
         finally:
             self._waiting.pop(job.id, None)
 
-    async def stream(self, job: CompletionJob, timeout: float = 60.0) -> AsyncIterator[StreamChunk | JobResult]:
+    async def stream(
+        self, job: CompletionJob, timeout: float = 60.0
+    ) -> AsyncIterator[StreamChunk | JobResult]:
         """Submit a streaming job; yield its chunks in order, then its final result."""
         reply_to = await self._private_queue()
         job.request.stream = True

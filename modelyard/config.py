@@ -14,7 +14,7 @@ import re
 from collections.abc import Mapping
 from decimal import Decimal
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Protocol
 
 import msgspec
 import yaml
@@ -25,6 +25,12 @@ DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/modelyard"
 
 Name = Annotated[str, Meta(pattern=r"^[A-Za-z0-9._\-]+$", min_length=1, max_length=100)]
 PerMTok = Decimal  # checked non-negative in _link (msgspec has no Decimal bounds)
+
+
+class ProviderCheck(Protocol):
+    """The part of a provider adapter the config needs: its deployment check."""
+
+    def check_deployment(self, deployment: Deployment) -> str | None: ...
 
 
 class ConfigError(ValueError):
@@ -158,7 +164,7 @@ def _check_entries(entries: Any, section: str, kind: type[msgspec.Struct]) -> No
             raise ConfigError(f"{section}.{key}{message}") from exc
 
 
-def parse(raw: Any, env: Mapping[str, str], known_providers: set[str]) -> Config:
+def parse(raw: Any, env: Mapping[str, str], known_providers: Mapping[str, ProviderCheck]) -> Config:
     """Validate a parsed YAML document into a `Config`, or raise `ConfigError`."""
     if not isinstance(raw, dict):
         raise ConfigError("(top level): expected a mapping of settings")
@@ -174,7 +180,7 @@ def parse(raw: Any, env: Mapping[str, str], known_providers: set[str]) -> Config
     return config
 
 
-def _link(config: Config, known_providers: set[str]) -> None:
+def _link(config: Config, known_providers: Mapping[str, ProviderCheck]) -> None:
     """Cross-check references that types alone cannot: names, pools, aliases."""
     for name, deployment in config.deployments.items():
         deployment.name = name
@@ -185,6 +191,8 @@ def _link(config: Config, known_providers: set[str]) -> None:
                 f"deployments.{name}.provider: unknown provider {deployment.provider!r} "
                 f"(one of: {choices})"
             )
+        if problem := known_providers[deployment.provider].check_deployment(deployment):
+            raise ConfigError(f"deployments.{name}.{problem}")
     seen: dict[str, str] = {}
     for name, group in config.models.items():
         group.name = name
@@ -218,7 +226,7 @@ def load(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
     try:
-        raw = yaml.load(text, Loader=_Loader)  # noqa: S506  (a SafeLoader subclass)
+        raw = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-    return parse(raw, os.environ if env is None else env, set(PROVIDERS))
+    return parse(raw, os.environ if env is None else env, PROVIDERS)

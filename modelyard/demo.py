@@ -37,13 +37,26 @@ def write_batch(path: Path) -> None:
                 "model": model,
                 "messages": [
                     {"role": "system", "content": "You are terse."},
-                    {"role": "user", "content": f"Explain {TOPICS[i % len(TOPICS)]} in one line (#{i})."},
+                    {
+                        "role": "user",
+                        "content": f"Explain {TOPICS[i % len(TOPICS)]} in one line (#{i}).",
+                    },
                 ],
                 "max_tokens": 64,
             }
             if i % 250 == 249:
                 body["model"] = "no-such-model"  # answered with unknown_model, not lost
-            f.write(json.dumps({"custom_id": f"req-{i}", "method": "POST", "url": "/v1/chat/completions", "body": body}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "custom_id": f"req-{i}",
+                        "method": "POST",
+                        "url": "/v1/chat/completions",
+                        "body": body,
+                    }
+                )
+                + "\n"
+            )
 
 
 def wait_for_port(port: int, timeout: float = 30) -> None:
@@ -66,15 +79,22 @@ def main() -> int:
     write_batch(batch)
     output.unlink(missing_ok=True)
     with (OUT / "up.log").open("wb") as log:
-        up = subprocess.Popen(modelyard("up", "--fake-provider"), stdout=log, stderr=subprocess.STDOUT, env=env)
+        up = subprocess.Popen(
+            modelyard("up", "--fake-provider"), stdout=log, stderr=subprocess.STDOUT, env=env
+        )
     try:
         wait_for_port(8900)
         started = time.monotonic()
-        subprocess.run(modelyard("submit", str(batch), "--output", str(output)), check=True, env=env)
+        subprocess.run(
+            modelyard("submit", str(batch), "--output", str(output)), check=True, env=env
+        )
         elapsed = time.monotonic() - started
         lines = [json.loads(line) for line in output.read_text().splitlines()]
         errors = [line for line in lines if line["error"]]
-        print(f"\n{len(lines)} results in {elapsed:.1f}s ({len(lines) / elapsed:.0f} jobs/s), {len(errors)} errors:")
+        rate = len(lines) / elapsed
+        print(
+            f"\n{len(lines)} results in {elapsed:.1f}s ({rate:.0f} jobs/s), {len(errors)} errors:"
+        )
         for kind in sorted({e["error"]["code"] for e in errors}):
             print(f"  {kind}: {sum(e['error']['code'] == kind for e in errors)}")
         time.sleep(0.5)  # the ledger flushes every 50 ms

@@ -32,7 +32,11 @@ def chat_completion(result: JobResult) -> dict[str, Any]:
     message: dict[str, Any] = {"role": "assistant", "content": r.content, "refusal": r.refusal}
     if r.tool_calls:
         message["tool_calls"] = [
-            {"id": c.id, "type": c.type, "function": {"name": c.function.name, "arguments": c.function.arguments}}
+            {
+                "id": c.id,
+                "type": c.type,
+                "function": {"name": c.function.name, "arguments": c.function.arguments},
+            }
             for c in r.tool_calls
         ]
     usage = result.usage
@@ -41,13 +45,17 @@ def chat_completion(result: JobResult) -> dict[str, Any]:
         "object": "chat.completion",
         "created": r.created,
         "model": r.model,
-        "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": r.finish_reason}],
+        "choices": [
+            {"index": 0, "message": message, "logprobs": None, "finish_reason": r.finish_reason}
+        ],
         "usage": {
             "prompt_tokens": usage.input_tokens if usage else 0,
             "completion_tokens": usage.output_tokens if usage else 0,
             "total_tokens": usage.total_tokens if usage else 0,
             "prompt_tokens_details": {"cached_tokens": usage.cache_read_tokens if usage else 0},
-            "completion_tokens_details": {"reasoning_tokens": usage.reasoning_tokens if usage else 0},
+            "completion_tokens_details": {
+                "reasoning_tokens": usage.reasoning_tokens if usage else 0
+            },
         },
     }
 
@@ -67,7 +75,11 @@ def error_body(error: JobError) -> dict[str, Any]:
 def batch_output_line(result: JobResult, custom_id: str) -> bytes:
     """One line of an OpenAI Batch API output file."""
     if result.status == "ok":
-        response = {"status_code": 200, "request_id": result.job_id, "body": chat_completion(result)}
+        response = {
+            "status_code": 200,
+            "request_id": result.job_id,
+            "body": chat_completion(result),
+        }
         error = None
     else:
         assert result.error is not None
@@ -77,5 +89,10 @@ def batch_output_line(result: JobResult, custom_id: str) -> bytes:
             "body": error_body(result.error),
         }
         error = {"code": result.error.kind.value, "message": result.error.message}
-    line = {"id": f"batch_req_{result.job_id}", "custom_id": custom_id, "response": response, "error": error}
+    line = {
+        "id": f"batch_req_{result.job_id}",
+        "custom_id": custom_id,
+        "response": response,
+        "error": error,
+    }
     return encode(line) + b"\n"

@@ -11,7 +11,16 @@ from typing import Any
 import asyncpg
 import msgspec
 
-DIMENSIONS = ("day", "team", "project", "key_id", "model", "provider", "deployment", "provider_model")
+DIMENSIONS = (
+    "day",
+    "team",
+    "project",
+    "key_id",
+    "model",
+    "provider",
+    "deployment",
+    "provider_model",
+)
 MEASURES = ("calls", "input_tokens", "output_tokens", "cache_read_tokens", "cost", "unpriced_calls")
 
 
@@ -23,7 +32,9 @@ def report_sql(group_by: list[str]) -> str:
     """SQL over `ledger_daily` grouped by the given dimensions (validated)."""
     unknown = [g for g in group_by if g not in DIMENSIONS]
     if unknown or not group_by:
-        raise ReportError(f"cannot group by {unknown or '(nothing)'}; choose from {', '.join(DIMENSIONS)}")
+        raise ReportError(
+            f"cannot group by {unknown or '(nothing)'}; choose from {', '.join(DIMENSIONS)}"
+        )
     dims = ", ".join(group_by)
     sums = ", ".join(f"sum({m})::{'numeric' if m == 'cost' else 'bigint'} AS {m}" for m in MEASURES)
     return (
@@ -52,7 +63,9 @@ def render_csv(rows: list[dict[str, Any]], columns: list[str]) -> str:
 
 def render_json(rows: list[dict[str, Any]]) -> str:
     """JSON array; costs as exact decimal strings, days as ISO dates."""
-    readable = [{k: exact(v) if isinstance(v, Decimal) else v for k, v in row.items()} for row in rows]
+    readable = [
+        {k: exact(v) if isinstance(v, Decimal) else v for k, v in row.items()} for row in rows
+    ]
     return msgspec.json.encode(readable).decode()
 
 

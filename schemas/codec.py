@@ -27,7 +27,7 @@ _PATH = re.compile(r" - at `(?P<path>[^`]+)`$")
 
 encoder = msgspec.json.Encoder(decimal_format="string")
 _job_decoder = msgspec.json.Decoder(CompletionJob)
-_reply_decoder = msgspec.json.Decoder(Reply)
+_reply_decoder: msgspec.json.Decoder[Reply] = msgspec.json.Decoder(Reply)
 _cost_decoder = msgspec.json.Decoder(CostBatch)
 
 

@@ -18,9 +18,9 @@ import pytest_asyncio
 from modelyard.config import Config, parse
 from tests.services import (
     config_document,
+    free_port,
     fresh_database,
     fresh_vhost,
-    free_port,
     modelyard,
     wait_for_port,
 )
@@ -64,7 +64,7 @@ def config_doc(broker_url: str, database_url: str, fake_port: int) -> dict[str, 
 
 @pytest.fixture(scope="session")
 def config(config_doc: dict[str, Any]) -> Config:
-    return parse(config_doc, {}, set(PROVIDERS))
+    return parse(config_doc, {}, PROVIDERS)
 
 
 class FakeControl:

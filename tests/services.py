@@ -83,7 +83,9 @@ def wait_for_port(port: int, timeout: float = 20.0) -> None:
     raise TimeoutError(f"nothing listening on port {port} after {timeout}s")
 
 
-def modelyard(*args: str, log: Path | None = None, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+def modelyard(
+    *args: str, log: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
     """Start a `modelyard` CLI process (stdout/stderr to `log` when given)."""
     if log is None:
         return subprocess.Popen(
@@ -101,7 +103,9 @@ def modelyard(*args: str, log: Path | None = None, env: dict[str, str] | None = 
         )
 
 
-def config_document(broker_url: str, database_url: str, fake_port: int, **extra: Any) -> dict[str, Any]:
+def config_document(
+    broker_url: str, database_url: str, fake_port: int, **extra: Any
+) -> dict[str, Any]:
     """A config document serving every test model from the fake provider."""
     base = f"http://127.0.0.1:{fake_port}/v1"
     deployment = {
@@ -123,7 +127,11 @@ def config_document(broker_url: str, database_url: str, fake_port: int, **extra:
             "priced": {
                 **deployment,
                 "model": "house-model",
-                "price": {"input_per_mtok": "1.25", "output_per_mtok": "10", "cache_read_per_mtok": "0.125"},
+                "price": {
+                    "input_per_mtok": "1.25",
+                    "output_per_mtok": "10",
+                    "cache_read_per_mtok": "0.125",
+                },
             },
             "unpriced": {**deployment, "model": "house-model"},
             "crash-mini": {**deployment, "model": "gpt-4o-mini", "pool": "crash"},

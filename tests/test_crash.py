@@ -38,12 +38,19 @@ class Stack:
     """Router, worker and ledger processes on one isolated vhost and database."""
 
     def __init__(self, config: Path, broker_url: str, database_url: str, logs: Path) -> None:
-        self.config, self.broker_url, self.database_url, self.logs = config, broker_url, database_url, logs
+        self.config, self.broker_url, self.database_url, self.logs = (
+            config,
+            broker_url,
+            database_url,
+            logs,
+        )
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
 
     def start(self, role: str) -> None:
         args = ["worker", "--pool", "crash"] if role == "worker" else [role]
-        self.processes[role] = modelyard("--config", str(self.config), *args, log=self.logs / f"{role}.log")
+        self.processes[role] = modelyard(
+            "--config", str(self.config), *args, log=self.logs / f"{role}.log"
+        )
 
     def kill(self, role: str) -> None:
         process = self.processes.pop(role)
@@ -63,8 +70,12 @@ class Stack:
 @pytest.fixture
 def stack(tmp_path: Path, fake_port: int) -> Iterator[Stack]:
     with fresh_vhost() as broker_url, fresh_database() as database_url:
-        doc = config_document(broker_url, database_url, fake_port, ledger={"batch_size": 50, "flush_ms": 10})
-        s = Stack(write_config(tmp_path / "modelyard.yaml", doc), broker_url, database_url, tmp_path)
+        doc = config_document(
+            broker_url, database_url, fake_port, ledger={"batch_size": 50, "flush_ms": 10}
+        )
+        s = Stack(
+            write_config(tmp_path / "modelyard.yaml", doc), broker_url, database_url, tmp_path
+        )
         try:
             yield s
         finally:
@@ -83,12 +94,16 @@ async def slow_fake(fake: FakeControl) -> AsyncIterator[FakeControl]:
 async def submit_batch(stack: Stack) -> list[str]:
     async with await Client.connect(stack.broker_url) as client:
         await client.declare_results_queue(RESULTS)
-        jobs = [new_job("crash", [Message(role="user", content=f"crash job {i}")]) for i in range(JOBS)]
+        jobs = [
+            new_job("crash", [Message(role="user", content=f"crash job {i}")]) for i in range(JOBS)
+        ]
         await client.submit_many(jobs, RESULTS)
     return [j.id for j in jobs]
 
 
-async def collect(stack: Stack, expected: set[str], on_progress: Any, timeout: float = 180) -> list[JobResult]:
+async def collect(
+    stack: Stack, expected: set[str], on_progress: Any, timeout: float = 180
+) -> list[JobResult]:
     """Every result message (duplicates included) until each expected id has one."""
     results: list[JobResult] = []
     seen: set[str] = set()
@@ -117,7 +132,9 @@ async def collect(stack: Stack, expected: set[str], on_progress: Any, timeout: f
 
 async def billed_calls(fake: FakeControl) -> dict[str, dict[str, Any]]:
     """The fake provider's successful calls (what a real provider would bill)."""
-    return {e["request_id"]: e for e in await fake.requests() if e["status"] == 200 and not e["fault"]}
+    return {
+        e["request_id"]: e for e in await fake.requests() if e["status"] == 200 and not e["fault"]
+    }
 
 
 async def ledger_request_ids(database_url: str) -> list[str]:
@@ -168,7 +185,9 @@ async def test_ledger_sigkill_counts_every_event_once(stack: Stack, slow_fake: F
         stack.start(role)
     ids = await submit_batch(stack)
     written = await eventually(
-        lambda: scalar(stack.database_url, "SELECT count(*) FROM ledger"), lambda n: n >= 300, timeout=60
+        lambda: scalar(stack.database_url, "SELECT count(*) FROM ledger"),
+        lambda n: n >= 300,
+        timeout=60,
     )
     assert written >= 300
     stack.kill("ledger")
@@ -179,7 +198,9 @@ async def test_ledger_sigkill_counts_every_event_once(stack: Stack, slow_fake: F
     assert {r.job_id for r in results} == set(ids)
 
     calls = await billed_calls(slow_fake)
-    rows = await eventually(lambda: ledger_request_ids(stack.database_url), lambda r: len(r) >= len(calls))
+    rows = await eventually(
+        lambda: ledger_request_ids(stack.database_url), lambda r: len(r) >= len(calls)
+    )
     assert sorted(rows) == sorted(calls)  # none missing, none twice
     rollup = await scalar(stack.database_url, "SELECT sum(calls) FROM ledger_daily")
     assert rollup == len(calls)

@@ -3,6 +3,7 @@ job in, result back, cost in the ledger."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -34,7 +35,11 @@ pytestmark = pytest.mark.asyncio
 @pytest_asyncio.fixture(scope="module")
 async def pipeline(config: Config) -> AsyncIterator[None]:
     connection = await broker.connect(config.broker_url, "test-pipeline")
-    components = [Ledger(config, connection), Worker(config, "main", connection), Router(config, connection)]
+    components = [
+        Ledger(config, connection),
+        Worker(config, "main", connection),
+        Router(config, connection),
+    ]
     for component in components:
         await component.start()
     yield
@@ -64,8 +69,10 @@ async def test_job_result_and_ledger_row(
     result = await client.complete(job, timeout=10)
 
     assert (result.status, result.error) == ("ok", None)
-    assert result.response is not None and result.response.content
-    assert result.usage is not None and result.usage.input_tokens > 0
+    assert result.response is not None
+    assert result.response.content
+    assert result.usage is not None
+    assert result.usage.input_tokens > 0
     assert (result.deployment, result.provider, result.model) == ("mini", "openai", "fast")
     assert result.cost == cost_of(result.usage, price_card(config.deployments["mini"]))
     assert [a.outcome for a in result.attempts] == ["ok"]
@@ -86,11 +93,15 @@ async def test_job_result_and_ledger_row(
 async def test_price_override_arithmetic(client: Client, database_url: str) -> None:
     result = await client.complete(ask("priced"), timeout=10)
 
-    assert result.status == "ok" and result.usage is not None
+    assert result.status == "ok"
+    assert result.usage is not None
     u = result.usage
     plain = u.input_tokens - u.cache_read_tokens
-    expected = (Decimal(plain) * Decimal("1.25") + Decimal(u.cache_read_tokens) * Decimal("0.125")
-                + Decimal(u.output_tokens) * Decimal(10)) / Decimal(1_000_000)
+    expected = (
+        Decimal(plain) * Decimal("1.25")
+        + Decimal(u.cache_read_tokens) * Decimal("0.125")
+        + Decimal(u.output_tokens) * Decimal(10)
+    ) / Decimal(1_000_000)
     assert result.cost == expected
     rows = await eventually(lambda: ledger_rows(database_url, "job_id = $1", result.job_id), bool)
     assert [(r["cost"], r["price_source"]) for r in rows] == [(expected, "override")]
@@ -99,7 +110,8 @@ async def test_price_override_arithmetic(client: Client, database_url: str) -> N
 async def test_unknown_price_is_flagged_not_zero(client: Client, database_url: str) -> None:
     result = await client.complete(ask("unpriced"), timeout=10)
 
-    assert result.status == "ok" and result.cost is None
+    assert result.status == "ok"
+    assert result.cost is None
     rows = await eventually(lambda: ledger_rows(database_url, "job_id = $1", result.job_id), bool)
     assert [(r["cost"], r["price_source"]) for r in rows] == [(None, "unknown")]
 
@@ -108,7 +120,8 @@ async def test_unknown_model(client: Client, fake: FakeControl) -> None:
     before = len(await fake.requests())
     result = await client.complete(ask("no-such-model"), timeout=10)
 
-    assert result.status == "error" and result.error is not None
+    assert result.status == "error"
+    assert result.error is not None
     assert (result.error.kind, result.error.retryable) == (ErrorKind.UNKNOWN_MODEL, False)
     assert result.error.field == "$.request.model"
     assert len(await fake.requests()) == before
@@ -120,7 +133,9 @@ async def test_provider_401_is_auth_and_not_retried(client: Client, fake: FakeCo
 
     assert result.error is not None
     assert (result.error.kind, result.error.retryable, result.error.provider_status) == (
-        ErrorKind.AUTH, False, 401,
+        ErrorKind.AUTH,
+        False,
+        401,
     )
     assert "not-the-key" not in result.error.message
     after = [e for e in await fake.requests() if e["status"] == 401]
@@ -132,7 +147,8 @@ async def test_deadline_already_passed(client: Client, fake: FakeControl) -> Non
     job = ask("fast", deadline=datetime.now(UTC) - timedelta(seconds=1))
     result = await client.complete(job, timeout=10)  # type: ignore[arg-type]
 
-    assert result.error is not None and result.error.kind == ErrorKind.DEADLINE_EXCEEDED
+    assert result.error is not None
+    assert result.error.kind == ErrorKind.DEADLINE_EXCEEDED
     assert len(await fake.requests()) == before
 
 
@@ -170,16 +186,24 @@ async def _replies(config: Config, bodies: list[bytes], wait: float = 1.0) -> li
         return got
 
 
+def job_body(job_id: str, **request: object) -> bytes:
+    """A raw job body, for bodies the typed client would refuse to build."""
+    return json.dumps({"id": job_id, "request": {"model": "fast", **request}}).encode()
+
+
+USER_X = [{"role": "user", "content": "x"}]
+
+
 @pytest.mark.parametrize(
     ("body", "field"),
     [
-        (b'{"id": "bad-1", "request": {"model": "fast", "messages": []}}', "$.request.messages"),
-        (b'{"id": "bad-2", "request": {"model": "fast", "messages": [{"role": "robot"}]}}',
-         "$.request.messages[0].role"),
-        (b'{"id": "bad-3", "request": {"model": "fast", "messages": [{"role": "user", "content": 7}]}}',
-         "$.request.messages[0].content"),
-        (b'{"id": "bad-4", "request": {"model": "fast", "messages": [{"role": "user", "content": "x"}],'
-         b' "temperature": 9}}', "$.request.temperature"),
+        (job_body("bad-1", messages=[]), "$.request.messages"),
+        (job_body("bad-2", messages=[{"role": "robot"}]), "$.request.messages[0].role"),
+        (
+            job_body("bad-3", messages=[{"role": "user", "content": 7}]),
+            "$.request.messages[0].content",
+        ),
+        (job_body("bad-4", messages=USER_X, temperature=9), "$.request.temperature"),
         (b'{"id": "bad-5"}', "$"),
     ],
 )
@@ -192,19 +216,19 @@ async def test_invalid_job_answered_once_and_not_run(
     assert [(r.status, r.error.kind if r.error else None) for r in replies] == [
         ("error", ErrorKind.INVALID_JOB)
     ]
-    assert replies[0].error is not None and replies[0].error.field == field
+    assert replies[0].error is not None
+    assert replies[0].error.field == field
     assert replies[0].error.retryable is False
     assert len(await fake.requests()) == before
 
 
 async def test_oversized_job_is_invalid(config: Config, client: Client) -> None:
     text = "x" * (config.router.max_job_bytes + 10)
-    body = b'{"id": "big-1", "request": {"model": "fast", "messages": [{"role": "user", "content": "%s"}]}}' % (
-        text.encode()
-    )
+    body = job_body("big-1", messages=[{"role": "user", "content": text}])
     replies = await _replies(config, [body])
 
-    assert len(replies) == 1 and replies[0].error is not None
+    assert len(replies) == 1
+    assert replies[0].error is not None
     assert replies[0].error.kind == ErrorKind.INVALID_JOB
     assert "limit" in replies[0].error.message
 

@@ -20,7 +20,9 @@ from schemas.costs import CostBatch, CostEvent
 class CostPublisher:
     """Collects events for up to `linger_s` or `max_batch` events, then publishes."""
 
-    def __init__(self, exchange: AbstractExchange, max_batch: int = 200, linger_s: float = 0.002) -> None:
+    def __init__(
+        self, exchange: AbstractExchange, max_batch: int = 200, linger_s: float = 0.002
+    ) -> None:
         self.exchange = exchange
         self.max_batch = max_batch
         self.linger_s = linger_s
@@ -50,7 +52,9 @@ class CostPublisher:
 
     async def _send(self, events: list[CostEvent]) -> None:
         body = encode(CostBatch(events=events))
-        await self.exchange.publish(broker.message(body, correlation_id=events[0].job_id), routing_key="cost")
+        await self.exchange.publish(
+            broker.message(body, correlation_id=events[0].job_id), routing_key="cost"
+        )
 
 
 def _settle(sent: asyncio.Future[None], task: asyncio.Future[None]) -> None:

@@ -14,8 +14,10 @@ import time
 import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime
+from typing import Any, Literal
 
 import aiohttp
+import msgspec
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
 
@@ -24,21 +26,38 @@ from modelyard.config import Config, Deployment
 from modelyard.replies import error_result, send_reply, timings_for
 from modelyard.topology import COSTS_EXCHANGE, build_topology, worker_queue
 from router.service import deadline_passed
-from schemas.codec import InvalidMessage, decode_job, encode
+from schemas.codec import InvalidMessage, decode_job
 from schemas.costs import CostEvent
 from schemas.errors import ErrorKind, JobError, job_error
 from schemas.jobs import Attempt, CompletionJob
-from schemas.results import JobResult
+from schemas.results import JobResult, StreamChunk, Usage
 from workers import transport
 from workers.costs import CostPublisher
 from workers.pricing import PriceCard, cost_of, price_card
-from workers.providers import PROVIDERS, AdapterError, ProviderReply
+from workers.providers import (
+    PROVIDERS,
+    Adapter,
+    AdapterError,
+    HttpRequest,
+    HttpResponse,
+    ProviderReply,
+)
 
 log = structlog.get_logger("modelyard.worker")
 
 
+class Billed(msgspec.Struct, kw_only=True):
+    """What a provider call used, as far as we know: the basis of a cost event."""
+
+    usage: Usage
+    raw_usage: dict[str, Any]
+    provider_model: str
+    request_id: str | None
+    status: Literal["ok", "error"] = "ok"
+
+
 def cost_event(
-    job: CompletionJob, deployment: Deployment, reply: ProviderReply, card: PriceCard, latency_ms: float
+    job: CompletionJob, deployment: Deployment, billed: Billed, card: PriceCard, latency_ms: float
 ) -> CostEvent:
     """The ledger entry for one billed call. Never carries prompts or keys."""
     meta = job.metadata
@@ -48,20 +67,31 @@ def cost_event(
         occurred_at=datetime.now(UTC),
         provider=deployment.provider,
         deployment=deployment.name,
-        provider_model=reply.completion.model or deployment.model,
+        provider_model=billed.provider_model,
         model=job.request.model,
-        usage=reply.usage,
-        cost=cost_of(reply.usage, card),
+        usage=billed.usage,
+        cost=cost_of(billed.usage, card),
         price_source=card.source,
+        status=billed.status,
         latency_ms=round(latency_ms, 3),
-        provider_request_id=reply.request_id,
+        provider_request_id=billed.request_id,
         key_id=job.key_id,
         team=meta.team,
         project=meta.project,
         user=meta.user,
         batch_id=meta.batch_id,
         custom_id=meta.custom_id,
+        raw_usage=billed.raw_usage,
+    )
+
+
+def billed_reply(reply: ProviderReply, deployment: Deployment) -> Billed:
+    """A successful call's usage, for the ledger."""
+    return Billed(
+        usage=reply.usage,
         raw_usage=reply.raw_usage,
+        provider_model=reply.completion.model or deployment.model,
+        request_id=reply.request_id,
     )
 
 
@@ -83,7 +113,8 @@ class Worker:
         env = os.environ if env is None else env
         # Keys are read once, from this process's environment, and kept here.
         self._keys = {
-            n: env.get(d.api_key_env) if d.api_key_env else None for n, d in self.deployments.items()
+            n: env.get(d.api_key_env) if d.api_key_env else None
+            for n, d in self.deployments.items()
         }
         self._prices = {n: price_card(d) for n, d in self.deployments.items()}
         self._channel: AbstractChannel | None = None
@@ -95,7 +126,9 @@ class Worker:
             if card.source == "unknown":
                 log.warning("no price known; cost events will be flagged", deployment=name)
         self._session = transport.new_session(self.concurrency)
-        self._channel = channel = await broker.open_channel(self.connection, prefetch=self.concurrency)
+        self._channel = channel = await broker.open_channel(
+            self.connection, prefetch=self.concurrency
+        )
         queues = await broker.declare(channel, build_topology(self.config.pool_names()))
         self._costs = CostPublisher(await channel.get_exchange(COSTS_EXCHANGE))
         await queues[worker_queue(self.pool)].consume(broker.guarded(self.handle, log))
@@ -128,34 +161,38 @@ class Worker:
             await asyncio.gather(*publishes)
         await message.ack()
 
-    async def _run(self, job: CompletionJob, *, redelivered: bool) -> tuple[JobResult, CostEvent | None]:
+    async def _run(
+        self, job: CompletionJob, *, redelivered: bool
+    ) -> tuple[JobResult, CostEvent | None]:
         """Call the provider for `job`; the result, and a cost event if billed."""
         deployment = self.deployments.get(job.route.deployment if job.route else "")
         if deployment is None:
-            error = job_error(ErrorKind.UNKNOWN_MODEL, f"deployment not served by pool {self.pool!r}")
+            error = job_error(
+                ErrorKind.UNKNOWN_MODEL, f"deployment not served by pool {self.pool!r}"
+            )
             return error_result(job, error, redelivered=redelivered), None
         if deadline_passed(job, time.time()):
-            error = job_error(ErrorKind.DEADLINE_EXCEEDED, "deadline passed before the provider call")
+            error = job_error(
+                ErrorKind.DEADLINE_EXCEEDED, "deadline passed before the provider call"
+            )
             return error_result(job, error, redelivered=redelivered), None
         started = time.time()
-        outcome = await self._call(job, deployment)
+        if job.request.stream:
+            outcome, billed = await self._stream(job, deployment)
+        else:
+            outcome, billed = await self._call(job, deployment)
         finished = time.time()
-        ok = isinstance(outcome, ProviderReply)
-        job.attempts.append(
-            Attempt(
-                deployment=deployment.name,
-                provider=deployment.provider,
-                started_at=started,
-                finished_at=finished,
-                outcome="ok" if ok else "error",
-                error=None if isinstance(outcome, ProviderReply) else outcome.kind,
-                provider_request_id=outcome.request_id if isinstance(outcome, ProviderReply) else None,
-            )
-        )
+        job.attempts.append(_attempt(deployment, started, finished, outcome, billed))
+        card = self._prices[deployment.name]
+        latency_ms = (finished - started) * 1000
+        event = None if billed is None else cost_event(job, deployment, billed, card, latency_ms)
         if isinstance(outcome, JobError):
             log.info("provider call failed", deployment=deployment.name, error=outcome.kind)
-            return error_result(job, outcome, redelivered=redelivered), None
-        event = cost_event(job, deployment, outcome, self._prices[deployment.name], (finished - started) * 1000)
+            result = error_result(job, outcome, redelivered=redelivered)
+            if billed is not None and event is not None:  # a stream that failed midway
+                result.usage, result.cost = billed.usage, event.cost
+            return result, event
+        assert event is not None
         result = JobResult(
             job_id=job.id,
             status="ok",
@@ -172,14 +209,96 @@ class Worker:
         )
         return result, event
 
-    async def _call(self, job: CompletionJob, deployment: Deployment) -> ProviderReply | JobError:
+    def _prepare(
+        self, job: CompletionJob, deployment: Deployment
+    ) -> tuple[Adapter, HttpRequest] | JobError:
         adapter = PROVIDERS[deployment.provider]
         try:
-            request = adapter.build_request(job.request, deployment, self._keys[deployment.name])
+            return adapter, adapter.build_request(
+                job.request, deployment, self._keys[deployment.name]
+            )
         except AdapterError as exc:
             return exc.error
+
+    async def _call(
+        self, job: CompletionJob, deployment: Deployment
+    ) -> tuple[ProviderReply | JobError, Billed | None]:
+        prepared = self._prepare(job, deployment)
+        if isinstance(prepared, JobError):
+            return prepared, None
+        adapter, request = prepared
         assert self._session is not None
         response = await transport.send(self._session, request, deployment.timeout_s)
         if isinstance(response, JobError):
-            return response
-        return adapter.parse_response(response)
+            return response, None
+        outcome = adapter.parse_response(response)
+        return outcome, billed_reply(outcome, deployment) if isinstance(
+            outcome, ProviderReply
+        ) else None
+
+    async def _stream(
+        self, job: CompletionJob, deployment: Deployment
+    ) -> tuple[ProviderReply | JobError, Billed | None]:
+        """Relay a streamed answer as ordered chunks; the final reply comes back."""
+        prepared = self._prepare(job, deployment)
+        if isinstance(prepared, JobError):
+            return prepared, None
+        adapter, request = prepared
+        assert self._session is not None
+        assert self._channel is not None
+        async with transport.open_stream(self._session, request, deployment.timeout_s) as opened:
+            if isinstance(opened, JobError):
+                return opened, None
+            if isinstance(opened, HttpResponse):
+                outcome = adapter.parse_response(opened)
+                return outcome, billed_reply(outcome, deployment) if isinstance(
+                    outcome, ProviderReply
+                ) else None
+            header = adapter.request_id_header
+            decoder = adapter.stream_decoder(opened.headers.get(header) if header else None)
+            seq = 0
+            async for name, data in opened.events():
+                for delta in decoder.feed(name, data):
+                    chunk = StreamChunk(
+                        job_id=job.id,
+                        seq=seq,
+                        content=delta.content,
+                        tool_calls=delta.tool_calls,
+                        finish_reason=delta.finish_reason,
+                    )
+                    # One at a time: chunks must reach the producer in order.
+                    await send_reply(self._channel, job.reply_to, chunk)
+                    seq += 1
+            outcome = opened.error or decoder.finish()
+        if isinstance(outcome, ProviderReply):
+            return outcome, billed_reply(outcome, deployment)
+        so_far = decoder.usage_so_far()
+        if so_far is None:
+            return outcome, None
+        billed = Billed(
+            usage=so_far[0],
+            raw_usage=so_far[1],
+            provider_model=deployment.model,
+            request_id=opened.headers.get(header) if header else None,
+            status="error",
+        )
+        return outcome, billed
+
+
+def _attempt(
+    deployment: Deployment,
+    started: float,
+    finished: float,
+    outcome: ProviderReply | JobError,
+    billed: Billed | None,
+) -> Attempt:
+    """The history entry for one provider call."""
+    return Attempt(
+        deployment=deployment.name,
+        provider=deployment.provider,
+        started_at=started,
+        finished_at=finished,
+        outcome="error" if isinstance(outcome, JobError) else "ok",
+        error=outcome.kind if isinstance(outcome, JobError) else None,
+        provider_request_id=billed.request_id if billed else None,
+    )

@@ -575,6 +575,12 @@ class AnthropicStreamDecoder:
             return malformed(200, "the stream ended before message_stop")
         return _reply(self._assembled(self._message), self._request_id)
 
+    def usage_so_far(self) -> tuple[Usage, dict[str, Any]] | None:
+        """Input counted at `message_start`, output as of the last `message_delta`."""
+        if self._message is None or not self._message.usage:
+            return None
+        return usage_from_anthropic(self._message.usage), self._message.usage
+
     def _assembled(self, message: _Message) -> _Message:
         blocks = [_block_from(self._blocks[i]) for i in sorted(self._blocks)]
         return msgspec.structs.replace(message, content=blocks)
@@ -674,6 +680,10 @@ class AnthropicAdapter:
 
     name = "anthropic"
     request_id_header = "request-id"
+
+    def check_deployment(self, deployment: Deployment) -> str | None:
+        """Every field this provider needs has a default."""
+        return None
 
     def build_request(
         self, request: ChatRequest, deployment: Deployment, api_key: str | None

@@ -70,6 +70,11 @@ class StreamDecoder(Protocol):
         (including an error event sent after HTTP 200)."""
         ...
 
+    def usage_so_far(self) -> tuple[Usage, dict[str, Any]] | None:
+        """Usage the provider reported before the stream broke off, if any:
+        those tokens are billed even though the answer failed."""
+        ...
+
 
 class AdapterError(Exception):
     """Raised by an adapter's pure functions; carries the typed error."""
@@ -82,7 +87,20 @@ class AdapterError(Exception):
 class Adapter(Protocol):
     """What every provider adapter provides."""
 
-    name: str
+    @property
+    def name(self) -> str:
+        """The `provider` value deployments use."""
+        ...
+
+    @property
+    def request_id_header(self) -> str | None:
+        """The response header carrying the provider's request id (None: in the body)."""
+        ...
+
+    def check_deployment(self, deployment: Deployment) -> str | None:
+        """What is missing from a deployment's config for this provider, if anything
+        (checked when the config loads, so it never surfaces as a failed job)."""
+        ...
 
     def build_request(
         self, request: ChatRequest, deployment: Deployment, api_key: str | None
@@ -121,7 +139,9 @@ def retry_after_s(headers: Mapping[str, str], now: float | None = None) -> float
     return max(when - (time.time() if now is None else now), 0.0)
 
 
-def error_for_status(status: int, message: str, code: str | None, headers: Mapping[str, str]) -> JobError:
+def error_for_status(
+    status: int, message: str, code: str | None, headers: Mapping[str, str]
+) -> JobError:
     """The taxonomy's default reading of an HTTP status; adapters refine it."""
     kind = {
         400: ErrorKind.BAD_REQUEST,

@@ -700,6 +700,11 @@ class GeminiStreamDecoder:
             return malformed(200, "the stream ended without a finish reason")
         return _reply(self._last, self._parts, self._reason, self._request_id)
 
+    def usage_so_far(self) -> tuple[Usage, dict[str, Any]] | None:
+        """The usage of the last chunk that carried any."""
+        raw = self._last.usage_metadata if self._last is not None else None
+        return (usage_from_gemini(raw), raw) if raw else None
+
     def _deltas(self, parts: list[_Part], reason: str | None) -> list[StreamDelta]:
         deltas = [delta for part in parts if (delta := self._delta(part)) is not None]
         if reason is not None:
@@ -730,6 +735,11 @@ class GeminiAdapter:
     """The Gemini API over HTTPS with an `x-goog-api-key`."""
 
     name = "gemini"
+    request_id_header = None  # Gemini sends its id in the body (`responseId`)
+
+    def check_deployment(self, deployment: Deployment) -> str | None:
+        """Every field this provider needs has a default."""
+        return None
 
     def build_request(
         self, request: ChatRequest, deployment: Deployment, api_key: str | None

@@ -8,13 +8,15 @@ from typing import Any
 import msgspec
 
 from modelyard.config import Deployment
-from schemas.chat import ChatRequest, ToolCall
+from schemas.chat import ChatRequest, FunctionCall, StreamOptions, ToolCall
 from schemas.errors import ErrorKind, JobError, job_error
-from schemas.results import Completion, FinishReason, Usage
+from schemas.results import Completion, FinishReason, ToolCallDelta, Usage
 from workers.providers.base import (
+    AdapterError,
     HttpRequest,
     HttpResponse,
     ProviderReply,
+    StreamDelta,
     error_for_status,
     malformed,
     retry_after_s,
@@ -28,6 +30,7 @@ _FINISH: dict[str, FinishReason] = {
     "tool_calls": "tool_calls",
     "function_call": "tool_calls",
     "content_filter": "content_filter",
+    "model_length": "length",  # Mistral: the model's context filled up mid-answer
 }
 
 
@@ -63,6 +66,7 @@ class _ErrorEnvelope(msgspec.Struct):
 _completion_decoder = msgspec.json.Decoder(_ChatCompletion)
 _error_decoder = msgspec.json.Decoder(_ErrorEnvelope)
 _encoder = msgspec.json.Encoder()
+_error_encoder = _encoder
 
 
 def usage_from_openai(raw: dict[str, Any]) -> Usage:
@@ -88,11 +92,18 @@ def error_from_openai(response: HttpResponse) -> JobError:
     code = body.code or body.type
     if response.status == 429 and code == "insufficient_quota":
         return job_error(
-            ErrorKind.RATE_LIMITED, message, retryable=False, provider_status=429, provider_code=code
+            ErrorKind.RATE_LIMITED,
+            message,
+            retryable=False,
+            provider_status=429,
+            provider_code=code,
         )
     if code == "context_length_exceeded":
         return job_error(
-            ErrorKind.CONTEXT_WINDOW_EXCEEDED, message, provider_status=response.status, provider_code=code
+            ErrorKind.CONTEXT_WINDOW_EXCEEDED,
+            message,
+            provider_status=response.status,
+            provider_code=code,
         )
     if code in ("content_policy_violation", "content_filter"):
         return job_error(
@@ -101,31 +112,250 @@ def error_from_openai(response: HttpResponse) -> JobError:
     return error_for_status(response.status, message, code, response.headers)
 
 
+class _FunctionDelta(msgspec.Struct):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class _ToolCallDelta(msgspec.Struct):
+    index: int
+    id: str | None = None
+    function: _FunctionDelta | None = None
+
+
+class _Delta(msgspec.Struct):
+    content: str | None = None
+    refusal: str | None = None
+    tool_calls: list[_ToolCallDelta] | None = None
+
+
+class _ChunkChoice(msgspec.Struct):
+    delta: _Delta
+    finish_reason: str | None = None
+
+
+class _Chunk(msgspec.Struct):
+    id: str = ""
+    model: str = ""
+    created: int = 0
+    choices: list[_ChunkChoice] = msgspec.field(default_factory=list)
+    usage: dict[str, Any] | None = None
+    error: _ErrorBody | None = None
+
+
+_chunk_decoder = msgspec.json.Decoder(_Chunk)
+
+
+class OpenAIStreamDecoder:
+    """Reads `chat.completion.chunk` events and rebuilds the whole completion.
+
+    OpenAI ends a stream with `data: [DONE]`; an error after the 200 arrives
+    as a `data: {"error": ...}` event. A stream that stops before `[DONE]` is
+    a retryable server error.
+    """
+
+    def __init__(self, request_id: str | None) -> None:
+        self._request_id = request_id
+        self._first: _Chunk | None = None
+        self._text: list[str] = []
+        self._refusal: list[str] = []
+        self._calls: dict[int, tuple[str, str, list[str]]] = {}
+        self._finish: str | None = None
+        self._usage: dict[str, Any] | None = None
+        self._done = False
+        self._error: JobError | None = None
+
+    def feed(self, event: str | None, data: str) -> list[StreamDelta]:
+        """Deltas of one chunk; `[DONE]` marks the clean end."""
+        if data.strip() == "[DONE]":
+            self._done = True
+            return []
+        try:
+            chunk = _chunk_decoder.decode(data)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            self._error = self._error or malformed(200, f"stream chunk: {exc}")
+            return []
+        if chunk.error is not None:
+            self._error = _stream_error(chunk.error)
+            return []
+        self._first = self._first or chunk
+        self._usage = chunk.usage or self._usage
+        return [self._delta(choice) for choice in chunk.choices[:1]]
+
+    def _delta(self, choice: _ChunkChoice) -> StreamDelta:
+        delta = choice.delta
+        if delta.content:
+            self._text.append(delta.content)
+        if delta.refusal:
+            self._refusal.append(delta.refusal)
+        pieces = [self._tool_piece(call) for call in delta.tool_calls or ()]
+        if choice.finish_reason:
+            self._finish = choice.finish_reason
+        return StreamDelta(
+            content=delta.content or None,
+            tool_calls=pieces or None,
+            finish_reason=_FINISH.get(choice.finish_reason, "stop")
+            if choice.finish_reason
+            else None,
+        )
+
+    def _tool_piece(self, call: _ToolCallDelta) -> ToolCallDelta:
+        function = call.function or _FunctionDelta()
+        call_id, name, arguments = self._calls.setdefault(call.index, ("", "", []))
+        self._calls[call.index] = (call_id or call.id or "", name or function.name or "", arguments)
+        if function.arguments:
+            arguments.append(function.arguments)
+        return ToolCallDelta(
+            index=call.index, id=call.id, name=function.name, arguments=function.arguments
+        )
+
+    def finish(self) -> ProviderReply | JobError:
+        """The completion the chunks add up to, or the error that ended them."""
+        if self._error is not None:
+            return self._error
+        if not self._done or self._first is None:
+            return malformed(200, "the stream ended before [DONE]")
+        calls = [
+            ToolCall(id=call_id, function=FunctionCall(name=name, arguments="".join(arguments)))
+            for _, (call_id, name, arguments) in sorted(self._calls.items())
+        ]
+        completion = Completion(
+            id=self._first.id,
+            model=self._first.model,
+            content="".join(self._text) if self._text else None,
+            tool_calls=calls or None,
+            refusal="".join(self._refusal) if self._refusal else None,
+            finish_reason=_FINISH.get(self._finish or "stop", "stop"),
+            provider_finish_reason=self._finish,
+            created=self._first.created,
+        )
+        raw_usage = self._usage or {}
+        return ProviderReply(
+            completion=completion,
+            usage=usage_from_openai(raw_usage),
+            raw_usage=raw_usage,
+            request_id=self._request_id,
+        )
+
+    def usage_so_far(self) -> tuple[Usage, dict[str, Any]] | None:
+        """OpenAI reports usage only in the last chunk: None before it."""
+        return (usage_from_openai(self._usage), self._usage) if self._usage else None
+
+
+def _stream_error(body: _ErrorBody) -> JobError:
+    """An error event inside a 200 stream; OpenAI sends these for server faults."""
+    status = 429 if body.code == "rate_limit_exceeded" else 500
+    envelope = _error_encoder.encode(_ErrorEnvelope(error=body))
+    return error_from_openai(HttpResponse(status=status, headers={}, body=envelope))
+
+
+class Quirks(msgspec.Struct, kw_only=True, frozen=True):
+    """How an OpenAI-compatible server departs from OpenAI, declared in the
+    deployment's `options` instead of written as code per vendor.
+
+    - `unsupported`: parameters the server cannot honour; a job using one is
+      refused with a `bad_request` naming it (never silently dropped);
+    - `drop_params`: parameters to leave out because they do not matter there
+      (an operator's explicit choice, e.g. `user` for a local vLLM);
+    - `rename_params`: the server's own name for a parameter
+      (e.g. `max_completion_tokens: max_tokens`);
+    - `stream_usage`: whether the server takes `stream_options.include_usage`.
+    """
+
+    unsupported: tuple[str, ...] = ()
+    drop_params: tuple[str, ...] = ()
+    rename_params: dict[str, str] = msgspec.field(default_factory=dict)
+    stream_usage: bool = True
+
+    def __bool__(self) -> bool:
+        return bool(
+            self.unsupported or self.drop_params or self.rename_params or not self.stream_usage
+        )
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any], base: Quirks | None = None) -> Quirks:
+        """Quirks from config options, on top of an adapter's own defaults."""
+        base = base or cls()
+        return cls(
+            unsupported=(*base.unsupported, *options.get("unsupported", ())),
+            drop_params=(*base.drop_params, *options.get("drop_params", ())),
+            rename_params={**base.rename_params, **options.get("rename_params", {})},
+            stream_usage=bool(options.get("stream_usage", base.stream_usage)),
+        )
+
+
+def apply_quirks(payload: dict[str, Any], quirks: Quirks) -> dict[str, Any]:
+    """The request body adjusted for a server's quirks; raises for unsupported params."""
+    for name in quirks.unsupported:
+        if payload.get(name) is not None:
+            raise AdapterError(
+                job_error(
+                    ErrorKind.BAD_REQUEST,
+                    f"this deployment does not support `{name}`",
+                    field=f"$.request.{name}",
+                )
+            )
+    if not quirks.stream_usage:
+        payload.pop("stream_options", None)
+    for name in quirks.drop_params:
+        payload.pop(name, None)
+    for old, new in quirks.rename_params.items():
+        if old in payload:
+            payload[new] = payload.pop(old)
+    return payload
+
+
 class OpenAIAdapter:
     """Chat Completions over HTTPS with a bearer key."""
 
     name = "openai"
+    request_id_header = "x-request-id"
+
+    def check_deployment(self, deployment: Deployment) -> str | None:
+        """Every field this provider needs has a default."""
+        return None
 
     def build_request(
         self, request: ChatRequest, deployment: Deployment, api_key: str | None
     ) -> HttpRequest:
-        """The request as OpenAI takes it, with the deployment's model id."""
-        body = msgspec.structs.replace(request, model=deployment.model)
-        headers = {"content-type": "application/json"}
-        if api_key:
-            headers["authorization"] = f"Bearer {api_key}"
-        base = (deployment.api_base or DEFAULT_API_BASE).rstrip("/")
+        """The request as OpenAI takes it, with the deployment's model id and quirks."""
+        headers = {"content-type": "application/json", **self.auth_headers(api_key)}
+        headers.update(deployment.options.get("extra_headers") or {})
         return HttpRequest(
             method="POST",
-            url=f"{base}/chat/completions",
+            url=self.url(deployment),
             headers=headers,
-            body=_encoder.encode(body),
+            body=self.body(request, deployment),
         )
+
+    def url(self, deployment: Deployment) -> str:
+        """Where the chat completions endpoint is."""
+        return f"{(deployment.api_base or DEFAULT_API_BASE).rstrip('/')}/chat/completions"
+
+    def auth_headers(self, api_key: str | None) -> dict[str, str]:
+        """A bearer key, when the deployment has one (local servers often do not)."""
+        return {"authorization": f"Bearer {api_key}"} if api_key else {}
+
+    def body(self, request: ChatRequest, deployment: Deployment) -> bytes:
+        """The JSON body; deployment quirks applied when it declares any."""
+        body = msgspec.structs.replace(request, model=deployment.model)
+        if request.stream:
+            # Usage arrives only when asked for; the ledger needs it.
+            body = msgspec.structs.replace(body, stream_options=StreamOptions(include_usage=True))
+        quirks = self.quirks(deployment)
+        if not quirks:
+            return _encoder.encode(body)
+        payload = msgspec.to_builtins(body)
+        return _encoder.encode(apply_quirks(payload, quirks))
+
+    def quirks(self, deployment: Deployment) -> Quirks:
+        """This deployment's request quirks (`options` in the config)."""
+        return Quirks.from_options(deployment.options)
 
     def parse_response(self, response: HttpResponse) -> ProviderReply | JobError:
         """A normalized reply from a 200, or the typed error for anything else."""
         if response.status != 200:
-            return error_from_openai(response)
+            return self.error(response)
         try:
             data = _completion_decoder.decode(response.body)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
@@ -148,8 +378,24 @@ class OpenAIAdapter:
             completion=completion,
             usage=usage_from_openai(raw_usage),
             raw_usage=raw_usage,
-            request_id=response.headers.get("x-request-id"),
+            request_id=response.headers.get(self.request_id_header),
         )
 
+    def error(self, response: HttpResponse) -> JobError:
+        """The typed error for a non-200 response."""
+        return error_from_openai(response)
 
-__all__ = ["OpenAIAdapter", "error_from_openai", "retry_after_s", "usage_from_openai"]
+    def stream_decoder(self, request_id: str | None) -> OpenAIStreamDecoder:
+        """A decoder for one streamed 200 response."""
+        return OpenAIStreamDecoder(request_id)
+
+
+__all__ = [
+    "OpenAIAdapter",
+    "OpenAIStreamDecoder",
+    "Quirks",
+    "apply_quirks",
+    "error_from_openai",
+    "retry_after_s",
+    "usage_from_openai",
+]
