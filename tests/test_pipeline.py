@@ -23,7 +23,7 @@ from schemas.chat import Message
 from schemas.codec import decode_reply
 from schemas.errors import ErrorKind
 from schemas.jobs import Metadata
-from schemas.results import JobResult
+from schemas.results import JobResult, StreamChunk
 from tests.conftest import FakeControl
 from tests.pipeline import eventually, ledger_rows
 from workers.pool import Worker
@@ -246,3 +246,45 @@ async def test_unanswerable_garbage_is_dead_lettered(config: Config, client: Cli
             return int(q.declaration_result.message_count or 0)
 
         assert await eventually(count, lambda n: n > (before or 0), timeout=10) == (before or 0) + 1
+
+
+async def test_streamed_job_chunks_then_result_then_ledger(
+    client: Client, database_url: str
+) -> None:
+    prompt = "Stream a short answer about ledgers."
+    plain = await client.complete(ask("fast", prompt), timeout=10)
+    items = [item async for item in client.stream(ask("fast", prompt), timeout=10)]  # type: ignore[arg-type]
+
+    chunks = [i for i in items if isinstance(i, StreamChunk)]
+    final = items[-1]
+    assert isinstance(final, JobResult)
+    assert final.status == "ok"
+    assert final.response is not None
+    assert plain.response is not None
+    assert [c.seq for c in chunks] == list(range(len(chunks)))
+    assert (
+        "".join(c.content or "" for c in chunks) == final.response.content == plain.response.content
+    )
+    assert chunks[-1].finish_reason == "stop"
+    assert final.usage == plain.usage
+    rows = await eventually(lambda: ledger_rows(database_url, "job_id = $1", final.job_id), bool)
+    assert [r["cost"] for r in rows] == [final.cost]
+
+
+async def test_stream_broken_midway_ends_with_typed_error(
+    client: Client, fake: FakeControl
+) -> None:
+    await fake.set(rate_malformed=1.0)
+    try:
+        items = [i async for i in client.stream(ask("fast", "break me"), timeout=10)]  # type: ignore[arg-type]
+    finally:
+        await fake.set(rate_malformed=0.0)
+
+    final = items[-1]
+    assert isinstance(final, JobResult)
+    assert final.error is not None
+    assert (final.status, final.error.kind, final.error.retryable) == (
+        "error",
+        ErrorKind.SERVER_ERROR,
+        True,
+    )

@@ -1,0 +1,136 @@
+"""Config validation (errors name their path) and the routing choice."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from modelyard.config import ConfigError, load, parse
+from router.routing import build_route_table
+from workers.providers import PROVIDERS
+
+
+def doc(**overrides: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "deployments": {
+            "a": {"provider": "openai", "model": "gpt-4o-mini", "pool": "p"},
+            "b": {"provider": "anthropic", "model": "claude-sonnet-4-5", "pool": "q"},
+        },
+        "models": {
+            "chat": {
+                "aliases": ["default"],
+                "deployments": [{"deployment": "a", "weight": 3}, {"deployment": "b", "weight": 1}],
+            }
+        },
+    }
+    base.update(overrides)
+    return base
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            {"deployments": {"a": {"provider": "nope", "model": "m", "pool": "p"}}},
+            "deployments.a.provider",
+        ),
+        (
+            {"deployments": {"a": {"provider": "openai", "model": "m", "pool": "p p"}}},
+            "deployments.a.pool",
+        ),
+        (
+            {"deployments": {"a": {"provider": "openai", "model": "m", "pool": "p", "x": 1}}},
+            "deployments.a: ",
+        ),
+        (
+            {"deployments": {"a": {"provider": "azure", "model": "m", "pool": "p"}}},
+            "deployments.a.api_base",
+        ),
+        (
+            {
+                "deployments": {
+                    "a": {"provider": "openai", "model": "m", "pool": "p", "timeout_s": "soon"}
+                }
+            },
+            "deployments.a.timeout_s",
+        ),
+        (
+            {"models": {"chat": {"deployments": [{"deployment": "zzz"}]}}},
+            "models.chat.deployments[0].deployment",
+        ),
+        ({"models": {"chat": {"deployments": []}}}, "models.chat.deployments"),
+        (
+            {
+                "models": {
+                    "chat": {"deployments": [{"deployment": "a"}]},
+                    "other": {"aliases": ["chat"], "deployments": [{"deployment": "a"}]},
+                }
+            },
+            "models.other",
+        ),
+        (
+            {
+                "deployments": {
+                    "a": {
+                        "provider": "openai",
+                        "model": "m",
+                        "pool": "p",
+                        "price": {"input_per_mtok": -1, "output_per_mtok": 1},
+                    }
+                }
+            },
+            "deployments.a.price.input_per_mtok",
+        ),
+        ({"router": {"concurrency": 0}}, "router.concurrency"),
+    ],
+)
+def test_bad_config_names_its_path(change: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        parse(doc(**change), {}, PROVIDERS)
+
+    assert message in str(error.value)
+
+
+def test_env_overrides_urls_and_yaml_decimals_are_exact(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "deployments:\n"
+        "  a: {provider: openai, model: m, pool: p,\n"
+        "      price: {input_per_mtok: 0.15, output_per_mtok: 0.6}}\n"
+        "models:\n  chat: {deployments: [{deployment: a}]}\n"
+    )
+    config = load(
+        path,
+        {
+            "MODELYARD_BROKER_URL": "amqp://elsewhere/",
+            "MODELYARD_DATABASE_URL": "postgresql://db/x",
+        },
+    )
+
+    assert (config.broker_url, config.database_url) == ("amqp://elsewhere/", "postgresql://db/x")
+    price = config.deployments["a"].price
+    assert price is not None
+    assert str(price.input_per_mtok) == "0.15"
+
+
+def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load(tmp_path / "absent.yaml")
+
+
+def test_alias_and_weighted_choice() -> None:
+    table = build_route_table(parse(doc(), {}, PROVIDERS))
+    group = table.resolve("default")
+    assert group is not None
+    rng = random.Random(42)
+
+    picks = Counter(table.choose(group, rng).name for _ in range(4000))
+
+    assert table.resolve("chat") is group
+    assert table.resolve("missing") is None
+    assert set(picks) == {"a", "b"}
+    assert 0.70 < picks["a"] / 4000 < 0.80  # weight 3 of 4
