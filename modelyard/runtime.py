@@ -11,6 +11,7 @@ import structlog
 from ledger.service import Ledger
 from modelyard import broker
 from modelyard.config import Config
+from modelyard.tracing import configure_tracing
 from router.service import Router
 from workers.pool import Worker
 
@@ -44,6 +45,7 @@ async def wait_for_signal() -> None:
 
 async def serve(config: Config, roles: list[str], pools: list[str], name: str) -> None:
     """Start the named roles on one broker connection; stop them cleanly on a signal."""
+    configure_tracing()
     connection = await broker.connect(config.broker_url, name)
     components: list[Component] = []
     if "ledger" in roles:

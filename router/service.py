@@ -17,6 +17,7 @@ from modelyard import broker
 from modelyard.config import Config
 from modelyard.replies import error_result, send_reply
 from modelyard.topology import DISPATCH_EXCHANGE, ROUTER_QUEUE, build_topology
+from modelyard.tracing import job_span
 from router.routing import RouteTable, build_route_table
 from schemas.codec import InvalidMessage, decode_job, encode, salvage_envelope
 from schemas.errors import ErrorKind, job_error
@@ -67,8 +68,11 @@ class Router:
             return
         if job.reply_to is None and message.reply_to:
             job.reply_to = message.reply_to
-        with structlog.contextvars.bound_contextvars(
-            job_id=job.id, trace_id=job.trace.trace_id() if job.trace else None
+        with (
+            structlog.contextvars.bound_contextvars(
+                job_id=job.id, trace_id=job.trace.trace_id() if job.trace else None
+            ),
+            job_span(job, ROUTER_QUEUE),
         ):
             await self._route(job)
         await message.ack()

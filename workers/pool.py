@@ -25,6 +25,7 @@ from modelyard import broker
 from modelyard.config import Config, Deployment
 from modelyard.replies import error_result, send_reply, timings_for
 from modelyard.topology import COSTS_EXCHANGE, build_topology, worker_queue
+from modelyard.tracing import job_span
 from router.service import deadline_passed
 from schemas.codec import InvalidMessage, decode_job
 from schemas.costs import CostEvent
@@ -150,10 +151,16 @@ class Worker:
             log.error("undecodable dispatched job", reason=str(exc))
             await message.reject(requeue=False)
             return
-        with structlog.contextvars.bound_contextvars(
-            job_id=job.id, trace_id=job.trace.trace_id() if job.trace else None
+        with (
+            structlog.contextvars.bound_contextvars(
+                job_id=job.id, trace_id=job.trace.trace_id() if job.trace else None
+            ),
+            job_span(job, worker_queue(self.pool)) as span,
         ):
             result, cost = await self._run(job, redelivered=bool(message.redelivered))
+            span.set_attribute("gen_ai.provider.name", result.provider or "")
+            if result.error is not None:
+                span.set_attribute("error.type", result.error.kind.value)
             assert self._channel is not None
             publishes = [send_reply(self._channel, job.reply_to, result)]
             if cost is not None:
