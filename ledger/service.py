@@ -13,7 +13,12 @@ import contextlib
 
 import asyncpg
 import structlog
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustConnection,
+)
 from aio_pika.exceptions import ChannelInvalidStateError
 
 from ledger import store
@@ -41,6 +46,8 @@ class Ledger:
         self._channel: AbstractChannel | None = None
         self._pool: asyncpg.Pool | None = None
         self._flusher: asyncio.Task[None] | None = None
+        self._queue: AbstractQueue
+        self._tag: str | None = None
         self.written = 0
 
     async def start(self) -> None:
@@ -54,19 +61,33 @@ class Ledger:
         )
         queues = await broker.declare(channel, build_topology(self.config.pool_names()))
         self._flusher = asyncio.create_task(self._flush_forever())
-        await queues[LEDGER_QUEUE].consume(self._receive)
+        self._queue = queues[LEDGER_QUEUE]
+        self._tag = await self._queue.consume(self._receive)
         log.info("ledger started", batch_size=self.batch_size, flush_ms=self.config.ledger.flush_ms)
 
     async def stop(self) -> None:
-        """Flush nothing more; close channel (unacked events are redelivered) and pool."""
+        """Take no more events, write what is buffered (for up to the grace
+        period), close; anything unwritten is redelivered to the next ledger."""
+        if self._tag is not None and not self._channel_closed():
+            await self._queue.cancel(self._tag)
         if self._flusher is not None:
             self._flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._flusher
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._drain(), broker.STOP_GRACE_S)
         if self._channel is not None and not self._channel.is_closed:
             await self._channel.close()
         if self._pool is not None:
             await self._pool.close()
+
+    def _channel_closed(self) -> bool:
+        return self._channel is None or self._channel.is_closed
+
+    async def _drain(self) -> None:
+        while self._buffer and not self._channel_closed():
+            batch, self._buffer = self._buffer[: self.batch_size], self._buffer[self.batch_size :]
+            await self._flush(batch)
 
     async def _receive(self, message: AbstractIncomingMessage) -> None:
         self._buffer.append(message)

@@ -7,6 +7,7 @@ a crash at any point lose nothing (at worst the input is redelivered).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -84,6 +85,46 @@ async def dead_letter(channel: AbstractChannel, body: bytes, reason: str) -> Non
 
 
 Handler = Callable[[AbstractIncomingMessage], Awaitable[None]]
+
+# How long a stopping process lets in-flight messages finish before closing
+# its channel (the broker then redelivers whatever is left).
+STOP_GRACE_S = 30.0
+
+
+class Consumer:
+    """Consumes a queue with a handler, counting messages in flight so that a
+    stop can let them finish instead of cutting provider calls in half."""
+
+    def __init__(self, handler: Handler, log: Any) -> None:
+        self._handler = guarded(handler, log)
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._queue: AbstractQueue | None = None
+        self._tag: str | None = None
+
+    async def start(self, queue: AbstractQueue) -> None:
+        """Begin consuming."""
+        self._queue = queue
+        self._tag = await queue.consume(self._run)
+
+    async def stop(self, grace_s: float = STOP_GRACE_S) -> None:
+        """Take no more messages; wait up to `grace_s` for those in flight."""
+        if self._queue is not None and self._tag is not None and not self._queue.channel.is_closed:
+            with contextlib.suppress(ChannelInvalidStateError):
+                await self._queue.cancel(self._tag)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), grace_s)
+
+    async def _run(self, message: AbstractIncomingMessage) -> None:
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            await self._handler(message)
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
 
 
 def guarded(handler: Handler, log: Any) -> Handler:

@@ -41,7 +41,7 @@ class Router:
         self.routes: RouteTable = build_route_table(config)
         self.rng = random.Random()
         self._channel: AbstractChannel | None = None
-        self._consumer_tag: str | None = None
+        self._consumer = broker.Consumer(self.handle, log)
 
     async def start(self) -> None:
         """Declare the topology and start consuming."""
@@ -50,11 +50,12 @@ class Router:
         )
         queues = await broker.declare(channel, build_topology(self.config.pool_names()))
         self._dispatch = await channel.get_exchange(DISPATCH_EXCHANGE)
-        self._consumer_tag = await queues[ROUTER_QUEUE].consume(broker.guarded(self.handle, log))
+        await self._consumer.start(queues[ROUTER_QUEUE])
         log.info("router started", queue=ROUTER_QUEUE, concurrency=self.config.router.concurrency)
 
     async def stop(self) -> None:
-        """Stop taking new jobs and close the channel (unacked jobs return to the queue)."""
+        """Stop taking jobs, let those in flight finish, close the channel."""
+        await self._consumer.stop()
         if self._channel is not None and not self._channel.is_closed:
             await self._channel.close()
 

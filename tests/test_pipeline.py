@@ -3,6 +3,7 @@ job in, result back, cost in the ledger."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
@@ -288,3 +289,23 @@ async def test_stream_broken_midway_ends_with_typed_error(
         ErrorKind.SERVER_ERROR,
         True,
     )
+
+
+async def test_worker_stop_lets_calls_in_flight_finish(
+    config: Config, client: Client, fake: FakeControl
+) -> None:
+    connection = await broker.connect(config.broker_url, "test-stopping-worker")
+    worker = Worker(config, "crash", connection)  # the only consumer of the crash pool
+    await worker.start()
+    await fake.set(latency_ms=300)
+    try:
+        jobs = [ask("crash", f"in flight {i}") for i in range(8)]
+        pending = [asyncio.create_task(client.complete(j, timeout=10)) for j in jobs]  # type: ignore[arg-type]
+        await asyncio.sleep(0.15)  # the provider calls are now under way inside the worker
+        await worker.stop()
+        results = await asyncio.gather(*pending)
+    finally:
+        await fake.set(latency_ms=0)
+        await connection.close()
+
+    assert [(r.status, r.redelivered) for r in results] == [("ok", False)] * 8

@@ -120,6 +120,7 @@ class Worker:
         self._prices = {n: price_card(d) for n, d in self.deployments.items()}
         self._channel: AbstractChannel | None = None
         self._session: aiohttp.ClientSession | None = None
+        self._consumer = broker.Consumer(self.handle, log)
 
     async def start(self) -> None:
         """Declare the topology and start consuming this pool's queue."""
@@ -132,11 +133,12 @@ class Worker:
         )
         queues = await broker.declare(channel, build_topology(self.config.pool_names()))
         self._costs = CostPublisher(await channel.get_exchange(COSTS_EXCHANGE))
-        await queues[worker_queue(self.pool)].consume(broker.guarded(self.handle, log))
+        await self._consumer.start(queues[worker_queue(self.pool)])
         log.info("worker started", pool=self.pool, concurrency=self.concurrency)
 
     async def stop(self) -> None:
-        """Close the channel (unacked jobs return to the queue) and the HTTP pool."""
+        """Stop taking jobs, let provider calls in flight finish, then close."""
+        await self._consumer.stop()
         if self._channel is not None and not self._channel.is_closed:
             await self._channel.close()
         if self._session is not None:
