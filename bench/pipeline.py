@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import os
 import statistics
 import sys
 import time
@@ -107,6 +109,22 @@ async def warm_up(broker_url: str) -> None:
         await asyncio.gather(*(client.complete(j, timeout=30) for j in jobs(200, "warm")))
 
 
+def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
+    """User+system CPU each process (and the broker and database) has used so far."""
+    out: dict[str, float] = {}
+    for name, pid in pids.items():
+        with contextlib.suppress(psutil.Error):
+            times = psutil.Process(pid).cpu_times()
+            out[name] = times.user + times.system
+    for proc in psutil.process_iter(["name", "cmdline", "cpu_times"]):
+        name = "rabbitmq" if proc.info["name"] == "beam.smp" else None
+        if proc.info["name"] and proc.info["name"].startswith("postgres"):
+            name = "postgres"
+        if name and (times := proc.info["cpu_times"]) is not None:
+            out[name] = out.get(name, 0.0) + times.user + times.system
+    return out
+
+
 def peak_rss_mb(pid: int) -> float:
     """VmHWM: the most resident memory the process ever had."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -140,7 +158,10 @@ def main() -> int:
         try:
             wait_for_port(port)
             asyncio.run(warm_up(broker_url))
+            pids = {**{n: p.pid for n, p in procs.items()}, "bench client": os.getpid()}
+            before = cpu_seconds(pids)
             jobs_s, ledger_s = asyncio.run(throughput(broker_url, database_url, args.jobs))
+            after = cpu_seconds(pids)
             samples = asyncio.run(latency(broker_url, args.latency_jobs))
             direct_s = asyncio.run(direct(port, args.jobs, args.concurrency))
             rss = {name: peak_rss_mb(p.pid) for name, p in procs.items()}
@@ -159,6 +180,10 @@ def main() -> int:
     print(f"  latency at low load (1 in flight, {len(samples)} jobs):", end="")
     print(f" p50 {q[49]:.2f} ms, p99 {q[98]:.2f} ms")
     print("  peak RSS: " + ", ".join(f"{name} {mb:.0f} MiB" for name, mb in rss.items()))
+    spent = {name: (after[name] - before.get(name, 0.0)) * 1000 / args.jobs for name in after}
+    print("  CPU per job during the throughput run (ms): ", end="")
+    ranked = sorted(spent.items(), key=lambda kv: -kv[1])
+    print(", ".join(f"{name} {ms:.2f}" for name, ms in ranked))
     return 0
 
 
