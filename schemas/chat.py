@@ -21,10 +21,19 @@ class ImageURL(msgspec.Struct, omit_defaults=True):
     detail: Literal["auto", "low", "high"] | None = None
 
 
-class TextPart(msgspec.Struct, tag_field="type", tag="text"):
+class CacheControl(msgspec.Struct):
+    """A prompt-cache breakpoint (Anthropic's explicit caching): the prompt up
+    to and including the marked part is cached. Providers that cache
+    implicitly (OpenAI, Gemini) ignore it."""
+
+    type: Literal["ephemeral"] = "ephemeral"
+
+
+class TextPart(msgspec.Struct, tag_field="type", tag="text", omit_defaults=True):
     """A text content part."""
 
     text: str
+    cache_control: CacheControl | None = None
 
 
 class ImagePart(msgspec.Struct, tag_field="type", tag="image_url"):
@@ -153,6 +162,15 @@ class ChatRequest(msgspec.Struct, kw_only=True, omit_defaults=True):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: Annotated[int, Meta(ge=1, le=1)] | None = None
+
+    def has_cache_markers(self) -> bool:
+        """Whether any content part asks for a cache breakpoint."""
+        return any(
+            isinstance(part, TextPart) and part.cache_control is not None
+            for message in self.messages
+            if isinstance(message.content, list)
+            for part in message.content
+        )
 
     def output_limit(self) -> int | None:
         """The output token cap, whichever of OpenAI's two spellings was used."""

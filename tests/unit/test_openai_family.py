@@ -308,3 +308,24 @@ def test_mistral_errors_and_finish_reasons() -> None:
     )
     assert not isinstance(failed, ProviderReply)
     assert failed.kind == ErrorKind.SERVER_ERROR
+
+
+def test_cache_markers_go_to_anthropic_and_not_to_openai() -> None:
+    from schemas.chat import CacheControl, TextPart  # noqa: PLC0415
+
+    marked = ChatRequest(
+        model="fast",
+        messages=[
+            Message(role="system", content=[TextPart("long policy", cache_control=CacheControl())]),
+            Message(role="user", content="question"),
+        ],
+    )
+    openai_body = json.loads(OPENAI.build_request(marked, deployment(), None).body)
+    anthropic_body = json.loads(
+        PROVIDERS["anthropic"].build_request(marked, deployment("anthropic"), "k").body
+    )
+
+    assert openai_body["messages"][0]["content"] == [{"type": "text", "text": "long policy"}]
+    assert anthropic_body["system"] == [
+        {"type": "text", "text": "long policy", "cache_control": {"type": "ephemeral"}}
+    ]

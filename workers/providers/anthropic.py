@@ -25,6 +25,8 @@ Choices where the two APIs do not line up, so callers know what to expect:
   dropped for the same reason. `user` becomes `metadata.user_id`.
 - `temperature` above 1 is refused (Anthropic's range is 0 to 1); rescaling
   would silently change what the caller asked for.
+- A text part's `cache_control` (a cache breakpoint) is passed on, so
+  prompt caching works as Anthropic bills it; string content has no marker.
 - Anthropic sends no creation time, so `Completion.created` is 0.
 - The `anthropic-ratelimit-*` headers are not read: a 429 carries
   `retry-after`, which `retry_after_s` already honours.
@@ -97,8 +99,13 @@ _CONTEXT_WINDOW_WORDING = ("prompt is too long", "exceed context limit", "contex
 # --- request wire types ----------------------------------------------------
 
 
-class _TextBlock(msgspec.Struct, tag_field="type", tag="text"):
+class _CacheControl(msgspec.Struct):
+    type: str = "ephemeral"
+
+
+class _TextBlock(msgspec.Struct, tag_field="type", tag="text", omit_defaults=True):
     text: str
+    cache_control: _CacheControl | None = None
 
 
 class _UrlSource(msgspec.Struct, tag_field="type", tag="url"):
@@ -260,7 +267,8 @@ def _content_blocks(
                 raise _refuse("images are only accepted in user and tool messages", f"{field}[{j}]")
             blocks.append(_image_block(part, f"{field}[{j}]"))
         elif part.text:
-            blocks.append(_TextBlock(part.text))
+            marker = _CacheControl(part.cache_control.type) if part.cache_control else None
+            blocks.append(_TextBlock(part.text, marker))
     return blocks
 
 

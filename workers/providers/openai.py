@@ -305,6 +305,13 @@ def apply_quirks(payload: dict[str, Any], quirks: Quirks) -> dict[str, Any]:
     return payload
 
 
+def _strip_cache_markers(payload: dict[str, Any]) -> None:
+    """OpenAI caches prompts by itself and does not take Anthropic-style markers."""
+    for message in payload.get("messages", ()):
+        for part in message.get("content") if isinstance(message.get("content"), list) else ():
+            part.pop("cache_control", None)
+
+
 class OpenAIAdapter:
     """Chat Completions over HTTPS with a bearer key."""
 
@@ -343,9 +350,10 @@ class OpenAIAdapter:
             # Usage arrives only when asked for; the ledger needs it.
             body = msgspec.structs.replace(body, stream_options=StreamOptions(include_usage=True))
         quirks = self.quirks(deployment)
-        if not quirks:
+        if not quirks and not request.has_cache_markers():
             return _encoder.encode(body)
         payload = msgspec.to_builtins(body)
+        _strip_cache_markers(payload)
         return _encoder.encode(apply_quirks(payload, quirks))
 
     def quirks(self, deployment: Deployment) -> Quirks:
