@@ -51,6 +51,20 @@ class Completion(msgspec.Struct, kw_only=True, omit_defaults=True):
     created: int = 0
 
 
+class RateLimits(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """The provider's own view of its limits after this call, from its
+    response headers, for limiters and retry decisions. Resets are in
+    seconds from the moment the response arrived."""
+
+    limit_requests: int | None = None
+    remaining_requests: int | None = None
+    reset_requests_s: float | None = None
+    limit_tokens: int | None = None
+    remaining_tokens: int | None = None
+    reset_tokens_s: float | None = None
+    retry_after_s: float | None = None
+
+
 class Timings(msgspec.Struct, kw_only=True, omit_defaults=True):
     """Unix timestamps (seconds, float) of each stage the job went through."""
 
@@ -81,6 +95,7 @@ class JobResult(msgspec.Struct, tag_field="kind", tag="result", kw_only=True, om
     attempts: list[Attempt] = msgspec.field(default_factory=list)
     timings: Timings = msgspec.field(default_factory=Timings)
     redelivered: bool = False
+    rate_limits: RateLimits | None = None
     v: int = 1
 
 

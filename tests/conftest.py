@@ -15,7 +15,11 @@ import aiohttp
 import pytest
 import pytest_asyncio
 
+from ledger.service import Ledger
+from modelyard import broker
+from modelyard.client import Client
 from modelyard.config import Config, parse
+from router.service import Router
 from tests.services import (
     config_document,
     free_port,
@@ -24,6 +28,7 @@ from tests.services import (
     modelyard,
     wait_for_port,
 )
+from workers.pool import Worker
 from workers.providers import PROVIDERS
 
 FAKE_KEY = "test-key"
@@ -92,6 +97,30 @@ class FakeControl:
 async def fake(fake_port: int) -> AsyncIterator[FakeControl]:
     async with aiohttp.ClientSession() as session:
         yield FakeControl(session, fake_port)
+
+
+@pytest_asyncio.fixture(scope="session")
+async def pipeline(config: Config) -> AsyncIterator[None]:
+    """Router, ledger and the main and providers worker pools, in this process."""
+    connection = await broker.connect(config.broker_url, "test-pipeline")
+    components = [
+        Ledger(config, connection),
+        Worker(config, "main", connection),
+        Worker(config, "providers", connection),
+        Router(config, connection),
+    ]
+    for component in components:
+        await component.start()
+    yield
+    for component in reversed(components):
+        await component.stop()
+    await connection.close()
+
+
+@pytest_asyncio.fixture(scope="session")
+async def client(config: Config, pipeline: None) -> AsyncIterator[Client]:
+    async with await Client.connect(config.broker_url) as c:
+        yield c
 
 
 @pytest.fixture

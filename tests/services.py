@@ -103,6 +103,56 @@ def modelyard(
         )
 
 
+# One deployment per provider wire format, all served by the fake provider.
+PROVIDER_MODELS: dict[str, dict[str, Any]] = {
+    "via-openai": {"provider": "openai", "model": "gpt-4o-mini", "path": "/v1"},
+    "via-azure": {
+        "provider": "azure",
+        "model": "gpt-4o-mini",
+        "path": "",
+        "options": {"api_version": "2024-10-21"},
+        "price_provider": "openai",
+    },
+    "via-anthropic": {"provider": "anthropic", "model": "claude-sonnet-4-5", "path": ""},
+    "via-gemini": {
+        "provider": "gemini",
+        "model": "gemini-2.5-flash",
+        "path": "",
+        "price_provider": "google",
+    },
+    "via-mistral": {"provider": "mistral", "model": "mistral-small-latest", "path": "/mistral/v1"},
+    "via-compat": {
+        "provider": "openai",
+        "model": "llama-3.1-8b-instant",
+        "path": "/v1",
+        "options": {
+            "rename_params": {"max_completion_tokens": "max_tokens"},
+            "drop_params": ["user"],
+        },
+        "price": {
+            "input_per_mtok": "0.05",
+            "output_per_mtok": "0.08",
+            "cache_read_per_mtok": "0.025",
+        },
+    },
+}
+
+
+def provider_deployments(fake_port: int) -> dict[str, dict[str, Any]]:
+    """The deployments of `PROVIDER_MODELS` pointed at the fake provider."""
+    out = {}
+    for name, spec in PROVIDER_MODELS.items():
+        entry = {k: v for k, v in spec.items() if k != "path"}
+        entry.update(
+            api_base=f"http://127.0.0.1:{fake_port}{spec['path']}",
+            pool="providers",
+            timeout_s=5,
+            api_key_env="TEST_FAKE_KEY",
+        )
+        out[name] = entry
+    return out
+
+
 def config_document(
     broker_url: str, database_url: str, fake_port: int, **extra: Any
 ) -> dict[str, Any]:
@@ -119,7 +169,11 @@ def config_document(
         "broker_url": broker_url,
         "database_url": database_url,
         "log_level": "warning",
-        "pools": {"main": {"concurrency": 32}, "crash": {"concurrency": 16}},
+        "pools": {
+            "main": {"concurrency": 32},
+            "providers": {"concurrency": 16},
+            "crash": {"concurrency": 16},
+        },
         "ledger": {"batch_size": 200, "flush_ms": 20},
         "deployments": {
             "mini": {**deployment, "model": "gpt-4o-mini"},
@@ -135,6 +189,7 @@ def config_document(
             },
             "unpriced": {**deployment, "model": "house-model"},
             "crash-mini": {**deployment, "model": "gpt-4o-mini", "pool": "crash"},
+            **provider_deployments(fake_port),
         },
         "models": {
             "gpt-4o-mini": {"aliases": ["fast"], "deployments": [{"deployment": "mini"}]},
@@ -142,6 +197,7 @@ def config_document(
             "priced": {"deployments": [{"deployment": "priced"}]},
             "unpriced": {"deployments": [{"deployment": "unpriced"}]},
             "crash": {"deployments": [{"deployment": "crash-mini"}]},
+            **{name: {"deployments": [{"deployment": name}]} for name in PROVIDER_MODELS},
         },
         **extra,
     }

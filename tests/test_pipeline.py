@@ -6,20 +6,16 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import aio_pika
 import pytest
-import pytest_asyncio
 
-from ledger.service import Ledger
 from modelyard import broker
 from modelyard.client import Client, new_job
 from modelyard.config import Config
 from modelyard.topology import DEAD_QUEUE, JOBS_EXCHANGE
-from router.service import Router
 from schemas.chat import Message
 from schemas.codec import decode_reply
 from schemas.errors import ErrorKind
@@ -31,28 +27,6 @@ from workers.pool import Worker
 from workers.pricing import cost_of, price_card
 
 pytestmark = pytest.mark.asyncio
-
-
-@pytest_asyncio.fixture(scope="module")
-async def pipeline(config: Config) -> AsyncIterator[None]:
-    connection = await broker.connect(config.broker_url, "test-pipeline")
-    components = [
-        Ledger(config, connection),
-        Worker(config, "main", connection),
-        Router(config, connection),
-    ]
-    for component in components:
-        await component.start()
-    yield
-    for component in reversed(components):
-        await component.stop()
-    await connection.close()
-
-
-@pytest_asyncio.fixture(scope="module")
-async def client(config: Config, pipeline: None) -> AsyncIterator[Client]:
-    async with await Client.connect(config.broker_url) as c:
-        yield c
 
 
 def ask(model: str, text: str = "Say something deterministic.", **kwargs: object) -> object:
@@ -77,6 +51,8 @@ async def test_job_result_and_ledger_row(
     assert (result.deployment, result.provider, result.model) == ("mini", "openai", "fast")
     assert result.cost == cost_of(result.usage, price_card(config.deployments["mini"]))
     assert [a.outcome for a in result.attempts] == ["ok"]
+    assert result.rate_limits is not None  # the fake sends OpenAI's x-ratelimit-* headers
+    assert result.rate_limits.limit_requests is not None
 
     rows = await eventually(lambda: ledger_rows(database_url, "job_id = $1", job.id), bool)
     assert len(rows) == 1

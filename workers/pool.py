@@ -31,7 +31,7 @@ from schemas.codec import InvalidMessage, decode_job
 from schemas.costs import CostEvent
 from schemas.errors import ErrorKind, JobError, job_error
 from schemas.jobs import Attempt, CompletionJob
-from schemas.results import JobResult, StreamChunk, Usage
+from schemas.results import JobResult, RateLimits, StreamChunk, Usage
 from workers import transport
 from workers.costs import CostPublisher
 from workers.pricing import PriceCard, cost_of, price_card
@@ -186,11 +186,11 @@ class Worker:
             )
             return error_result(job, error, redelivered=redelivered), None
         started = time.time()
-        if job.request.stream:
-            outcome, billed = await self._stream(job, deployment)
-        else:
-            outcome, billed = await self._call(job, deployment)
+        call = await (
+            self._stream(job, deployment) if job.request.stream else self._call(job, deployment)
+        )
         finished = time.time()
+        outcome, billed = call.outcome, call.billed
         job.attempts.append(_attempt(deployment, started, finished, outcome, billed))
         card = self._prices[deployment.name]
         latency_ms = (finished - started) * 1000
@@ -198,6 +198,7 @@ class Worker:
         if isinstance(outcome, JobError):
             log.info("provider call failed", deployment=deployment.name, error=outcome.kind)
             result = error_result(job, outcome, redelivered=redelivered)
+            result.rate_limits = call.rate_limits
             if billed is not None and event is not None:  # a stream that failed midway
                 result.usage, result.cost = billed.usage, event.cost
             return result, event
@@ -215,6 +216,7 @@ class Worker:
             attempts=job.attempts,
             timings=timings_for(job, started),
             redelivered=redelivered,
+            rate_limits=call.rate_limits,
         )
         return result, event
 
@@ -229,42 +231,33 @@ class Worker:
         except AdapterError as exc:
             return exc.error
 
-    async def _call(
-        self, job: CompletionJob, deployment: Deployment
-    ) -> tuple[ProviderReply | JobError, Billed | None]:
+    async def _call(self, job: CompletionJob, deployment: Deployment) -> Call:
         prepared = self._prepare(job, deployment)
         if isinstance(prepared, JobError):
-            return prepared, None
+            return Call(outcome=prepared)
         adapter, request = prepared
         assert self._session is not None
         response = await transport.send(self._session, request, deployment.timeout_s)
         if isinstance(response, JobError):
-            return response, None
-        outcome = adapter.parse_response(response)
-        return outcome, billed_reply(outcome, deployment) if isinstance(
-            outcome, ProviderReply
-        ) else None
+            return Call(outcome=response)
+        return answered(adapter, response, deployment)
 
-    async def _stream(
-        self, job: CompletionJob, deployment: Deployment
-    ) -> tuple[ProviderReply | JobError, Billed | None]:
+    async def _stream(self, job: CompletionJob, deployment: Deployment) -> Call:
         """Relay a streamed answer as ordered chunks; the final reply comes back."""
         prepared = self._prepare(job, deployment)
         if isinstance(prepared, JobError):
-            return prepared, None
+            return Call(outcome=prepared)
         adapter, request = prepared
         assert self._session is not None
         assert self._channel is not None
         async with transport.open_stream(self._session, request, deployment.timeout_s) as opened:
             if isinstance(opened, JobError):
-                return opened, None
+                return Call(outcome=opened)
             if isinstance(opened, HttpResponse):
-                outcome = adapter.parse_response(opened)
-                return outcome, billed_reply(outcome, deployment) if isinstance(
-                    outcome, ProviderReply
-                ) else None
+                return answered(adapter, opened, deployment)
             header = adapter.request_id_header
-            decoder = adapter.stream_decoder(opened.headers.get(header) if header else None)
+            request_id = opened.headers.get(header) if header else None
+            decoder = adapter.stream_decoder(request_id)
             seq = 0
             async for name, data in opened.events():
                 for delta in decoder.feed(name, data):
@@ -279,19 +272,38 @@ class Worker:
                     await send_reply(self._channel, job.reply_to, chunk)
                     seq += 1
             outcome = opened.error or decoder.finish()
+        limits = adapter.rate_limits(opened.headers)
         if isinstance(outcome, ProviderReply):
-            return outcome, billed_reply(outcome, deployment)
+            return Call(
+                outcome=outcome, billed=billed_reply(outcome, deployment), rate_limits=limits
+            )
         so_far = decoder.usage_so_far()
-        if so_far is None:
-            return outcome, None
-        billed = Billed(
-            usage=so_far[0],
-            raw_usage=so_far[1],
-            provider_model=deployment.model,
-            request_id=opened.headers.get(header) if header else None,
-            status="error",
-        )
-        return outcome, billed
+        billed = None
+        if so_far is not None:  # the provider counted tokens before the stream broke
+            billed = Billed(
+                usage=so_far[0],
+                raw_usage=so_far[1],
+                provider_model=deployment.model,
+                request_id=request_id,
+                status="error",
+            )
+        return Call(outcome=outcome, billed=billed, rate_limits=limits)
+
+
+class Call(msgspec.Struct, kw_only=True):
+    """What one provider call came to: the answer or error, what it billed,
+    and the provider's rate-limit view."""
+
+    outcome: ProviderReply | JobError
+    billed: Billed | None = None
+    rate_limits: RateLimits | None = None
+
+
+def answered(adapter: Adapter, response: HttpResponse, deployment: Deployment) -> Call:
+    """A complete (non-streamed) response, read by its adapter."""
+    outcome = adapter.parse_response(response)
+    billed = billed_reply(outcome, deployment) if isinstance(outcome, ProviderReply) else None
+    return Call(outcome=outcome, billed=billed, rate_limits=adapter.rate_limits(response.headers))
 
 
 def _attempt(

@@ -329,3 +329,48 @@ def test_cache_markers_go_to_anthropic_and_not_to_openai() -> None:
     assert anthropic_body["system"] == [
         {"type": "text", "text": "long policy", "cache_control": {"type": "ephemeral"}}
     ]
+
+
+def test_rate_limit_headers_parsed() -> None:
+    from workers.providers.base import duration_s  # noqa: PLC0415
+
+    openai = OPENAI.rate_limits(
+        {
+            "x-ratelimit-limit-requests": "500",
+            "x-ratelimit-remaining-requests": "499",
+            "x-ratelimit-reset-requests": "120ms",
+            "x-ratelimit-limit-tokens": "30000",
+            "x-ratelimit-remaining-tokens": "29000",
+            "x-ratelimit-reset-tokens": "6m0s",
+        }
+    )
+    anthropic = PROVIDERS["anthropic"].rate_limits(
+        {
+            "anthropic-ratelimit-requests-limit": "50",
+            "anthropic-ratelimit-requests-remaining": "49",
+            "anthropic-ratelimit-requests-reset": "2999-01-01T00:00:00Z",
+            "retry-after": "3",
+        }
+    )
+
+    assert openai is not None
+    assert (openai.limit_requests, openai.remaining_requests, openai.reset_requests_s) == (
+        500,
+        499,
+        0.12,
+    )
+    assert (openai.limit_tokens, openai.remaining_tokens, openai.reset_tokens_s) == (
+        30000,
+        29000,
+        360.0,
+    )
+    assert anthropic is not None
+    assert (anthropic.limit_requests, anthropic.remaining_requests, anthropic.retry_after_s) == (
+        50,
+        49,
+        3.0,
+    )
+    assert anthropic.reset_requests_s is not None
+    assert anthropic.reset_requests_s > 0
+    assert OPENAI.rate_limits({}) is None
+    assert (duration_s("1h2m3.5s"), duration_s("soon"), duration_s(None)) == (3723.5, None, None)

@@ -28,12 +28,13 @@ Choices where the two APIs do not line up, so callers know what to expect:
 - A text part's `cache_control` (a cache breakpoint) is passed on, so
   prompt caching works as Anthropic bills it; string content has no marker.
 - Anthropic sends no creation time, so `Completion.created` is 0.
-- The `anthropic-ratelimit-*` headers are not read: a 429 carries
-  `retry-after`, which `retry_after_s` already honours.
+- The `anthropic-ratelimit-*` request and token headers are parsed into
+  the result's `rate_limits` (resets as seconds from now).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import msgspec
@@ -50,7 +51,7 @@ from schemas.chat import (
 )
 from schemas.chat import FunctionCall as OpenAIFunctionCall
 from schemas.errors import ErrorKind, JobError, job_error
-from schemas.results import Completion, FinishReason, ToolCallDelta, Usage
+from schemas.results import Completion, FinishReason, RateLimits, ToolCallDelta, Usage
 from workers.providers.base import (
     AdapterError,
     HttpRequest,
@@ -58,8 +59,10 @@ from workers.providers.base import (
     ProviderReply,
     StreamDelta,
     error_for_status,
+    integer,
     malformed,
     retry_after_s,
+    seconds_until,
 )
 
 DEFAULT_API_BASE = "https://api.anthropic.com"
@@ -713,6 +716,20 @@ class AnthropicAdapter:
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             return malformed(response.status, str(exc))
         return _reply(message, response.headers.get(self.request_id_header))
+
+    def rate_limits(self, headers: Mapping[str, str]) -> RateLimits | None:
+        """`anthropic-ratelimit-*` headers; resets are RFC 3339 timestamps."""
+        prefix = "anthropic-ratelimit-"
+        limits = RateLimits(
+            limit_requests=integer(headers.get(f"{prefix}requests-limit")),
+            remaining_requests=integer(headers.get(f"{prefix}requests-remaining")),
+            reset_requests_s=seconds_until(headers.get(f"{prefix}requests-reset")),
+            limit_tokens=integer(headers.get(f"{prefix}tokens-limit")),
+            remaining_tokens=integer(headers.get(f"{prefix}tokens-remaining")),
+            reset_tokens_s=seconds_until(headers.get(f"{prefix}tokens-reset")),
+            retry_after_s=retry_after_s(headers),
+        )
+        return limits if limits != RateLimits() else None
 
     def stream_decoder(self, request_id: str | None) -> AnthropicStreamDecoder:
         """A decoder for one streamed 200 response."""

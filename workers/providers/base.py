@@ -9,8 +9,10 @@ translation is tested as a plain function.
 from __future__ import annotations
 
 import email.utils
+import re
 import time
 from collections.abc import Mapping
+from datetime import datetime
 from typing import Any, Protocol
 
 import msgspec
@@ -18,7 +20,7 @@ import msgspec
 from modelyard.config import Deployment
 from schemas.chat import ChatRequest
 from schemas.errors import ErrorKind, JobError, job_error
-from schemas.results import Completion, FinishReason, ToolCallDelta, Usage
+from schemas.results import Completion, FinishReason, RateLimits, ToolCallDelta, Usage
 
 
 class HttpRequest(msgspec.Struct, kw_only=True):
@@ -112,6 +114,10 @@ class Adapter(Protocol):
         """Translate any provider response (success or error) into our terms."""
         ...
 
+    def rate_limits(self, headers: Mapping[str, str]) -> RateLimits | None:
+        """The provider's rate-limit headers, if it sends any."""
+        ...
+
     def stream_decoder(self, request_id: str | None) -> StreamDecoder:
         """A decoder for one streamed 200 response (errors before the stream
         starts go through `parse_response`)."""
@@ -137,6 +143,53 @@ def retry_after_s(headers: Mapping[str, str], now: float | None = None) -> float
     except (TypeError, ValueError):
         return None
     return max(when - (time.time() if now is None else now), 0.0)
+
+
+_DURATION = re.compile(r"(?P<value>\d+(?:\.\d+)?)(?P<unit>ms|h|m|s)")
+_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def duration_s(text: str | None) -> float | None:
+    """OpenAI's reset durations (`1s`, `6m0s`, `20ms`, `1h2m3.5s`) in seconds."""
+    if not text:
+        return None
+    parts = _DURATION.findall(text)
+    if not parts or "".join(v + u for v, u in parts) != text.strip():
+        return None
+    return sum(float(value) * _UNIT_S[unit] for value, unit in parts)
+
+
+def seconds_until(timestamp: str | None, now: float | None = None) -> float | None:
+    """Seconds from now to an RFC 3339 timestamp (Anthropic's resets)."""
+    if not timestamp:
+        return None
+    try:
+        when = datetime.fromisoformat(timestamp.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+    return max(when - (time.time() if now is None else now), 0.0)
+
+
+def integer(text: str | None) -> int | None:
+    """A header's integer value, or None when absent or not a number."""
+    try:
+        return int(text) if text is not None else None
+    except ValueError:
+        return None
+
+
+def openai_rate_limits(headers: Mapping[str, str]) -> RateLimits | None:
+    """`x-ratelimit-*` headers (OpenAI, Azure and most compatible servers)."""
+    limits = RateLimits(
+        limit_requests=integer(headers.get("x-ratelimit-limit-requests")),
+        remaining_requests=integer(headers.get("x-ratelimit-remaining-requests")),
+        reset_requests_s=duration_s(headers.get("x-ratelimit-reset-requests")),
+        limit_tokens=integer(headers.get("x-ratelimit-limit-tokens")),
+        remaining_tokens=integer(headers.get("x-ratelimit-remaining-tokens")),
+        reset_tokens_s=duration_s(headers.get("x-ratelimit-reset-tokens")),
+        retry_after_s=retry_after_s(headers),
+    )
+    return limits if limits != RateLimits() else None
 
 
 def error_for_status(

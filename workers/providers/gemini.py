@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import mimetypes
 import re
+from collections.abc import Mapping
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
@@ -59,7 +60,7 @@ from schemas.chat import (
 )
 from schemas.chat import FunctionCall as OpenAIFunctionCall
 from schemas.errors import ErrorKind, JobError, job_error
-from schemas.results import Completion, FinishReason, ToolCallDelta, Usage
+from schemas.results import Completion, FinishReason, RateLimits, ToolCallDelta, Usage
 from workers.providers.base import (
     AdapterError,
     HttpRequest,
@@ -740,6 +741,11 @@ class GeminiAdapter:
     def check_deployment(self, deployment: Deployment) -> str | None:
         """Every field this provider needs has a default."""
         return None
+
+    def rate_limits(self, headers: Mapping[str, str]) -> RateLimits | None:
+        """Gemini sends no rate-limit headers; a 429 may carry `retry-after`."""
+        after = retry_after_s(headers)
+        return RateLimits(retry_after_s=after) if after is not None else None
 
     def build_request(
         self, request: ChatRequest, deployment: Deployment, api_key: str | None

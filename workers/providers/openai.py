@@ -3,6 +3,7 @@ Groq, Together, DeepSeek): a deployment with an `api_base` is all they need."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import msgspec
@@ -10,7 +11,7 @@ import msgspec
 from modelyard.config import Deployment
 from schemas.chat import ChatRequest, FunctionCall, StreamOptions, ToolCall
 from schemas.errors import ErrorKind, JobError, job_error
-from schemas.results import Completion, FinishReason, ToolCallDelta, Usage
+from schemas.results import Completion, FinishReason, RateLimits, ToolCallDelta, Usage
 from workers.providers.base import (
     AdapterError,
     HttpRequest,
@@ -19,6 +20,7 @@ from workers.providers.base import (
     StreamDelta,
     error_for_status,
     malformed,
+    openai_rate_limits,
     retry_after_s,
 )
 
@@ -388,6 +390,10 @@ class OpenAIAdapter:
             raw_usage=raw_usage,
             request_id=response.headers.get(self.request_id_header),
         )
+
+    def rate_limits(self, headers: Mapping[str, str]) -> RateLimits | None:
+        """OpenAI's `x-ratelimit-*` headers."""
+        return openai_rate_limits(headers)
 
     def error(self, response: HttpResponse) -> JobError:
         """The typed error for a non-200 response."""
