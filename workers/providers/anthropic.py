@@ -64,6 +64,7 @@ from workers.providers.base import (
     retry_after_s,
     seconds_until,
 )
+from workers.providers.translate import base64_data_uri, refuse, tool_arguments
 
 DEFAULT_API_BASE = "https://api.anthropic.com"
 API_VERSION = "2023-06-01"
@@ -234,15 +235,12 @@ _event_decoder = msgspec.json.Decoder(_Event)
 
 def _refuse(message: str, field: str | None = None) -> AdapterError:
     """A request Anthropic cannot express: the caller's fault, not retryable."""
-    return AdapterError(job_error(ErrorKind.BAD_REQUEST, f"anthropic: {message}", field=field))
+    return refuse("anthropic", message, field)
 
 
 def _parse_data_uri(url: str, field: str) -> _Base64Source:
     """`data:image/png;base64,...` → a base64 source; other encodings are refused."""
-    header, _, data = url.partition(",")
-    media_type, _, encoding = header.removeprefix("data:").partition(";")
-    if encoding != "base64" or not data:
-        raise _refuse("image data URIs must be base64-encoded", field)
+    media_type, data = base64_data_uri(url, field, "anthropic")
     if media_type not in _IMAGE_MEDIA_TYPES:
         raise _refuse(f"image media type {media_type or '(none)'} is not supported", field)
     return _Base64Source(media_type=media_type, data=data)
@@ -275,24 +273,11 @@ def _content_blocks(
     return blocks
 
 
-def _arguments(call: ToolCall, field: str) -> dict[str, Any]:
-    """A tool call's JSON arguments as the object `tool_use.input` requires."""
-    if not call.function.arguments.strip():
-        return {}
-    try:
-        value = msgspec.json.decode(call.function.arguments)
-    except msgspec.DecodeError:
-        raise _refuse("tool call arguments must be valid JSON", field) from None
-    if not isinstance(value, dict):
-        raise _refuse("tool call arguments must be a JSON object", field)
-    return value
-
-
 def _assistant_blocks(message: Message, field: str) -> list[_Block]:
     """Text, then one `tool_use` block per tool call."""
     blocks: list[_Block] = [*_content_blocks(message.content, f"{field}.content", images=False)]
     for j, call in enumerate(message.tool_calls or []):
-        arguments = _arguments(call, f"{field}.tool_calls[{j}].function.arguments")
+        arguments = tool_arguments(call, f"{field}.tool_calls[{j}].function.arguments", "anthropic")
         blocks.append(_ToolUseBlock(id=call.id, name=call.function.name, input=arguments))
     return blocks
 

@@ -71,6 +71,7 @@ from workers.providers.base import (
     malformed,
     retry_after_s,
 )
+from workers.providers.translate import base64_data_uri, refuse, tool_arguments
 
 DEFAULT_API_BASE = "https://generativelanguage.googleapis.com"
 THOUGHT_SIGNATURE_PLACEHOLDER = "skip_thought_signature_validator"
@@ -265,7 +266,7 @@ _error_decoder = msgspec.json.Decoder(_ErrorEnvelope)
 
 def _refuse(message: str, field: str | None = None) -> AdapterError:
     """A request Gemini cannot express: the caller's fault, not retryable."""
-    return AdapterError(job_error(ErrorKind.BAD_REQUEST, f"gemini: {message}", field=field))
+    return refuse("gemini", message, field)
 
 
 def _resolve_ref(ref: str, root: dict[str, Any], field: str) -> dict[str, Any]:
@@ -325,10 +326,7 @@ def gemini_schema(
 
 def _inline_image(url: str, field: str) -> _Part:
     """`data:<type>;base64,<data>` as `inlineData`; other encodings are refused."""
-    header, _, data = url.partition(",")
-    mime_type, _, encoding = header.removeprefix("data:").partition(";")
-    if encoding != "base64" or not data or not mime_type:
-        raise _refuse("image data URIs must be base64-encoded with a media type", field)
+    mime_type, data = base64_data_uri(url, field, "gemini")
     return _Part(inline_data=_Blob(mime_type=mime_type, data=data))
 
 
@@ -357,25 +355,12 @@ def _content_parts(content: Content | None, field: str, *, images: bool) -> list
     return parts
 
 
-def _arguments(call: ToolCall, field: str) -> dict[str, Any]:
-    """A tool call's JSON arguments as the object `functionCall.args` requires."""
-    if not call.function.arguments.strip():
-        return {}
-    try:
-        value = msgspec.json.decode(call.function.arguments)
-    except msgspec.DecodeError:
-        raise _refuse("tool call arguments must be valid JSON", field) from None
-    if not isinstance(value, dict):
-        raise _refuse("tool call arguments must be a JSON object", field)
-    return value
-
-
 def _model_parts(message: Message, field: str, signature: str | None) -> list[_Part]:
     """Text, then one `functionCall` part per tool call; the first call carries
     the thought-signature placeholder (see the module docstring)."""
     parts = _content_parts(message.content, f"{field}.content", images=False)
     for j, call in enumerate(message.tool_calls or []):
-        args = _arguments(call, f"{field}.tool_calls[{j}].function.arguments")
+        args = tool_arguments(call, f"{field}.tool_calls[{j}].function.arguments", "gemini")
         function_call = _FunctionCall(name=call.function.name, args=args)
         parts.append(
             _Part(function_call=function_call, thought_signature=signature if j == 0 else None)
