@@ -79,7 +79,8 @@ class JobResult(msgspec.Struct, tag_field="kind", tag="result", kw_only=True, om
 
     `redelivered` is set when the job message had been delivered before (a
     process died mid-job): the producer may already hold a result for this
-    id and should keep the first one it saw.
+    id and should keep the first one it saw. `warnings` name request
+    parameters the provider had no equivalent for and that were left out.
     """
 
     job_id: str
@@ -96,6 +97,7 @@ class JobResult(msgspec.Struct, tag_field="kind", tag="result", kw_only=True, om
     timings: Timings = msgspec.field(default_factory=Timings)
     redelivered: bool = False
     rate_limits: RateLimits | None = None
+    warnings: list[str] = msgspec.field(default_factory=list)
     v: int = 1
 
 

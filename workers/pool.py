@@ -217,6 +217,10 @@ class Worker:
             timings=timings_for(job, started),
             redelivered=redelivered,
             rate_limits=call.rate_limits,
+            warnings=[
+                f"{deployment.provider} has no equivalent for `{name}`; it was left out"
+                for name in PROVIDERS[deployment.provider].ignored(job.request, deployment)
+            ],
         )
         return result, event
 

@@ -374,3 +374,13 @@ def test_rate_limit_headers_parsed() -> None:
     assert anthropic.reset_requests_s > 0
     assert OPENAI.rate_limits({}) is None
     assert (duration_s("1h2m3.5s"), duration_s("soon"), duration_s(None)) == (3723.5, None, None)
+
+
+def test_params_without_equivalent_are_named_not_silently_dropped() -> None:
+    job = request(seed=3, user="u", parallel_tool_calls=False)
+
+    assert PROVIDERS["anthropic"].ignored(job, deployment("anthropic")) == ["seed"]
+    assert PROVIDERS["gemini"].ignored(job, deployment("gemini")) == ["parallel_tool_calls", "user"]
+    assert MISTRAL.ignored(job, deployment("mistral")) == ["user"]
+    assert OPENAI.ignored(job, deployment()) == []
+    assert OPENAI.ignored(job, deployment(drop_params=["user"])) == ["user"]

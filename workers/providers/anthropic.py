@@ -20,9 +20,11 @@ Choices where the two APIs do not line up, so callers know what to expect:
   reason `stop`. Because the forced tool would stop the model from calling
   the caller's own tools, combining `response_format` with `tools` is
   refused, as are caller tools that use the reserved prefix.
-- `seed` is dropped: OpenAI documents it as best-effort and Anthropic has no
+- `seed` is left out: OpenAI documents it as best-effort and Anthropic has no
   equivalent. Message `name`, image `detail` and a tool's `strict` flag are
-  dropped for the same reason. `user` becomes `metadata.user_id`.
+  left out for the same reason. None of this is silent: `ignored()` names
+  them and the result carries a warning for each. `user` becomes
+  `metadata.user_id`.
 - `temperature` above 1 is refused (Anthropic's range is 0 to 1); rescaling
   would silently change what the caller asked for.
 - A text part's `cache_control` (a cache breakpoint) is passed on, so
@@ -63,6 +65,7 @@ from workers.providers.base import (
     malformed,
     retry_after_s,
     seconds_until,
+    set_params,
 )
 from workers.providers.translate import base64_data_uri, refuse, tool_arguments
 
@@ -701,6 +704,24 @@ class AnthropicAdapter:
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             return malformed(response.status, str(exc))
         return _reply(message, response.headers.get(self.request_id_header))
+
+    def ignored(self, request: ChatRequest, deployment: Deployment) -> list[str]:
+        """`seed`, message `name`s, image `detail` and tool `strict` have no
+        Anthropic equivalent."""
+        names = set_params(request, ("seed",))
+        messages = request.messages
+        if any(m.name for m in messages):
+            names.append("messages[].name")
+        if any(
+            isinstance(part, ImagePart) and part.image_url.detail
+            for m in messages
+            if isinstance(m.content, list)
+            for part in m.content
+        ):
+            names.append("image_url.detail")
+        if any(t.function.strict is not None for t in request.tools or ()):
+            names.append("tools[].function.strict")
+        return names
 
     def rate_limits(self, headers: Mapping[str, str]) -> RateLimits | None:
         """`anthropic-ratelimit-*` headers; resets are RFC 3339 timestamps."""

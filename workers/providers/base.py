@@ -114,6 +114,12 @@ class Adapter(Protocol):
         """Translate any provider response (success or error) into our terms."""
         ...
 
+    def ignored(self, request: ChatRequest, deployment: Deployment) -> list[str]:
+        """Parameters this job sets that the provider has no equivalent for and
+        that are left out (best-effort hints such as `seed` or `user`): put on
+        the result as warnings, so nothing is dropped silently."""
+        ...
+
     def rate_limits(self, headers: Mapping[str, str]) -> RateLimits | None:
         """The provider's rate-limit headers, if it sends any."""
         ...
@@ -190,6 +196,11 @@ def openai_rate_limits(headers: Mapping[str, str]) -> RateLimits | None:
         retry_after_s=retry_after_s(headers),
     )
     return limits if limits != RateLimits() else None
+
+
+def set_params(request: ChatRequest, names: tuple[str, ...]) -> list[str]:
+    """Which of the named top-level request parameters the job sets."""
+    return [name for name in names if getattr(request, name, None) is not None]
 
 
 def error_for_status(

@@ -30,7 +30,8 @@ Choices where the two APIs do not line up, so callers know what to expect:
   without `parameters`, which Gemini requires for argument-less functions.
 - `json_object` is `responseMimeType: application/json` without a schema.
 - `parallel_tool_calls`, `user`, message `name` and image `detail` have no
-  Gemini equivalent and are dropped; `seed` is passed through.
+  Gemini equivalent and are left out, each named by `ignored()` and reported
+  as a warning on the result; `seed` is passed through.
 - An http(s) image URL is sent as `fileData` with a MIME type guessed from
   the URL's extension (image/jpeg when there is none).
 - The `responseId` serves as the reply's request id when the transport has
@@ -70,6 +71,7 @@ from workers.providers.base import (
     error_for_status,
     malformed,
     retry_after_s,
+    set_params,
 )
 from workers.providers.translate import base64_data_uri, refuse, tool_arguments
 
@@ -726,6 +728,20 @@ class GeminiAdapter:
     def check_deployment(self, deployment: Deployment) -> str | None:
         """Every field this provider needs has a default."""
         return None
+
+    def ignored(self, request: ChatRequest, deployment: Deployment) -> list[str]:
+        """`parallel_tool_calls`, `user`, message `name`s and image `detail`."""
+        names = set_params(request, ("parallel_tool_calls", "user"))
+        if any(m.name for m in request.messages):
+            names.append("messages[].name")
+        if any(
+            isinstance(part, ImagePart) and part.image_url.detail
+            for m in request.messages
+            if isinstance(m.content, list)
+            for part in m.content
+        ):
+            names.append("image_url.detail")
+        return names
 
     def rate_limits(self, headers: Mapping[str, str]) -> RateLimits | None:
         """Gemini sends no rate-limit headers; a 429 may carry `retry-after`."""

@@ -2,7 +2,8 @@
 
 - `seed` is `random_seed`, and `max_completion_tokens` is `max_tokens`;
 - Mistral rejects parameters it does not know (422), so `user` (an abuse-
-  monitoring hint with no Mistral equivalent) is left out, and
+  monitoring hint with no Mistral equivalent) is left out, with a warning
+  on the result, and
   `stream_options` too: Mistral reports usage in the last chunk unasked;
 - finish reason `model_length` means `length`; `error` means the answer
   failed after the 200 and is reported as a retryable server error;

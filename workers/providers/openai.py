@@ -22,6 +22,7 @@ from workers.providers.base import (
     malformed,
     openai_rate_limits,
     retry_after_s,
+    set_params,
 )
 
 DEFAULT_API_BASE = "https://api.openai.com/v1"
@@ -390,6 +391,10 @@ class OpenAIAdapter:
             raw_usage=raw_usage,
             request_id=response.headers.get(self.request_id_header),
         )
+
+    def ignored(self, request: ChatRequest, deployment: Deployment) -> list[str]:
+        """Parameters the deployment's quirks drop."""
+        return set_params(request, self.quirks(deployment).drop_params)
 
     def rate_limits(self, headers: Mapping[str, str]) -> RateLimits | None:
         """OpenAI's `x-ratelimit-*` headers."""
