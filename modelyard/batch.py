@@ -58,7 +58,9 @@ def batch_id_for(data: bytes) -> str:
     return "b" + hashlib.sha256(data).hexdigest()[:16]
 
 
-def parse_line(raw: bytes, number: int, batch_id: str) -> tuple[str, CompletionJob | JobResult]:
+def parse_line(
+    raw: bytes, number: int, batch_id: str, owner: Metadata | None = None
+) -> tuple[str, CompletionJob | JobResult]:
     """A job for a valid line, or the error result a bad line is answered with."""
     custom_id = f"line-{number}"
     try:
@@ -72,7 +74,9 @@ def parse_line(raw: bytes, number: int, batch_id: str) -> tuple[str, CompletionJ
     job = CompletionJob(
         id=uuid.uuid5(_NAMESPACE, f"{batch_id}/{custom_id}").hex,
         request=line.body,
-        metadata=Metadata(batch_id=batch_id, custom_id=custom_id),
+        metadata=msgspec.structs.replace(
+            owner or Metadata(), batch_id=batch_id, custom_id=custom_id
+        ),
         priority="batch",
         trace=new_trace(),
     )
@@ -106,16 +110,24 @@ def _lines(data: bytes) -> Iterator[tuple[int, bytes]]:
 
 
 async def run_batch(
-    client: Client, input_path: Path, output_path: Path, *, show_progress: bool = True
+    client: Client,
+    input_path: Path,
+    output_path: Path,
+    *,
+    owner: Metadata | None = None,
+    show_progress: bool = True,
 ) -> BatchSummary:
-    """Submit every unfinished line and write results as they arrive."""
+    """Submit every unfinished line and write results as they arrive.
+
+    `owner` (team, project, user) is stamped on every job, so the batch's
+    spend is attributed in the ledger."""
     data = await asyncio.to_thread(input_path.read_bytes)
     batch_id = batch_id_for(data)
     queue = f"batch.{batch_id}"
     submitted_path = output_path.with_name(output_path.name + ".submitted")
     done = _read_ids(output_path, "custom_id")
     submitted = _read_ids(submitted_path, None)
-    parsed = [parse_line(raw, n, batch_id) for n, raw in _lines(data)]
+    parsed = [parse_line(raw, n, batch_id, owner) for n, raw in _lines(data)]
     _check_unique([cid for cid, _ in parsed])
     custom_by_job = {
         (item.id if isinstance(item, CompletionJob) else item.job_id): cid for cid, item in parsed

@@ -105,6 +105,7 @@ def cmd_fake_provider(args: argparse.Namespace) -> int:
 def cmd_submit(args: argparse.Namespace) -> int:
     from modelyard.batch import BatchInputError, run_batch  # noqa: PLC0415
     from modelyard.client import Client  # noqa: PLC0415
+    from schemas.jobs import Metadata  # noqa: PLC0415
 
     config = _config(args)
     source = Path(args.file)
@@ -115,7 +116,13 @@ def cmd_submit(args: argparse.Namespace) -> int:
     async def main() -> int:
         async with await Client.connect(config.broker_url, "modelyard-submit") as client:
             try:
-                summary = await run_batch(client, source, output, show_progress=not args.quiet)
+                summary = await run_batch(
+                    client,
+                    source,
+                    output,
+                    owner=Metadata(team=args.team, project=args.project, user=args.user),
+                    show_progress=not args.quiet,
+                )
             except BatchInputError as exc:
                 raise UsageError(str(exc)) from exc
         print(
@@ -234,6 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("file")
     submit.add_argument("-o", "--output", help="output .jsonl (default: FILE.output.jsonl)")
     submit.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    submit.add_argument("--team", help="team billed for the batch (ledger attribution)")
+    submit.add_argument("--project", help="project billed for the batch")
+    submit.add_argument("--user", help="user who ran the batch")
     submit.set_defaults(func=cmd_submit)
 
     rep = sub.add_parser("report", help="spend from the ledger")

@@ -20,7 +20,7 @@ CONFIG = Path(__file__).resolve().parent.parent / "deploy" / "demo.yaml"
 OUT = Path("demo-out")
 JOBS = 1000
 TOPICS = ["queues", "ledgers", "budgets", "retries", "latency", "fallbacks", "prices", "tokens"]
-TEAMS = ["search", "support", "research"]
+MODELS = ["fast", "llama", "claude", "gemini"]
 
 
 def modelyard(*args: str) -> list[str]:
@@ -32,7 +32,7 @@ def write_batch(path: Path) -> None:
     """A batch file mixing two models, a few bad lines included on purpose."""
     with path.open("w") as f:
         for i in range(JOBS):
-            model = "fast" if i % 3 else "llama"
+            model = MODELS[i % len(MODELS)]
             body = {
                 "model": model,
                 "messages": [
@@ -86,7 +86,11 @@ def main() -> int:
         wait_for_port(8900)
         started = time.monotonic()
         subprocess.run(
-            modelyard("submit", str(batch), "--output", str(output)), check=True, env=env
+            modelyard(
+                "submit", str(batch), "--output", str(output), "--team", "demo", "--project", "tour"
+            ),
+            check=True,
+            env=env,
         )
         elapsed = time.monotonic() - started
         lines = [json.loads(line) for line in output.read_text().splitlines()]
@@ -98,7 +102,9 @@ def main() -> int:
         for kind in sorted({e["error"]["code"] for e in errors}):
             print(f"  {kind}: {sum(e['error']['code'] == kind for e in errors)}")
         time.sleep(0.5)  # the ledger flushes every 50 ms
-        subprocess.run(modelyard("report", "--group-by", "model,provider,day"), check=True, env=env)
+        subprocess.run(
+            modelyard("report", "--group-by", "team,model,provider,day"), check=True, env=env
+        )
     finally:
         up.terminate()
         up.wait(30)
