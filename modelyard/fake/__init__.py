@@ -2,9 +2,12 @@
 
 Answers are deterministic (derived from the prompt), usage is computed from
 the text, and faults (429s, 5xx, hangs, malformed bodies) are injected at
-seeded rates. Only OpenAI's Chat Completions format exists so far; each wire
-format lives in its own subpackage and shares the neutral core
-(``conversation``, ``reply``, ``text``, ``schema``, ``cache``).
+seeded rates. Five wire formats are served side by side: OpenAI Chat
+Completions, Anthropic Messages, Gemini generateContent, Mistral chat
+completions (under ``/mistral``) and Azure OpenAI. Each lives in its own
+subpackage as a ``dialect`` of the shared request ``handler`` and translates
+to and from the neutral core (``conversation``, ``reply``, ``text``,
+``schema``, ``cache``, ``screen``).
 """
 
 from modelyard.fake.requestlog import LogEntry

@@ -1,10 +1,15 @@
-"""Prompt caching the way OpenAI reports it: long repeated prefixes are billed as cached.
+"""Prompt caching: long repeated prefixes are billed as cached.
 
-The fake remembers hashes of message-aligned prompt prefixes (model, preamble
-and the first k messages). A request whose prefix, without its last message,
-was seen before gets that prefix's tokens, rounded down to the cache block
-size, as cached tokens. Real caching is token-aligned; message alignment is
-close enough for gateway accounting tests and cheap to compute.
+Automatic caching (OpenAI, Gemini): the fake remembers hashes of
+message-aligned prompt prefixes (model, preamble and the first k messages). A
+request whose prefix, without its last message, was seen before gets that
+prefix's tokens, rounded down to the cache block size, as cached tokens. Real
+caching is token-aligned; message alignment is close enough for gateway
+accounting tests and cheap to compute.
+
+Explicit caching (Anthropic's ``cache_control``): only prefixes ending at a
+marked block are cached. The longest marked prefix seen before is read; the
+prompt up to the last marked block, past what was read, is written.
 """
 
 from __future__ import annotations
@@ -37,6 +42,20 @@ class PromptCache:
             if tokens >= self._min_tokens:
                 self._remember(key)
         return hit // self._block * self._block
+
+    def observe_marked(self, conversation: Conversation) -> tuple[int, int]:
+        """(read, written) tokens for a prompt with marked blocks, then remember its marks.
+
+        Marks whose prefix is shorter than min_tokens are ignored, as the
+        real API silently ignores them.
+        """
+        points = [p for p in conversation.cache_points if p.tokens >= self._min_tokens]
+        if not points:
+            return 0, 0
+        read = next((p.tokens for p in reversed(points) if p.key in self._seen), 0)
+        for point in points:
+            self._remember(point.key)
+        return read, points[-1].tokens - read
 
     def clear(self) -> None:
         """Forget every prefix."""

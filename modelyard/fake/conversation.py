@@ -1,9 +1,9 @@
 """The provider-neutral request and reply every wire format translates to and from.
 
-A wire module (``openai``, later ``anthropic``...) parses its request into a
-``Conversation``, asks ``reply.answer`` for a ``Reply`` and renders that in its
-own format. Token counts that depend on a provider's chat template (per-message
-overhead) are filled in by the wire module.
+A wire module (``openai``, ``anthropic``, ``gemini``...) parses its request
+into a ``Conversation``, asks ``reply.answer`` for a ``Reply`` and renders that
+in its own format. Token counts that depend on a provider's chat template
+(per-message overhead) are filled in by the wire module.
 """
 
 from __future__ import annotations
@@ -14,8 +14,17 @@ from typing import Any, Literal
 Role = Literal["system", "user", "assistant", "tool"]
 ToolMode = Literal["none", "auto", "required", "named"]
 OutputKind = Literal["text", "json_object", "json_schema"]
-Finish = Literal["end", "stop_sequence", "length", "tool_calls"]
-"""Why generation ended; wire modules map these to their own names."""
+Finish = Literal["end", "stop_sequence", "length", "tool_calls", "refused"]
+"""Why generation ended; wire modules map these to their own names.
+
+``refused`` is a content-policy refusal answered with a 200 (Anthropic's
+``refusal`` stop reason, Gemini's blocked prompt): the prompt is billed,
+nothing is generated.
+"""
+Caching = Literal["automatic", "explicit", "none"]
+"""How a provider caches prompts: every long prefix (OpenAI, Gemini), only up to
+marked blocks (Anthropic's ``cache_control``), or not at all as far as usage
+shows (Mistral)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,12 +61,21 @@ class Output:
 
 
 @dataclass(frozen=True, slots=True)
+class CachePoint:
+    """A block marked for caching: the hash of the prompt up to and including it, and its size."""
+
+    key: int
+    tokens: int
+
+
+@dataclass(frozen=True, slots=True)
 class Conversation:
     """Everything the fake needs to answer, independent of the wire format.
 
     ``preamble`` is the text that comes before the messages in the prompt
     (tool and schema definitions); it is part of every cached prefix.
     ``priming_tokens`` are the template tokens after the last message.
+    ``cache_points`` are only read when ``caching`` is explicit.
     """
 
     model: str
@@ -72,6 +90,8 @@ class Conversation:
     max_tokens: int | None = None
     stop: tuple[str, ...] = ()
     reasons: bool = False
+    caching: Caching = "automatic"
+    cache_points: tuple[CachePoint, ...] = ()
 
     @property
     def prompt_tokens(self) -> int:
@@ -96,7 +116,13 @@ class ToolCall:
 
 @dataclass(frozen=True, slots=True)
 class Reply:
-    """The answer and its usage; completion_tokens include reasoning_tokens."""
+    """The answer and its usage.
+
+    Counters are inclusive, as OpenAI reports them: prompt_tokens include
+    cached_tokens (read from the cache) and cache_write_tokens (written to it),
+    completion_tokens include reasoning_tokens. ``stop_sequence`` is the stop
+    sequence that ended the answer, when one did.
+    """
 
     content: str | None
     tool_calls: tuple[ToolCall, ...]
@@ -105,3 +131,5 @@ class Reply:
     cached_tokens: int
     completion_tokens: int
     reasoning_tokens: int
+    cache_write_tokens: int = 0
+    stop_sequence: str | None = None

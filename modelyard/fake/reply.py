@@ -26,20 +26,46 @@ def answer(conversation: Conversation, cache: PromptCache) -> Reply:
     budget = None if conversation.max_tokens is None else conversation.max_tokens - reasoning
     if budget is not None and budget < 0:
         reasoning, budget = reasoning + budget, 0
+    stop = None
     if _calls_tools(conversation):
         content, calls, finish, tokens = _tool_reply(conversation, digest, budget)
     else:
-        content, finish, tokens = _text_reply(conversation, digest, budget)
+        content, finish, tokens, stop = _text_reply(conversation, digest, budget)
         calls = ()
+    read, written = _cache_use(conversation, cache)
     return Reply(
         content=content,
         tool_calls=calls,
         finish=finish,
         prompt_tokens=conversation.prompt_tokens,
-        cached_tokens=cache.observe(conversation),
+        cached_tokens=read,
         completion_tokens=tokens + reasoning,
         reasoning_tokens=reasoning,
+        cache_write_tokens=written,
+        stop_sequence=stop,
     )
+
+
+def refusal(conversation: Conversation) -> Reply:
+    """A content-policy refusal: the prompt is billed, nothing is generated or cached."""
+    return Reply(
+        content=None,
+        tool_calls=(),
+        finish="refused",
+        prompt_tokens=conversation.prompt_tokens,
+        cached_tokens=0,
+        completion_tokens=0,
+        reasoning_tokens=0,
+    )
+
+
+def _cache_use(conversation: Conversation, cache: PromptCache) -> tuple[int, int]:
+    """Tokens read from and written to the prompt cache, the way the provider caches."""
+    if conversation.caching == "explicit":
+        return cache.observe_marked(conversation)
+    if conversation.caching == "none":
+        return 0, 0
+    return cache.observe(conversation), 0
 
 
 def _digest(conversation: Conversation) -> bytes:
@@ -67,12 +93,13 @@ def _calls_tools(conversation: Conversation) -> bool:
 
 def _text_reply(
     conversation: Conversation, digest: bytes, budget: int | None
-) -> tuple[str, Finish, int]:
-    """Content cut at the first stop sequence, then at the budget."""
-    text, stopped = cut_at_stop(_render(conversation.output, digest), conversation.stop)
+) -> tuple[str, Finish, int, str | None]:
+    """Content cut at the first stop sequence, then at the budget; and the stop that cut it."""
+    text, stop = cut_at_stop(_render(conversation.output, digest), conversation.stop)
     text, cut = truncate(text, budget)
-    finish: Finish = "length" if cut else "stop_sequence" if stopped else "end"
-    return text, finish, count_tokens(text)
+    if cut:
+        return text, "length", count_tokens(text), None
+    return text, "end" if stop is None else "stop_sequence", count_tokens(text), stop
 
 
 def _render(output: Output, digest: bytes) -> str:

@@ -22,7 +22,12 @@ _LIMIT = 100_000  # enough for any test; a long benchmark keeps only the latest 
 
 
 class LogEntry(msgspec.Struct, frozen=True):
-    """One exchange as the client saw it; status is the HTTP status sent."""
+    """One exchange as the client saw it; status is the HTTP status sent.
+
+    Token counts are normalized whatever the wire format: prompt_tokens include
+    cached_tokens (read) and cache_write_tokens (written), completion_tokens
+    include reasoning_tokens.
+    """
 
     request_id: str
     provider: str
@@ -36,6 +41,7 @@ class LogEntry(msgspec.Struct, frozen=True):
     reasoning_tokens: int
     stream: bool
     at: float
+    cache_write_tokens: int = 0
 
 
 class Exchange:
@@ -69,6 +75,7 @@ class Exchange:
             reasoning_tokens=reply.reasoning_tokens if reply else 0,
             stream=self.stream,
             at=time.time(),
+            cache_write_tokens=reply.cache_write_tokens if reply else 0,
         )
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from modelyard.fake import openai
+from modelyard.fake import anthropic, azure, gemini, mistral, openai
 from modelyard.fake.settings import FakeSettings
 from modelyard.fake.state import STATE, FakeState
 
@@ -28,6 +28,10 @@ def create_app(settings: FakeSettings) -> web.Application:
     app = web.Application(client_max_size=MAX_BODY_BYTES)
     app[STATE] = FakeState(settings)
     openai.add_routes(app)
+    anthropic.add_routes(app)
+    gemini.add_routes(app)
+    mistral.add_routes(app)
+    azure.add_routes(app)
     app.router.add_get("/_fake/requests", _get_requests)
     app.router.add_delete("/_fake/requests", _delete_requests)
     app.router.add_delete("/_fake/cache", _delete_cache)

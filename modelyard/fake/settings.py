@@ -26,7 +26,8 @@ class FakeSettings(msgspec.Struct, forbid_unknown_fields=True):
     """Knobs of the fake provider; every rate is a share of requests in 0..1.
 
     The rates are exclusive: one uniform draw per request picks at most one
-    fault, so their sum must not exceed 1.
+    fault, so their sum must not exceed 1. A prompt of more than
+    ``context_window`` tokens gets the provider's context-length error.
     """
 
     latency_ms: float = 0
@@ -41,6 +42,7 @@ class FakeSettings(msgspec.Struct, forbid_unknown_fields=True):
     rate_malformed: float = 0
     api_key: str | None = None
     seed: int = 0
+    context_window: int = 128_000
 
     def __post_init__(self) -> None:
         """Reject settings the dice cannot honour (msgspec turns this into a ValidationError)."""
@@ -51,6 +53,8 @@ class FakeSettings(msgspec.Struct, forbid_unknown_fields=True):
             raise ValueError("fault rates must add up to at most 1")
         if min(self.latency_ms, self.jitter_ms, self.retry_after_s, self.hang_s) < 0:
             raise ValueError("durations must not be negative")
+        if self.context_window < 1:
+            raise ValueError("the context window must hold at least one token")
 
     def fault_rates(self) -> tuple[tuple[Fault, float], ...]:
         """Each fault with its rate, in the fixed order the dice use."""

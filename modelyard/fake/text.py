@@ -65,12 +65,13 @@ def truncate(text: str, limit: int | None) -> tuple[str, bool]:
     return "".join(split_tokens(text)[: max(limit, 0)]), True
 
 
-def cut_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
-    """Text up to (excluding) the earliest stop sequence, and whether one was found."""
-    cut = min((i for i in (text.find(stop) for stop in stops if stop) if i >= 0), default=-1)
-    if cut < 0:
-        return text, False
-    return text[:cut], True
+def cut_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, str | None]:
+    """Text up to (excluding) the earliest stop sequence, and the stop sequence found there."""
+    found = [(at, stop) for stop in stops if stop and (at := text.find(stop)) >= 0]
+    if not found:
+        return text, None
+    at, stop = min(found)
+    return text[:at], stop
 
 
 def digest_of(*parts: str) -> bytes:

@@ -49,6 +49,12 @@ class FakeServer:
     async def chat(self, body: dict[str, Any], headers: dict[str, str] | None = None) -> Answer:
         return await self.post_raw(CHAT, aiohttp.JsonPayload(body), headers)
 
+    async def post(
+        self, path: str, body: dict[str, Any], headers: dict[str, str] | None = None
+    ) -> Answer:
+        """POST body as JSON to path (which may carry a query string)."""
+        return await self.post_raw(path, aiohttp.JsonPayload(body), headers)
+
     async def post_raw(self, path: str, data: Any, headers: dict[str, str] | None = None) -> Answer:
         async with self.session.post(self.base + path, data=data, headers=headers) as response:
             body = await response.read()
@@ -64,6 +70,17 @@ class FakeServer:
             response.raise_for_status()
             current: dict[str, Any] = await response.json()
             return current
+
+
+def sse(body: bytes) -> list[tuple[str | None, str]]:
+    """(event name, data) of each server-sent event, CRLF or LF framed."""
+    text = body.decode().replace("\r\n", "\n")
+    assert text.endswith("\n\n")
+    events: list[tuple[str | None, str]] = []
+    for block in text[:-2].split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.split("\n"))
+        events.append((fields.get("event"), fields["data"]))
+    return events
 
 
 @asynccontextmanager

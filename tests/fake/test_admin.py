@@ -97,6 +97,7 @@ async def test_settings_can_be_read_and_partly_replaced(server: FakeServer) -> N
         "rate_malformed": 0,
         "api_key": "k",
         "seed": 0,
+        "context_window": 128_000,
     }
     assert (await server.chat(REQUEST)).status == 401
 

@@ -3,7 +3,8 @@
 ``parse`` turns a request body into a ``Conversation`` (or OpenAI's 400),
 ``render`` turns a ``Reply`` into OpenAI's bodies and chunks, ``errors`` and
 ``headers`` hold OpenAI's exact error bodies and response headers, and
-``routes`` ties them to ``POST /v1/chat/completions``.
+``routes`` is OpenAI's dialect for ``POST /v1/chat/completions``. Azure
+reuses ``parse``, ``render`` and ``errors``.
 """
 
 from modelyard.fake.openai.routes import add_routes

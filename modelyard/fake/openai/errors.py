@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import msgspec
 
+from modelyard.fake.dialect import WireError
 from modelyard.fake.openai.headers import format_duration
 from modelyard.fake.openai.wire import ErrorBody, ErrorDetail
 
@@ -20,18 +21,23 @@ _encode = msgspec.json.Encoder().encode
 
 @dataclass(frozen=True, slots=True)
 class ApiError:
-    """An error answer: HTTP status and OpenAI's error object."""
+    """An error answer: HTTP status and OpenAI's error object (with retry hints for a 429)."""
 
     status: int
     message: str
     type: str = _INVALID
     param: str | None = None
     code: str | None = None
+    retry_after_s: float | None = None
 
     def body(self) -> bytes:
         """The JSON body, formatted the way OpenAI formats it."""
         detail = ErrorDetail(self.message, self.type, self.param, self.code)
         return msgspec.json.format(_encode(ErrorBody(detail)), indent=4) + b"\n"
+
+    def wire(self) -> WireError:
+        """The error ready to send."""
+        return WireError(self.status, self.body(), self.retry_after_s)
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> ApiError:
@@ -105,6 +111,7 @@ def rate_limited(model: str, retry_after_s: float) -> ApiError:
         "rate-limits to learn more.",
         type="requests",
         code="rate_limit_exceeded",
+        retry_after_s=retry_after_s,
     )
 
 
@@ -135,6 +142,25 @@ def overloaded() -> ApiError:
         503,
         "The engine is currently overloaded, please try again later.",
         type="server_error",
+    )
+
+
+def content_policy() -> ApiError:
+    """The prompt tripped the safety system."""
+    return bad_request(
+        "Your request was rejected as a result of our safety system. Your prompt may contain"
+        " text that is not allowed by our safety system.",
+        code="content_policy_violation",
+    )
+
+
+def context_length(tokens: int, limit: int) -> ApiError:
+    """The prompt does not fit the model's context window."""
+    return bad_request(
+        f"This model's maximum context length is {limit} tokens. However, your messages"
+        f" resulted in {tokens} tokens. Please reduce the length of the messages.",
+        "messages",
+        "context_length_exceeded",
     )
 
 

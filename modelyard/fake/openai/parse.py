@@ -48,14 +48,19 @@ class Parsed:
     include_usage: bool
 
 
-def parse(body: bytes) -> Parsed | ApiError:
-    """The request in body, or the 400 the real API would answer."""
+def parse(body: bytes, model: str | None = None) -> Parsed | ApiError:
+    """The request in body, or the 400 the real API would answer.
+
+    A given model replaces the body's (Azure names the model in the URL).
+    """
     try:
         request = _decode(body)
     except msgspec.ValidationError as error:
         return errors.wrong_type(error)
     except msgspec.DecodeError:
         return errors.unparsable_body()
+    if model is not None:
+        request.model = model
     for check in _CHECKS:
         if (problem := check(request)) is not None:
             return problem

@@ -32,6 +32,7 @@ FINISH_REASONS: dict[Finish, str] = {
     "stop_sequence": "stop",
     "length": "length",
     "tool_calls": "tool_calls",
+    "refused": "content_filter",
 }
 SYSTEM_FINGERPRINT = "fp_f4ke0a1b2c"
 SERVICE_TIER = "default"
@@ -57,7 +58,7 @@ def completion(reply: Reply, envelope: Envelope) -> bytes:
     """The JSON body of a non-streamed answer."""
     message = Message(role="assistant", content=reply.content)
     if reply.tool_calls:
-        message.tool_calls = [_tool_call(call) for call in reply.tool_calls]
+        message.tool_calls = [tool_call(call) for call in reply.tool_calls]
     body = ChatCompletion(
         id=envelope.id,
         object="chat.completion",
@@ -88,8 +89,9 @@ def events(reply: Reply, envelope: Envelope, include_usage: bool) -> list[bytes]
     With include_usage every chunk carries ``"usage": null`` and one last
     chunk with no choices carries the usage, as OpenAI does.
     """
-    deltas = _deltas(reply)
-    chunks = [_chunk(envelope, [ChunkChoice(0, d, None, None)], include_usage) for d in deltas]
+    chunks = [
+        _chunk(envelope, [ChunkChoice(0, d, None, None)], include_usage) for d in deltas(reply)
+    ]
     finish = ChunkChoice(0, Delta(), None, FINISH_REASONS[reply.finish])
     chunks.append(_chunk(envelope, [finish], include_usage))
     if include_usage:
@@ -117,19 +119,19 @@ def _chunk(
     return chunk
 
 
-def _deltas(reply: Reply) -> list[Delta]:
+def deltas(reply: Reply) -> list[Delta]:
     """The role delta, then one delta per content token or per tool-call argument token."""
     if not reply.tool_calls:
         pieces = split_tokens(reply.content or "")
         return [Delta(role="assistant", content="", refusal=None)] + [
             Delta(content=piece) for piece in pieces
         ]
-    deltas = [Delta(role="assistant", content=None, refusal=None)]
+    result = [Delta(role="assistant", content=None, refusal=None)]
     for index, call in enumerate(reply.tool_calls):
-        deltas += _call_deltas(index, call)
-    first_call = deltas.pop(1)
-    deltas[0].tool_calls = first_call.tool_calls  # OpenAI opens the first call in the role delta
-    return deltas
+        result += _call_deltas(index, call)
+    first_call = result.pop(1)
+    result[0].tool_calls = first_call.tool_calls  # OpenAI opens the first call in the role delta
+    return result
 
 
 def _call_deltas(index: int, call: PlannedCall) -> list[Delta]:
@@ -143,5 +145,6 @@ def _call_deltas(index: int, call: PlannedCall) -> list[Delta]:
     ]
 
 
-def _tool_call(call: PlannedCall) -> ToolCall:
+def tool_call(call: PlannedCall) -> ToolCall:
+    """A planned call as an OpenAI tool call."""
     return ToolCall(f"call_{call.key}", "function", FunctionCall(call.name, call.arguments_json))
