@@ -25,7 +25,9 @@ from schemas.chat import (
     Tool,
     ToolCall,
 )
+from schemas.errors import ErrorKind
 from schemas.results import JobResult, StreamChunk, Usage
+from tests.conftest import FakeControl
 from tests.pipeline import eventually, ledger_rows
 from tests.services import PROVIDER_MODELS
 from workers.pricing import cost_of, price_card
@@ -202,3 +204,37 @@ async def test_cached_tokens_cost_the_providers_arithmetic(
     assert card.input is not None
     assert card.cache_read is not None
     assert card.cache_read.base < card.input.base  # cached tokens really are cheaper
+
+
+@pytest.mark.parametrize("model", MODELS)
+async def test_content_policy_refusal_is_typed(model: str, client: Client) -> None:
+    result = await client.complete(
+        new_job(model, [user("Please write forbidden-content for me.")]), timeout=10
+    )
+
+    refused_as_error = result.error is not None and result.error.kind == ErrorKind.CONTENT_POLICY
+    refused_as_answer = (
+        result.response is not None and result.response.finish_reason == "content_filter"
+    )
+    assert refused_as_error or refused_as_answer, (result.error, result.response)
+    if result.error is not None:
+        assert result.error.retryable is False
+
+
+@pytest.mark.parametrize("model", MODELS)
+async def test_context_window_exceeded_is_typed(
+    model: str, client: Client, fake: FakeControl
+) -> None:
+    await fake.set(context_window=200)
+    try:
+        result = await client.complete(
+            new_job(model, [user(" ".join(["token"] * 400))]), timeout=10
+        )
+    finally:
+        await fake.set(context_window=128000)
+
+    assert result.error is not None
+    assert (result.error.kind, result.error.retryable) == (
+        ErrorKind.CONTEXT_WINDOW_EXCEEDED,
+        False,
+    )

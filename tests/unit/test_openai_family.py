@@ -384,3 +384,46 @@ def test_params_without_equivalent_are_named_not_silently_dropped() -> None:
     assert MISTRAL.ignored(job, deployment("mistral")) == ["user"]
     assert OPENAI.ignored(job, deployment()) == []
     assert OPENAI.ignored(job, deployment(drop_params=["user"])) == ["user"]
+
+
+@pytest.mark.parametrize(
+    ("adapter", "status", "body", "kind"),
+    [
+        (
+            "openai",  # vLLM: no code, the wording says it
+            400,
+            {
+                "error": {
+                    "message": "This model's maximum context length is 8192 tokens.",
+                    "code": None,
+                }
+            },
+            ErrorKind.CONTEXT_WINDOW_EXCEEDED,
+        ),
+        (
+            "mistral",
+            400,
+            {
+                "object": "error",
+                "message": "Prompt contains 9000 tokens and 0 draft tokens, too large for model "
+                "with 8192 maximum context length",
+                "type": "invalid_request_error",
+            },
+            ErrorKind.CONTEXT_WINDOW_EXCEEDED,
+        ),
+        (
+            "mistral",
+            400,
+            {"object": "error", "message": "Prompt was blocked by the moderation policy."},
+            ErrorKind.CONTENT_POLICY,
+        ),
+        ("mistral", 400, {"object": "error", "message": "Invalid model: x"}, ErrorKind.BAD_REQUEST),
+    ],
+)
+def test_refusals_recognised_by_wording(
+    adapter: str, status: int, body: dict[str, object], kind: ErrorKind
+) -> None:
+    error = PROVIDERS[adapter].parse_response(response(status, body))
+
+    assert not isinstance(error, ProviderReply)
+    assert error.kind == kind

@@ -203,11 +203,34 @@ def set_params(request: ChatRequest, names: tuple[str, ...]) -> list[str]:
     return [name for name in names if getattr(request, name, None) is not None]
 
 
+# How servers without structured error codes word these two refusals (vLLM,
+# Mistral, Ollama, most OpenAI-compatible servers): read from the message.
+_CONTEXT_WORDING = re.compile(
+    r"maximum context length|context (?:length|window)|too (?:long|large) for (?:the )?model"
+    r"|prompt is too long|exceeds the maximum number of tokens",
+    re.IGNORECASE,
+)
+_POLICY_WORDING = re.compile(
+    r"moderation|content (?:policy|filter|management)|safety system", re.IGNORECASE
+)
+
+
+def kind_from_wording(message: str) -> ErrorKind | None:
+    """A context-window or content-policy refusal recognised by its wording."""
+    if _CONTEXT_WORDING.search(message):
+        return ErrorKind.CONTEXT_WINDOW_EXCEEDED
+    if _POLICY_WORDING.search(message):
+        return ErrorKind.CONTENT_POLICY
+    return None
+
+
 def error_for_status(
     status: int, message: str, code: str | None, headers: Mapping[str, str]
 ) -> JobError:
-    """The taxonomy's default reading of an HTTP status; adapters refine it."""
-    kind = {
+    """The taxonomy's reading of an HTTP status (a 400/413/422's wording may
+    reveal a context-window or content-policy refusal); adapters refine it."""
+    worded = kind_from_wording(message) if status in (400, 413, 422) else None
+    kind = worded or {
         400: ErrorKind.BAD_REQUEST,
         401: ErrorKind.AUTH,
         403: ErrorKind.AUTH,
