@@ -18,6 +18,8 @@ from schemas.chat import (
     CacheControl,
     FunctionCall,
     FunctionDef,
+    ImagePart,
+    ImageURL,
     JsonSchemaFormat,
     JsonSchemaSpec,
     Message,
@@ -238,3 +240,51 @@ async def test_context_window_exceeded_is_typed(
         ErrorKind.CONTEXT_WINDOW_EXCEEDED,
         False,
     )
+
+
+PIXEL = (
+    "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk"
+    "YPhfDwAChwGA60e6kgAAAABJRU5ErkJggg=="
+)
+
+
+@pytest.mark.parametrize("model", MODELS)
+async def test_images_by_url_and_base64(model: str, client: Client) -> None:
+    content = [
+        TextPart("What do these show?"),
+        ImagePart(ImageURL(url=PIXEL)),
+        ImagePart(ImageURL(url="https://example.com/cat.png")),
+    ]
+    result = await client.complete(
+        new_job(model, [Message(role="user", content=content)]), timeout=10
+    )
+
+    assert result.error is None, result.error
+    assert result.response is not None
+    assert result.response.content
+
+
+@pytest.mark.parametrize("model", MODELS)
+async def test_streamed_tool_calls_reassemble(model: str, client: Client) -> None:
+    job = new_job(model, [user("What is the weather in Oslo?")], tools=[WEATHER])
+    items = [item async for item in client.stream(job, timeout=10)]
+
+    final = items[-1]
+    assert isinstance(final, JobResult)
+    assert final.error is None, final.error
+    assert final.response is not None
+    assert final.response.tool_calls is not None
+    calls: dict[int, dict[str, str]] = {}
+    for chunk in items[:-1]:
+        assert isinstance(chunk, StreamChunk)
+        for delta in chunk.tool_calls or ():
+            call = calls.setdefault(delta.index, {"id": "", "name": "", "arguments": ""})
+            call["id"] = call["id"] or (delta.id or "")
+            call["name"] = call["name"] or (delta.name or "")
+            call["arguments"] += delta.arguments or ""
+    streamed = [(c["id"], c["name"], json.loads(c["arguments"])) for _, c in sorted(calls.items())]
+    final_calls = [
+        (c.id, c.function.name, json.loads(c.function.arguments)) for c in final.response.tool_calls
+    ]
+    assert streamed == final_calls
+    assert final.response.finish_reason == "tool_calls"
