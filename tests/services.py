@@ -58,8 +58,8 @@ def fresh_database() -> Iterator[str]:
 
     name = f"modelyard_test_{uuid.uuid4().hex[:10]}"
     url = f"postgresql://{PG}/{name}"
-    asyncio.run(migrate(url))
     try:
+        asyncio.run(migrate(url))
         yield url
     finally:
         asyncio.run(_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
