@@ -12,6 +12,8 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import structlog
 
+from modelyard.broker import without_password
+
 log = structlog.get_logger("modelyard.migrate")
 
 _TRACKING = """
@@ -29,12 +31,22 @@ def migration_files() -> list[tuple[str, str]]:
     return [(p.name, p.read_text(encoding="utf-8")) for p in files]
 
 
+async def connect(url: str) -> asyncpg.Connection:
+    """A connection, or a `ConnectionError` naming the server (password hidden)."""
+    try:
+        return await asyncpg.connect(url)
+    except (OSError, asyncpg.PostgresError) as exc:
+        raise ConnectionError(
+            f"cannot connect to PostgreSQL at {without_password(url)}: {exc}"
+        ) from exc
+
+
 async def ensure_database(url: str) -> None:
     """Create the URL's database when it is missing (connecting to `postgres`)."""
     parts = urlsplit(url)
     name = parts.path.lstrip("/")
     admin_url = urlunsplit(parts._replace(path="/postgres"))
-    conn = await asyncpg.connect(admin_url)
+    conn = await connect(admin_url)
     try:
         if not await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name):
             await conn.execute(f'CREATE DATABASE "{name}"')
@@ -46,7 +58,7 @@ async def ensure_database(url: str) -> None:
 async def migrate(url: str) -> list[str]:
     """Apply pending migrations; returns the names applied. Safe to run concurrently."""
     await ensure_database(url)
-    conn = await asyncpg.connect(url)
+    conn = await connect(url)
     applied: list[str] = []
     try:
         async with conn.transaction():

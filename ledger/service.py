@@ -23,6 +23,7 @@ from aio_pika.exceptions import ChannelInvalidStateError
 
 from ledger import store
 from modelyard import broker
+from modelyard.broker import without_password
 from modelyard.config import Config
 from modelyard.topology import LEDGER_QUEUE, build_topology
 from schemas.codec import InvalidMessage, decode_costs, encode
@@ -52,7 +53,11 @@ class Ledger:
 
     async def start(self) -> None:
         """Connect to Postgres and the broker, then start consuming."""
-        self._pool = await asyncpg.create_pool(self.config.database_url, min_size=1, max_size=2)
+        try:
+            self._pool = await asyncpg.create_pool(self.config.database_url, min_size=1, max_size=2)
+        except (OSError, asyncpg.PostgresError) as exc:
+            url = without_password(self.config.database_url)
+            raise ConnectionError(f"cannot connect to PostgreSQL at {url}: {exc}") from exc
         async with self._pool.acquire() as conn:
             await store.ensure_partitions(conn)
         # Room for one batch being written and the next one filling.

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
 from aio_pika.abc import (
@@ -20,7 +21,7 @@ from aio_pika.abc import (
     AbstractQueue,
     AbstractRobustConnection,
 )
-from aio_pika.exceptions import ChannelInvalidStateError, MessageProcessError
+from aio_pika.exceptions import AMQPConnectionError, ChannelInvalidStateError, MessageProcessError
 
 from modelyard.topology import DEAD_EXCHANGE, Topology
 
@@ -28,8 +29,26 @@ PERSISTENT = aio_pika.DeliveryMode.PERSISTENT
 
 
 async def connect(url: str, name: str) -> AbstractRobustConnection:
-    """A connection that reconnects and re-consumes by itself after a broker restart."""
-    return await aio_pika.connect_robust(url, client_properties={"connection_name": name})
+    """A connection that reconnects and re-consumes by itself after a broker restart.
+
+    The first connection must succeed: a wrong URL or a stopped broker is
+    reported at once (`ConnectionError` naming the broker, password hidden)
+    rather than retried silently."""
+    try:
+        return await aio_pika.connect_robust(url, client_properties={"connection_name": name})
+    except (OSError, AMQPConnectionError) as exc:
+        raise ConnectionError(
+            f"cannot connect to RabbitMQ at {without_password(url)}: {exc}"
+        ) from exc
+
+
+def without_password(url: str) -> str:
+    """A URL safe to print: any password replaced by `***`."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 async def open_channel(

@@ -17,6 +17,8 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from modelyard import logs
 from modelyard.config import Config, ConfigError, load
 
@@ -87,19 +89,25 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 def cmd_fake_provider(args: argparse.Namespace) -> int:
     from modelyard.fake import FakeSettings, serve  # noqa: PLC0415
 
-    settings = FakeSettings(
-        latency_ms=args.latency_ms,
-        rate_429=args.rate_429,
-        rate_500=args.rate_500,
-        rate_503=args.rate_503,
-        rate_hang=args.rate_hang,
-        rate_malformed=args.rate_malformed,
-        api_key=args.api_key,
-        seed=args.seed,
-    )
+    chosen = {f.name: getattr(args, f.name) for f in msgspec.structs.fields(FakeSettings)}
+    settings = FakeSettings(**{k: v for k, v in chosen.items() if v is not None})
     print(f"fake provider on http://{args.host}:{args.port}", file=sys.stderr)
     _run(serve(args.host, args.port, settings))
     return 0
+
+
+def _fake_settings_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per fake-provider setting (`--rate-429 0.1`, `--latency-ms 20`, ...)."""
+    from modelyard.fake import FakeSettings  # noqa: PLC0415
+
+    for field in msgspec.structs.fields(FakeSettings):
+        kind = field.type if field.type in (int, float) else str
+        parser.add_argument(
+            "--" + field.name.replace("_", "-"),
+            dest=field.name,
+            type=kind,
+            help=f"default: {field.default}",
+        )
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -136,10 +144,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    import asyncpg  # noqa: PLC0415
     from rich.console import Console  # noqa: PLC0415
     from rich.table import Table  # noqa: PLC0415
 
+    from ledger.migrate import connect  # noqa: PLC0415
     from modelyard import report  # noqa: PLC0415
 
     config = _config(args)
@@ -149,7 +157,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     since = args.since or until - timedelta(days=30)
 
     async def main() -> list[dict[str, Any]]:
-        conn = await asyncpg.connect(config.database_url)
+        conn = await connect(config.database_url)
         try:
             return await report.fetch_report(conn, group_by, since, until)
         finally:
@@ -228,13 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     fake = sub.add_parser("fake-provider", help="run the fake LLM provider (tests, demo, bench)")
     fake.add_argument("--host", default="127.0.0.1")
     fake.add_argument("--port", type=int, default=8900)
-    fake.add_argument("--latency-ms", type=float, default=0.0)
-    for fault in ("429", "500", "503", "hang", "malformed"):
-        fake.add_argument(
-            f"--rate-{fault}", type=float, default=0.0, help=f"share of {fault} faults"
-        )
-    fake.add_argument("--api-key", help="require this bearer key")
-    fake.add_argument("--seed", type=int, default=0)
+    _fake_settings_flags(fake)
     fake.set_defaults(func=cmd_fake_provider)
 
     submit = sub.add_parser("submit", help="run an OpenAI Batch API .jsonl file")
