@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from datetime import UTC, datetime
 
 import asyncpg
 import structlog
@@ -19,7 +20,7 @@ from aio_pika.abc import (
     AbstractQueue,
     AbstractRobustConnection,
 )
-from aio_pika.exceptions import ChannelInvalidStateError
+from aio_pika.exceptions import ChannelInvalidStateError, MessageProcessError
 
 from ledger import store
 from modelyard import broker
@@ -32,6 +33,9 @@ from schemas.costs import CostEvent
 log = structlog.get_logger("modelyard.ledger")
 
 MAX_BACKOFF_S = 5.0
+
+# Errors that retrying cannot fix: the event itself is unacceptable.
+BAD_DATA = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
 
 
 class Ledger:
@@ -49,6 +53,8 @@ class Ledger:
         self._flusher: asyncio.Task[None] | None = None
         self._queue: AbstractQueue
         self._tag: str | None = None
+        self._stopping = False
+        self._partitions_month = ""
         self.written = 0
 
     async def start(self) -> None:
@@ -58,8 +64,7 @@ class Ledger:
         except (OSError, asyncpg.PostgresError) as exc:
             url = without_password(self.config.database_url)
             raise ConnectionError(f"cannot connect to PostgreSQL at {url}: {exc}") from exc
-        async with self._pool.acquire() as conn:
-            await store.ensure_partitions(conn)
+        await self._keep_partitions()
         # Room for one batch being written and the next one filling.
         self._channel = channel = await broker.open_channel(
             self.connection, prefetch=2 * self.batch_size
@@ -71,16 +76,22 @@ class Ledger:
         log.info("ledger started", batch_size=self.batch_size, flush_ms=self.config.ledger.flush_ms)
 
     async def stop(self) -> None:
-        """Take no more events, write what is buffered (for up to the grace
-        period), close; anything unwritten is redelivered to the next ledger."""
+        """Take no more events, let the flusher write what is buffered (for up
+        to the grace period), close. Anything unwritten stays unacked and is
+        redelivered to the next ledger."""
         if self._tag is not None and not self._channel_closed():
             await self._queue.cancel(self._tag)
+        self._stopping = True
+        self._full.set()
         if self._flusher is not None:
-            self._flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._flusher
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._drain(), broker.STOP_GRACE_S)
+            try:
+                await asyncio.wait_for(asyncio.shield(self._flusher), broker.STOP_GRACE_S)
+            except TimeoutError:
+                # Cut off mid-write: no later batch may be acked with `multiple`
+                # (it would settle this one), so nothing more is flushed.
+                self._flusher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._flusher
         if self._channel is not None and not self._channel.is_closed:
             await self._channel.close()
         if self._pool is not None:
@@ -89,27 +100,46 @@ class Ledger:
     def _channel_closed(self) -> bool:
         return self._channel is None or self._channel.is_closed
 
-    async def _drain(self) -> None:
-        while self._buffer and not self._channel_closed():
-            batch, self._buffer = self._buffer[: self.batch_size], self._buffer[self.batch_size :]
-            await self._flush(batch)
-
     async def _receive(self, message: AbstractIncomingMessage) -> None:
         self._buffer.append(message)
         if len(self._buffer) >= self.batch_size:
             self._full.set()
 
     async def _flush_forever(self) -> None:
-        while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._full.wait(), self.flush_s)
+        """Flush every `flush_ms`, or at once when a batch is full, until stopped
+        with an empty buffer. A pass that fails for an unforeseen reason keeps
+        its batch buffered and is tried again: the flusher must never die."""
+        while not (self._stopping and not self._buffer):
+            if not self._stopping:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._full.wait(), self.flush_s)
             self._full.clear()
-            while self._buffer:
-                batch, self._buffer = (
-                    self._buffer[: self.batch_size],
-                    self._buffer[self.batch_size :],
-                )
-                await self._flush(batch)
+            try:
+                await self._keep_partitions()
+                await self._drain()
+            except Exception:
+                log.exception("ledger flush failed; retrying the same batch")
+                await asyncio.sleep(1.0)
+            if self._stopping and self._channel_closed():
+                return
+
+    async def _drain(self) -> None:
+        """Flush buffered batches in delivery order; a batch leaves the buffer
+        only once written and acked."""
+        while self._buffer and not self._channel_closed():
+            batch = self._buffer[: self.batch_size]
+            await self._flush(batch)
+            del self._buffer[: len(batch)]
+
+    async def _keep_partitions(self) -> None:
+        """At a month's turn, make sure this and next month's partitions exist."""
+        month = datetime.now(UTC).strftime("%Y-%m")
+        if month == self._partitions_month:
+            return
+        assert self._pool is not None
+        async with self._pool.acquire() as conn:
+            await store.ensure_partitions(conn)
+        self._partitions_month = month
 
     async def _flush(self, batch: list[AbstractIncomingMessage]) -> None:
         decoded: list[tuple[AbstractIncomingMessage, list[CostEvent]]] = []
@@ -118,12 +148,12 @@ class Ledger:
                 decoded.append((message, decode_costs(message.body).events))
             except InvalidMessage as exc:
                 log.error("undecodable cost message dead-lettered", reason=str(exc))
-                with contextlib.suppress(ChannelInvalidStateError):
+                with contextlib.suppress(ChannelInvalidStateError, MessageProcessError):
                     await message.reject(requeue=False)
         events = [event for _, batch_events in decoded for event in batch_events]
         try:
             await self._write(events)
-        except asyncpg.DataError:
+        except BAD_DATA:
             # One bad row must not block the queue: find it, park it, keep the rest.
             events = await self._write_one_by_one(events)
         self.written += len(events)
@@ -138,7 +168,7 @@ class Ledger:
         for event in events:
             try:
                 await self._write([event])
-            except asyncpg.DataError as exc:
+            except BAD_DATA as exc:
                 log.error("ledger rejected a cost event; dead-lettered", reason=str(exc))
                 assert self._channel is not None
                 await broker.dead_letter(self._channel, encode(event), f"ledger rejected: {exc}")
@@ -157,7 +187,10 @@ class Ledger:
                 async with self._pool.acquire() as conn:
                     await store.write_batch(conn, events)
                 return
-            except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError) as exc:
+            except BAD_DATA:
+                raise
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                # Down, restarting, out of connections, a deadlock: all pass.
                 log.warning("ledger write failed; retrying", error=str(exc), retry_in_s=backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF_S)

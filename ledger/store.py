@@ -11,9 +11,12 @@ import json
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
+import structlog
 from asyncpg.pool import PoolConnectionProxy
 
 from schemas.costs import CostEvent
+
+log = structlog.get_logger("modelyard.ledger")
 
 # A plain connection or one borrowed from a pool.
 Conn = asyncpg.Connection | PoolConnectionProxy
@@ -122,7 +125,20 @@ async def write_batch(conn: Conn, events: list[CostEvent]) -> None:
 
 
 async def ensure_partitions(conn: Conn, now: datetime | None = None) -> None:
-    """Make sure this month's and next month's partitions exist."""
+    """Make sure this month's and next month's partitions exist.
+
+    If rows for a month already sit in the default partition (the ledger ran
+    past the horizon `migrate` prepared), that month's partition cannot be
+    created; its rows stay in the default partition, which reports read like
+    any other, and the condition is logged for an operator to fix.
+    """
     today = (now or datetime.now(UTC)).date()
     for day in (today, today.replace(day=1) + timedelta(days=32)):
-        await conn.execute("SELECT ledger_ensure_partition($1)", day)
+        try:
+            await conn.execute("SELECT ledger_ensure_partition($1)", day)
+        except asyncpg.CheckViolationError as exc:
+            log.warning(
+                "month partition not created; rows stay in ledger_default",
+                month=str(day),
+                error=str(exc),
+            )
