@@ -12,9 +12,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import uuid
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import msgspec
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -90,23 +91,70 @@ def _bad_line(batch_id: str, custom_id: str, message: str, field: str | None) ->
     return JobResult(job_id=job_id, status="error", error=error, timings=Timings())
 
 
-def _read_ids(path: Path, key: str | None) -> set[str]:
-    """custom_ids recorded in a file; a torn last line (crash mid-write) is ignored."""
+class BatchInputError(ValueError):
+    """The input file as a whole cannot be run, or the run cannot go on."""
+
+
+class EarlierRuns(msgspec.Struct):
+    """What the files next to the output say about earlier runs."""
+
+    done: set[str]  # custom_ids with a result in the output
+    submitted: set[str]  # custom_ids the broker confirmed, results maybe pending
+
+
+def _complete_lines(path: Path) -> list[bytes]:
+    """The file's whole lines; a torn last line (a crash mid-write) is cut off
+    the file itself, so the next append starts on a fresh line."""
     if not path.exists():
-        return set()
-    ids: set[str] = set()
-    for raw in path.read_bytes().splitlines():
-        try:
-            ids.add(msgspec.json.decode(raw)[key] if key else raw.decode())
-        except (msgspec.DecodeError, KeyError, TypeError, UnicodeDecodeError):
-            continue
-    return ids
+        return []
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    if end < len(data):
+        with path.open("r+b") as f:
+            f.truncate(end)
+    return data[:end].splitlines()
+
+
+def read_progress(
+    output: Path, sidecar: Path, batch_id: str, job_ids: dict[str, str]
+) -> EarlierRuns:
+    """Finished and submitted lines of this batch from earlier runs.
+
+    An output holding results of another input (its request ids do not match
+    this input's jobs) is refused rather than mixed; a sidecar from another
+    input is ignored (those jobs belong to another batch queue).
+    """
+    done: set[str] = set()
+    for raw in _complete_lines(output):
+        line = msgspec.json.decode(raw)
+        custom_id = line.get("custom_id")
+        if line.get("id") != f"batch_req_{job_ids.get(custom_id, '')}":
+            raise BatchInputError(
+                f"{output} holds results of a different input (custom_id {custom_id!r}); "
+                "choose another --output, or remove it to start over"
+            )
+        done.add(custom_id)
+    lines = _complete_lines(sidecar)
+    submitted: set[str] = set()
+    if lines and msgspec.json.decode(lines[0]) == {"batch_id": batch_id}:
+        submitted = {msgspec.json.decode(raw) for raw in lines[1:]}
+    return EarlierRuns(done=done, submitted=submitted)
 
 
 def _lines(data: bytes) -> Iterator[tuple[int, bytes]]:
     for number, raw in enumerate(data.splitlines(), start=1):
         if raw.strip():
             yield number, raw
+
+
+def _check_unique(custom_ids: list[str]) -> None:
+    seen: set[str] = set()
+    for cid in custom_ids:
+        if cid in seen:
+            raise BatchInputError(
+                f"custom_id {cid!r} appears more than once; each line needs its own"
+            )
+        seen.add(cid)
 
 
 async def run_batch(
@@ -120,26 +168,33 @@ async def run_batch(
     """Submit every unfinished line and write results as they arrive.
 
     `owner` (team, project, user) is stamped on every job, so the batch's
-    spend is attributed in the ledger."""
+    spend is attributed in the ledger. Returns once every line has its
+    result in the output; the batch's queue and sidecar are removed then,
+    and only then.
+    """
     data = await asyncio.to_thread(input_path.read_bytes)
     batch_id = batch_id_for(data)
     queue = f"batch.{batch_id}"
-    submitted_path = output_path.with_name(output_path.name + ".submitted")
-    done = _read_ids(output_path, "custom_id")
-    submitted = _read_ids(submitted_path, None)
+    sidecar = output_path.with_name(output_path.name + ".submitted")
     parsed = [parse_line(raw, n, batch_id, owner) for n, raw in _lines(data)]
     _check_unique([cid for cid, _ in parsed])
-    custom_by_job = {
-        (item.id if isinstance(item, CompletionJob) else item.job_id): cid for cid, item in parsed
+    job_ids = {
+        cid: (item.id if isinstance(item, CompletionJob) else item.job_id) for cid, item in parsed
     }
+    custom_by_job = {job_id: cid for cid, job_id in job_ids.items()}
+    progress = read_progress(output_path, sidecar, batch_id, job_ids)
+    done = progress.done
     await client.declare_results_queue(queue)
     summary = BatchSummary(batch_id, len(parsed), 0, 0, len(done), Decimal(0))
+    fresh_sidecar = not progress.submitted
     with (
         output_path.open("ab") as out,
-        submitted_path.open("a") as sub,
+        sidecar.open("wb" if fresh_sidecar else "ab") as sub,
         _progress(show_progress) as bar,
     ):
         task = bar.add_task(f"batch {batch_id}", total=len(parsed), completed=len(done))
+        if fresh_sidecar:
+            sub.write(msgspec.json.encode({"batch_id": batch_id}) + b"\n")
 
         def record(result: JobResult) -> None:
             custom_id = custom_by_job.get(result.job_id)
@@ -159,45 +214,47 @@ async def run_batch(
         to_send = [
             item
             for cid, item in parsed
-            if isinstance(item, CompletionJob) and cid not in done and cid not in submitted
+            if isinstance(item, CompletionJob) and cid not in done and cid not in progress.submitted
         ]
 
         def confirmed(job: CompletionJob) -> None:
             # Flushed per line: a crash must not forget a confirmed job, or a
             # re-run would submit (and bill) it again.
-            sub.write(f"{job.metadata.custom_id}\n")
+            sub.write(msgspec.json.encode(job.metadata.custom_id) + b"\n")
             sub.flush()
 
-        sender = asyncio.create_task(
-            client.submit_many(to_send, queue, on_confirmed=confirmed) if to_send else _nothing()
-        )
-        if len(done) < len(parsed):
-            async for result in client.results(queue):
+        async def collect() -> None:
+            if len(done) >= len(parsed):
+                return
+            async for result in client.results(queue, exclusive=True):
                 record(result)
                 if len(done) >= len(parsed):
-                    break
-        await sender
+                    return
+
+        await _send_and_collect(
+            client.submit_many(to_send, queue, on_confirmed=confirmed), collect()
+        )
     await client.delete_queue(queue)
-    submitted_path.unlink(missing_ok=True)
+    sidecar.unlink(missing_ok=True)
     return summary
 
 
-class BatchInputError(ValueError):
-    """The input file as a whole cannot be run."""
-
-
-def _check_unique(custom_ids: list[str]) -> None:
-    seen: set[str] = set()
-    for cid in custom_ids:
-        if cid in seen:
-            raise BatchInputError(
-                f"custom_id {cid!r} appears more than once; each line needs its own"
-            )
-        seen.add(cid)
-
-
-async def _nothing() -> int:
-    return 0
+async def _send_and_collect(
+    sending: Coroutine[Any, Any, int], collecting: Coroutine[Any, Any, None]
+) -> None:
+    """Run both; a failed submit stops the wait for results (which would
+    otherwise wait forever for jobs never sent) and is raised."""
+    sender = asyncio.ensure_future(sending)
+    collector = asyncio.ensure_future(collecting)
+    finished, _ = await asyncio.wait({sender, collector}, return_when=asyncio.FIRST_EXCEPTION)
+    failed = next((t for t in finished if t.exception() is not None), None)
+    if failed is None:
+        await asyncio.gather(sender, collector)
+        return
+    for task in (sender, collector):
+        task.cancel()
+    await asyncio.gather(sender, collector, return_exceptions=True)
+    raise BatchInputError(f"the batch stopped: {failed.exception()}; run it again to resume")
 
 
 def _progress(enabled: bool) -> Progress:

@@ -112,7 +112,7 @@ def _fake_settings_flags(parser: argparse.ArgumentParser) -> None:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     from modelyard.batch import BatchInputError, run_batch  # noqa: PLC0415
-    from modelyard.client import Client  # noqa: PLC0415
+    from modelyard.client import Client, ResultsBusyError  # noqa: PLC0415
     from schemas.jobs import Metadata  # noqa: PLC0415
 
     config = _config(args)
@@ -131,7 +131,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
                     owner=Metadata(team=args.team, project=args.project, user=args.user),
                     show_progress=not args.quiet,
                 )
-            except BatchInputError as exc:
+            except (BatchInputError, ResultsBusyError) as exc:
                 raise UsageError(str(exc)) from exc
         print(
             f"batch {summary.batch_id}: {summary.total} lines, {summary.ok} ok, "

@@ -21,11 +21,12 @@ from typing import Any, Self
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
+from aiormq.exceptions import ChannelAccessRefused
 
 from modelyard import broker
 from modelyard.topology import JOBS_EXCHANGE, build_topology
 from schemas.chat import ChatRequest, Message
-from schemas.codec import decode_reply, encode
+from schemas.codec import InvalidMessage, decode_reply, encode
 from schemas.jobs import CompletionJob, Metadata, TraceContext
 from schemas.results import JobResult, StreamChunk
 
@@ -52,6 +53,10 @@ def new_job(
         deadline=deadline,
         trace=new_trace(),
     )
+
+
+class ResultsBusyError(RuntimeError):
+    """Another process holds the results queue exclusively."""
 
 
 class ResultTimeoutError(TimeoutError):
@@ -87,6 +92,9 @@ class Client:
 
     async def close(self) -> None:
         """Close the connection; pending `complete` calls fail."""
+        for future in self._waiting.values():
+            if not future.done():
+                future.set_exception(ConnectionError("the client was closed"))
         await self.connection.close()
 
     async def submit(self, job: CompletionJob, reply_to: str | None = None) -> None:
@@ -114,26 +122,39 @@ class Client:
     ) -> int:
         """Publish many jobs with at most `max_unconfirmed` awaiting the broker.
 
-        Returns how many were confirmed. The first failed publish is raised
-        after the in-flight ones settle.
+        Returns how many were confirmed. On a failed publish no further job is
+        sent; the ones in flight settle (each confirmed one still reported to
+        `on_confirmed`), then the first error is raised.
         """
         slots = asyncio.Semaphore(max_unconfirmed)
         confirmed = 0
+        failures: list[BaseException] = []
 
         async def one(job: CompletionJob) -> None:
             nonlocal confirmed
             try:
                 await self.submit(job, reply_to)
+            except Exception as exc:
+                failures.append(exc)
+            else:
                 confirmed += 1
                 if on_confirmed is not None:
                     on_confirmed(job)
             finally:
                 slots.release()
 
-        async with asyncio.TaskGroup() as group:
-            for job in jobs:
-                await slots.acquire()
-                group.create_task(one(job))
+        in_flight: set[asyncio.Task[None]] = set()
+        for job in jobs:
+            await slots.acquire()
+            if failures:
+                slots.release()
+                break
+            task = asyncio.create_task(one(job))
+            in_flight.add(task)
+            task.add_done_callback(in_flight.discard)
+        await asyncio.gather(*in_flight)
+        if failures:
+            raise failures[0]
         return confirmed
 
     async def declare_results_queue(self, name: str) -> None:
@@ -144,18 +165,34 @@ class Client:
         """Remove a results queue once its batch is fully collected."""
         await self.channel.queue_delete(name)
 
-    async def results(self, queue: str, *, prefetch: int = 512) -> AsyncIterator[JobResult]:
+    async def results(
+        self, queue: str, *, prefetch: int = 512, exclusive: bool = False
+    ) -> AsyncIterator[JobResult]:
         """Yield results from a durable queue, each job id once.
 
         A result is acked when the next one is requested, i.e. after the
-        caller handled it: stopping mid-way loses nothing.
+        caller handled it: stopping mid-way loses nothing. With `exclusive`,
+        a second reader of the same queue is refused (two readers would each
+        get part of the results). A message that is not a reply is moved to
+        the dead queue, not left to block the queue.
         """
         channel = await broker.open_channel(self.connection, prefetch=prefetch)
         seen: set[str] = set()
         try:
-            async with (await channel.get_queue(queue)).iterator() as messages:
+            source = await channel.get_queue(queue)
+            try:
+                messages = source.iterator(exclusive=exclusive)
+                await messages.consume()
+            except ChannelAccessRefused as exc:
+                raise ResultsBusyError(f"another process is reading {queue}") from exc
+            async with messages:
                 async for message in messages:
-                    reply = decode_reply(message.body)
+                    try:
+                        reply = decode_reply(message.body)
+                    except InvalidMessage as exc:
+                        await broker.dead_letter(channel, message.body, f"not a reply: {exc}")
+                        await message.ack()
+                        continue
                     if isinstance(reply, JobResult) and reply.job_id not in seen:
                         seen.add(reply.job_id)
                         yield reply

@@ -85,11 +85,11 @@ async def test_report_reads_the_ledger(tmp_config: Path, client: Client, databas
     for i in range(3):
         job = new_job("fast", [Message(role="user", content=f"r{i}")], metadata=Metadata(team=team))
         assert (await client.complete(job, timeout=10)).status == "ok"
-    expected = await eventually(
-        lambda: scalar(database_url, "SELECT sum(cost) FROM ledger WHERE team = $1", team),
-        lambda total: total is not None and total > 0,
+    calls = await eventually(
+        lambda: scalar(database_url, "SELECT count(*) FROM ledger WHERE team = $1", team),
+        lambda n: n == 3,
     )
-    calls = await scalar(database_url, "SELECT count(*) FROM ledger WHERE team = $1", team)
+    expected = await scalar(database_url, "SELECT sum(cost) FROM ledger WHERE team = $1", team)
 
     done = run("--config", str(tmp_config), "report", "--group-by", "team", "--format", "csv")
 
