@@ -217,7 +217,12 @@ class Client:
     async def stream(
         self, job: CompletionJob, timeout: float = 60.0
     ) -> AsyncIterator[StreamChunk | JobResult]:
-        """Submit a streaming job; yield its chunks in order, then its final result."""
+        """Submit a streaming job; yield its chunks in order, then its final result.
+
+        If a worker dies mid-stream the job runs again: its chunks then come
+        with `redelivered` set, starting again at `seq` 0, and what was
+        received before should be discarded.
+        """
         reply_to = await self._private_queue()
         job.request.stream = True
         chunks: asyncio.Queue[JobResult | StreamChunk] = asyncio.Queue()

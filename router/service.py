@@ -96,9 +96,12 @@ class Router:
             return
         deployment = self.routes.choose(group, self.rng)
         job.route = Route(deployment=deployment.name, pool=deployment.pool, routed_at=now)
+        # Mandatory: a pool queue that does not exist must fail the publish
+        # (the job is then requeued), not drop the job.
         await self._dispatch.publish(
             broker.message(encode(job), correlation_id=job.id, reply_to=job.reply_to),
             routing_key=deployment.pool,
+            mandatory=True,
         )
         log.debug("routed", deployment=deployment.name, pool=deployment.pool)
 

@@ -111,13 +111,18 @@ class ToolCallDelta(msgspec.Struct, kw_only=True, omit_defaults=True):
 
 
 class StreamChunk(msgspec.Struct, tag_field="kind", tag="chunk", kw_only=True, omit_defaults=True):
-    """One ordered piece of a streamed answer; `seq` starts at 0."""
+    """One ordered piece of a streamed answer; `seq` starts at 0.
+
+    `redelivered` marks chunks of a second attempt after a worker died
+    mid-stream: the answer starts again at `seq` 0, and a consumer should
+    discard what it had received of the first attempt."""
 
     job_id: str
     seq: int
     content: str | None = None
     tool_calls: list[ToolCallDelta] | None = None
     finish_reason: FinishReason | None = None
+    redelivered: bool = False
     v: int = 1
 
 

@@ -25,6 +25,7 @@ from tests.conftest import FakeControl
 from tests.pipeline import eventually, ledger_rows
 from workers.pool import Worker
 from workers.pricing import cost_of, price_card
+from workers.providers import PROVIDERS
 
 pytestmark = pytest.mark.asyncio
 
@@ -285,3 +286,21 @@ async def test_worker_stop_lets_calls_in_flight_finish(
         await connection.close()
 
     assert [(r.status, r.redelivered) for r in results] == [("ok", False)] * 8
+
+
+async def test_a_bug_in_translation_is_answered_not_retried(
+    client: Client, fake: FakeControl, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*_: object) -> object:
+        raise RuntimeError("adapter bug")
+
+    # Not a mock of the broker or the database: a deliberately broken adapter.
+    monkeypatch.setattr(PROVIDERS["openai"], "build_request", broken)
+    before = len(await fake.requests())
+
+    result = await client.complete(ask("fast", "trip the bug"), timeout=10)  # type: ignore[arg-type]
+
+    assert result.error is not None
+    assert (result.error.kind, result.redelivered) == (ErrorKind.SERVER_ERROR, False)
+    assert "RuntimeError" in result.error.message
+    assert len(await fake.requests()) == before

@@ -53,7 +53,9 @@ class CostPublisher:
     async def _send(self, events: list[CostEvent]) -> None:
         body = encode(CostBatch(events=events))
         await self.exchange.publish(
-            broker.message(body, correlation_id=events[0].job_id), routing_key="cost"
+            broker.message(body, correlation_id=events[0].job_id),
+            routing_key="cost",
+            mandatory=True,
         )
 
 

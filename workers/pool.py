@@ -159,7 +159,7 @@ class Worker:
             ),
             job_span(job, worker_queue(self.pool)) as span,
         ):
-            result, cost = await self._run(job, redelivered=bool(message.redelivered))
+            result, cost = await self._run_safely(job, redelivered=bool(message.redelivered))
             span.set_attribute("gen_ai.provider.name", result.provider or "")
             if result.error is not None:
                 span.set_attribute("error.type", result.error.kind.value)
@@ -169,6 +169,32 @@ class Worker:
                 publishes.append(self._costs.publish(cost))
             await asyncio.gather(*publishes)
         await message.ack()
+
+    async def _run_safely(
+        self, job: CompletionJob, *, redelivered: bool
+    ) -> tuple[JobResult, CostEvent | None]:
+        """`_run`, with a bug in translation or transport answered as a
+        `server_error` result instead of requeueing the job to fail (and
+        maybe bill) again and again until it is dead-lettered unanswered."""
+        try:
+            result, cost = await self._run(job, redelivered=redelivered)
+        except Exception as exc:
+            log.exception("job failed inside the worker")
+            error = job_error(
+                ErrorKind.SERVER_ERROR, f"modelyard worker error: {type(exc).__name__}"
+            )
+            return error_result(job, error, redelivered=redelivered), None
+        if result.error is not None:
+            result.error.message = self._scrub(result.error.message)
+        return result, cost
+
+    def _scrub(self, text: str) -> str:
+        """Remove this pool's API keys from provider-supplied text: a proxy or
+        compatible server may echo a key back in an error body."""
+        for key in self._keys.values():
+            if key and key in text:
+                text = text.replace(key, "[redacted]")
+        return text
 
     async def _run(
         self, job: CompletionJob, *, redelivered: bool
@@ -246,7 +272,9 @@ class Worker:
             return Call(outcome=response)
         return answered(adapter, response, deployment)
 
-    async def _stream(self, job: CompletionJob, deployment: Deployment) -> Call:
+    async def _stream(
+        self, job: CompletionJob, deployment: Deployment, *, redelivered: bool = False
+    ) -> Call:
         """Relay a streamed answer as ordered chunks; the final reply comes back."""
         prepared = self._prepare(job, deployment)
         if isinstance(prepared, JobError):
@@ -268,6 +296,7 @@ class Worker:
                     chunk = StreamChunk(
                         job_id=job.id,
                         seq=seq,
+                        redelivered=redelivered,
                         content=delta.content,
                         tool_calls=delta.tool_calls,
                         finish_reason=delta.finish_reason,

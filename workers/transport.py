@@ -62,7 +62,7 @@ class EventStream:
         data: list[str] = []
         try:
             async for raw in self._response.content:
-                line = raw.decode("utf-8").rstrip("\r\n")
+                line = raw.decode("utf-8", "replace").rstrip("\r\n")
                 if not line:
                     if data:
                         yield event, "\n".join(data)
@@ -81,6 +81,18 @@ class EventStream:
             )
         if data and self.error is None:  # a last event without its blank line
             yield event, "\n".join(data)
+
+
+async def _whole(response: aiohttp.ClientResponse, timeout_s: float) -> HttpResponse | JobError:
+    """A non-200 answer to a streamed call, read whole (it is a short error body)."""
+    try:
+        body = await response.read()
+    except TimeoutError:
+        return job_error(ErrorKind.TIMEOUT, f"provider error body not read within {timeout_s:g}s")
+    except aiohttp.ClientError as exc:
+        return job_error(ErrorKind.SERVER_ERROR, f"provider error body lost: {type(exc).__name__}")
+    headers = {k.lower(): v for k, v in response.headers.items()}
+    return HttpResponse(status=response.status, headers=headers, body=body)
 
 
 @asynccontextmanager
@@ -112,8 +124,6 @@ async def open_stream(
         if response.status == 200:
             yield EventStream(response, idle_timeout_s)
         else:
-            body = await response.read()
-            headers = {k.lower(): v for k, v in response.headers.items()}
-            yield HttpResponse(status=response.status, headers=headers, body=body)
+            yield await _whole(response, idle_timeout_s)
     finally:
         response.release()

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from modelyard.batch import batch_id_for, parse_line
+from modelyard.batch import BatchInputError, batch_id_for, parse_line, read_progress
 from modelyard.logs import REDACTED, Redactor
 from modelyard.openai_format import batch_output_line
 from modelyard.report import ReportError, exact, report_sql
@@ -202,3 +203,18 @@ def test_report_validates_grouping() -> None:
         report_sql(["team; DROP TABLE ledger"])
     assert exact(Decimal("0.017536160000")) == "0.01753616"
     assert exact(Decimal("12.000")) == "12"
+
+
+def test_batch_progress_files(tmp_path: Path) -> None:
+    ids = {"r1": "job1", "r2": "job2"}
+    output, sidecar = tmp_path / "out.jsonl", tmp_path / "out.jsonl.submitted"
+    output.write_bytes(b'{"id": "batch_req_job1", "custom_id": "r1"}\n{"id": "batch_req_jo')
+    sidecar.write_bytes(b'{"batch_id": "b1"}\n"r2"\n"r')
+
+    earlier = read_progress(output, sidecar, "b1", ids)
+
+    assert (earlier.done, earlier.submitted) == ({"r1"}, {"r2"})
+    assert output.read_bytes().endswith(b'"r1"}\n')  # the torn line is cut off the file
+    assert read_progress(output, sidecar, "b2", ids).submitted == set()  # another input's sidecar
+    with pytest.raises(BatchInputError, match="different input"):
+        read_progress(output, sidecar, "b1", {"r1": "other-job"})
