@@ -217,7 +217,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("MODELYARD_CONFIG", DEFAULT_CONFIG),
         help="config file (default: $MODELYARD_CONFIG or ./modelyard.yaml)",
     )
-    parser.add_argument("--log-level", help="debug, info, warning, error (default: from config)")
+    parser.add_argument(
+        "--log-level",
+        choices=["debug", "info", "warning", "error"],
+        help="default: the config's log_level",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     up = sub.add_parser("up", help="router, every worker pool and the ledger in one process")

@@ -14,7 +14,7 @@ import re
 from collections.abc import Mapping
 from decimal import Decimal
 from pathlib import Path
-from typing import Annotated, Any, Protocol
+from typing import Annotated, Any, Literal, Protocol
 
 import msgspec
 import yaml
@@ -53,7 +53,7 @@ class Deployment(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     provider: str
     model: Annotated[str, Meta(min_length=1)]
     pool: Name
-    api_base: str | None = None
+    api_base: Annotated[str, Meta(pattern=r"^https?://[^/\s]+")] | None = None
     api_key_env: str | None = None
     timeout_s: Annotated[float, Meta(gt=0)] = 60.0
     price: PriceOverride | None = None
@@ -86,7 +86,7 @@ class Pool(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 class RouterSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """How many jobs a router process works on at once, and the size limit."""
 
-    concurrency: Annotated[int, Meta(ge=1)] = 256
+    concurrency: Annotated[int, Meta(ge=1, le=65535)] = 256  # AMQP prefetch is 16-bit
     max_job_bytes: Annotated[int, Meta(ge=1024)] = 8 * 1024 * 1024
 
 
@@ -105,7 +105,7 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     pools: dict[Name, Pool] = msgspec.field(default_factory=dict)
     broker_url: str = DEFAULT_BROKER_URL
     database_url: str = DEFAULT_DATABASE_URL
-    log_level: str = "info"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_prompts: bool = False
     router: RouterSettings = msgspec.field(default_factory=RouterSettings)
     ledger: LedgerSettings = msgspec.field(default_factory=LedgerSettings)

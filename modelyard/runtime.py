@@ -7,6 +7,7 @@ import signal
 from typing import Protocol
 
 import structlog
+from aio_pika.abc import AbstractRobustConnection
 
 from ledger.service import Ledger
 from modelyard import broker
@@ -47,6 +48,25 @@ async def serve(config: Config, roles: list[str], pools: list[str], name: str) -
     """Start the named roles on one broker connection; stop them cleanly on a signal."""
     configure_tracing()
     connection = await broker.connect(config.broker_url, name)
+    started: list[Component] = []
+    try:
+        for component in _components(config, roles, pools, connection):
+            await component.start()
+            started.append(component)
+        log.info("running", roles=roles, pools=pools)
+        await wait_for_signal()
+        log.info("stopping")
+    finally:
+        for component in reversed(started):
+            await component.stop()
+        await connection.close()
+
+
+def _components(
+    config: Config, roles: list[str], pools: list[str], connection: AbstractRobustConnection
+) -> list[Component]:
+    """The components for the roles, in start order: the ledger first (so cost
+    events have a consumer), the router last (so jobs have workers)."""
     components: list[Component] = []
     if "ledger" in roles:
         components.append(Ledger(config, connection))
@@ -54,13 +74,4 @@ async def serve(config: Config, roles: list[str], pools: list[str], name: str) -
         components.extend(Worker(config, pool, connection) for pool in pools)
     if "router" in roles:
         components.append(Router(config, connection))
-    try:
-        for component in components:
-            await component.start()
-        log.info("running", roles=roles, pools=pools)
-        await wait_for_signal()
-        log.info("stopping")
-    finally:
-        for component in reversed(components):
-            await component.stop()
-        await connection.close()
+    return components

@@ -22,7 +22,7 @@ import structlog
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
 
 from modelyard import broker
-from modelyard.config import Config, Deployment
+from modelyard.config import Config, ConfigError, Deployment
 from modelyard.replies import error_result, send_reply, timings_for
 from modelyard.topology import COSTS_EXCHANGE, build_topology, worker_queue
 from modelyard.tracing import job_span
@@ -96,6 +96,20 @@ def billed_reply(reply: ProviderReply, deployment: Deployment) -> Billed:
     )
 
 
+def _key(deployment: Deployment, env: Mapping[str, str]) -> str | None:
+    """A deployment's API key from the environment; a named but unset
+    variable stops the worker at start rather than failing every job with 401."""
+    if not deployment.api_key_env:
+        return None
+    key = env.get(deployment.api_key_env)
+    if not key:
+        raise ConfigError(
+            f"deployments.{deployment.name}.api_key_env: {deployment.api_key_env} is not set "
+            "in this worker's environment"
+        )
+    return key
+
+
 class Worker:
     """Consumes `worker.<pool>` with at most `concurrency` jobs in flight."""
 
@@ -113,10 +127,7 @@ class Worker:
         self.deployments = {n: d for n, d in config.deployments.items() if d.pool == pool}
         env = os.environ if env is None else env
         # Keys are read once, from this process's environment, and kept here.
-        self._keys = {
-            n: env.get(d.api_key_env) if d.api_key_env else None
-            for n, d in self.deployments.items()
-        }
+        self._keys = {n: _key(d, env) for n, d in self.deployments.items()}
         self._prices = {n: price_card(d) for n, d in self.deployments.items()}
         self._channel: AbstractChannel | None = None
         self._session: aiohttp.ClientSession | None = None

@@ -86,6 +86,60 @@ def doc(**overrides: Any) -> dict[str, Any]:
             "deployments.a.price.input_per_mtok",
         ),
         ({"router": {"concurrency": 0}}, "router.concurrency"),
+        ({"router": {"concurrency": 70000}}, "router.concurrency"),
+        ({"log_level": "verbose"}, "log_level"),
+        (
+            {
+                "deployments": {
+                    "a": {
+                        "provider": "openai",
+                        "model": "m",
+                        "pool": "p",
+                        "api_base": "localhost:8000",
+                    }
+                }
+            },
+            "deployments.a.api_base",
+        ),
+        (
+            {
+                "deployments": {
+                    "a": {
+                        "provider": "openai",
+                        "model": "m",
+                        "pool": "p",
+                        "options": {"drop_parms": []},
+                    }
+                }
+            },
+            "deployments.a.options: Object contains unknown field `drop_parms`",
+        ),
+        (
+            {
+                "deployments": {
+                    "a": {
+                        "provider": "openai",
+                        "model": "m",
+                        "pool": "p",
+                        "options": {"extra_headers": ["x"]},
+                    }
+                }
+            },
+            "deployments.a.options.extra_headers",
+        ),
+        (
+            {
+                "deployments": {
+                    "a": {
+                        "provider": "anthropic",
+                        "model": "m",
+                        "pool": "p",
+                        "options": {"default_max_tokens": 0},
+                    }
+                }
+            },
+            "deployments.a.options.default_max_tokens",
+        ),
     ],
 )
 def test_bad_config_names_its_path(change: dict[str, Any], message: str) -> None:
@@ -134,3 +188,21 @@ def test_alias_and_weighted_choice() -> None:
     assert table.resolve("missing") is None
     assert set(picks) == {"a", "b"}
     assert 0.70 < picks["a"] / 4000 < 0.80  # weight 3 of 4
+
+
+def test_worker_refuses_to_start_without_its_key() -> None:
+    from modelyard.config import ConfigError as Error  # noqa: PLC0415
+    from workers.pool import Worker  # noqa: PLC0415
+
+    config = parse(
+        doc(
+            deployments={"a": {"provider": "openai", "model": "m", "pool": "p", "api_key_env": "K"}}
+        ),
+        {},
+        PROVIDERS,
+    )
+    config.models = {}
+
+    with pytest.raises(Error, match=r"deployments\.a\.api_key_env: K is not set"):
+        Worker(config, "p", connection=None, env={})  # type: ignore[arg-type]
+    assert Worker(config, "p", connection=None, env={"K": "sk"})._keys == {"a": "sk"}  # type: ignore[arg-type]

@@ -37,7 +37,7 @@ Choices where the two APIs do not line up, so callers know what to expect:
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -63,6 +63,7 @@ from workers.providers.base import (
     error_for_status,
     integer,
     malformed,
+    options_problem,
     retry_after_s,
     seconds_until,
     set_params,
@@ -674,6 +675,12 @@ _HANDLERS = {
 # --- the adapter -----------------------------------------------------------
 
 
+class AnthropicOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """The `options` an Anthropic deployment may set."""
+
+    default_max_tokens: Annotated[int, msgspec.Meta(ge=1)] = DEFAULT_MAX_TOKENS
+
+
 class AnthropicAdapter:
     """The Messages API over HTTPS with an `x-api-key`."""
 
@@ -681,8 +688,8 @@ class AnthropicAdapter:
     request_id_header = "request-id"
 
     def check_deployment(self, deployment: Deployment) -> str | None:
-        """Every field this provider needs has a default."""
-        return None
+        """Every field has a default; `options` must be ones this adapter reads."""
+        return options_problem(deployment.options, AnthropicOptions)
 
     def build_request(
         self, request: ChatRequest, deployment: Deployment, api_key: str | None

@@ -13,9 +13,16 @@ from __future__ import annotations
 from urllib.parse import quote
 
 from modelyard.config import Deployment
-from workers.providers.openai import OpenAIAdapter
+from workers.providers.openai import OpenAIAdapter, OpenAIOptions
 
 DEFAULT_API_VERSION = "2024-10-21"
+
+
+class AzureOptions(OpenAIOptions, kw_only=True, forbid_unknown_fields=True):
+    """Azure's own options, besides the OpenAI family's quirks."""
+
+    azure_deployment: str | None = None
+    api_version: str = DEFAULT_API_VERSION
 
 
 class AzureOpenAIAdapter(OpenAIAdapter):
@@ -24,11 +31,13 @@ class AzureOpenAIAdapter(OpenAIAdapter):
     name = "azure"
     request_id_header = "apim-request-id"
 
+    options_type = AzureOptions
+
     def check_deployment(self, deployment: Deployment) -> str | None:
         """Azure has no default endpoint: the resource URL is required."""
         if not deployment.api_base:
             return "api_base: azure needs the resource URL (https://NAME.openai.azure.com)"
-        return None
+        return super().check_deployment(deployment)
 
     def url(self, deployment: Deployment) -> str:
         """`{resource}/openai/deployments/{name}/chat/completions?api-version=...`."""

@@ -198,6 +198,18 @@ def openai_rate_limits(headers: Mapping[str, str]) -> RateLimits | None:
     return limits if limits != RateLimits() else None
 
 
+def options_problem(options: dict[str, Any], kind: type[msgspec.Struct]) -> str | None:
+    """Why a deployment's `options` do not fit the provider's option struct
+    (unknown keys included: a typo must not silently do nothing)."""
+    try:
+        msgspec.convert(options, kind)
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        path, _, where = text.rpartition(" - at `$")
+        return f"options{where.rstrip('`')}: {path}" if path else f"options: {text}"
+    return None
+
+
 def set_params(request: ChatRequest, names: tuple[str, ...]) -> list[str]:
     """Which of the named top-level request parameters the job sets."""
     return [name for name in names if getattr(request, name, None) is not None]

@@ -70,6 +70,7 @@ from workers.providers.base import (
     StreamDelta,
     error_for_status,
     malformed,
+    options_problem,
     retry_after_s,
     set_params,
 )
@@ -719,6 +720,12 @@ class GeminiStreamDecoder:
 # --- the adapter -----------------------------------------------------------
 
 
+class GeminiOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """The `options` a Gemini deployment may set."""
+
+    thought_signature_placeholder: str | None = None
+
+
 class GeminiAdapter:
     """The Gemini API over HTTPS with an `x-goog-api-key`."""
 
@@ -726,8 +733,8 @@ class GeminiAdapter:
     request_id_header = None  # Gemini sends its id in the body (`responseId`)
 
     def check_deployment(self, deployment: Deployment) -> str | None:
-        """Every field this provider needs has a default."""
-        return None
+        """Every field has a default; `options` must be ones this adapter reads."""
+        return options_problem(deployment.options, GeminiOptions)
 
     def ignored(self, request: ChatRequest, deployment: Deployment) -> list[str]:
         """`parallel_tool_calls`, `user`, message `name`s and image `detail`."""

@@ -21,6 +21,7 @@ from workers.providers.base import (
     error_for_status,
     malformed,
     openai_rate_limits,
+    options_problem,
     retry_after_s,
     set_params,
 )
@@ -252,6 +253,16 @@ def _stream_error(body: _ErrorBody) -> JobError:
     return error_from_openai(HttpResponse(status=status, headers={}, body=envelope))
 
 
+class OpenAIOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """The `options` an OpenAI-family deployment may set (see `Quirks`)."""
+
+    unsupported: list[str] = msgspec.field(default_factory=list)
+    drop_params: list[str] = msgspec.field(default_factory=list)
+    rename_params: dict[str, str] = msgspec.field(default_factory=dict)
+    stream_usage: bool = True
+    extra_headers: dict[str, str] = msgspec.field(default_factory=dict)
+
+
 class Quirks(msgspec.Struct, kw_only=True, frozen=True):
     """How an OpenAI-compatible server departs from OpenAI, declared in the
     deployment's `options` instead of written as code per vendor.
@@ -321,9 +332,11 @@ class OpenAIAdapter:
     name = "openai"
     request_id_header = "x-request-id"
 
+    options_type: type[OpenAIOptions] = OpenAIOptions
+
     def check_deployment(self, deployment: Deployment) -> str | None:
-        """Every field this provider needs has a default."""
-        return None
+        """`options` must be the quirks this family understands."""
+        return options_problem(deployment.options, self.options_type)
 
     def build_request(
         self, request: ChatRequest, deployment: Deployment, api_key: str | None
