@@ -196,12 +196,14 @@ def test_worker_refuses_to_start_without_its_key() -> None:
 
     config = parse(
         doc(
-            deployments={"a": {"provider": "openai", "model": "m", "pool": "p", "api_key_env": "K"}}
+            deployments={
+                "a": {"provider": "openai", "model": "m", "pool": "p", "api_key_env": "K"}
+            },
+            models={},
         ),
         {},
         PROVIDERS,
     )
-    config.models = {}
 
     with pytest.raises(Error, match=r"deployments\.a\.api_key_env: K is not set"):
         Worker(config, "p", connection=None, env={})  # type: ignore[arg-type]
