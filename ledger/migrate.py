@@ -6,6 +6,7 @@ yet, so a fresh machine needs nothing but a running server.
 
 from __future__ import annotations
 
+import contextlib
 from importlib import resources
 from urllib.parse import urlsplit, urlunsplit
 
@@ -45,12 +46,15 @@ async def ensure_database(url: str) -> None:
     """Create the URL's database when it is missing (connecting to `postgres`)."""
     parts = urlsplit(url)
     name = parts.path.lstrip("/")
+    if not name or '"' in name:
+        raise ValueError(f"the database URL {without_password(url)} names no usable database")
     admin_url = urlunsplit(parts._replace(path="/postgres"))
     conn = await connect(admin_url)
     try:
         if not await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name):
-            await conn.execute(f'CREATE DATABASE "{name}"')
-            log.info("database created", database=name)
+            with contextlib.suppress(asyncpg.DuplicateDatabaseError):  # a concurrent migrate won
+                await conn.execute(f'CREATE DATABASE "{name}"')
+                log.info("database created", database=name)
     finally:
         await conn.close()
 

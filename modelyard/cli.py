@@ -17,6 +17,7 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import msgspec
 
 from modelyard import logs
@@ -274,6 +275,15 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, UsageError, ValueError) as exc:
         print(f"modelyard: error: {exc}", file=sys.stderr)
         return 2
+    except (asyncpg.UndefinedTableError, asyncpg.UndefinedFunctionError):
+        print(
+            "modelyard: error: the database is not migrated: run `modelyard migrate`",
+            file=sys.stderr,
+        )
+        return 2
+    except asyncpg.PostgresError as exc:
+        print(f"modelyard: error: database: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     except OSError as exc:

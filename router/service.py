@@ -75,15 +75,17 @@ class Router:
             ),
             job_span(job, ROUTER_QUEUE),
         ):
-            await self._route(job)
+            await self._route(job, redelivered=bool(message.redelivered))
         await message.ack()
 
-    async def _route(self, job: CompletionJob) -> None:
+    async def _route(self, job: CompletionJob, *, redelivered: bool) -> None:
         assert self._channel is not None
         now = time.time()
         if deadline_passed(job, now):
             error = job_error(ErrorKind.DEADLINE_EXCEEDED, "deadline passed before routing")
-            await send_reply(self._channel, job.reply_to, error_result(job, error))
+            await send_reply(
+                self._channel, job.reply_to, error_result(job, error, redelivered=redelivered)
+            )
             return
         group = self.routes.resolve(job.request.model)
         if group is None:
@@ -92,7 +94,9 @@ class Router:
                 f"no model or alias named {job.request.model!r}",
                 field="$.request.model",
             )
-            await send_reply(self._channel, job.reply_to, error_result(job, error))
+            await send_reply(
+                self._channel, job.reply_to, error_result(job, error, redelivered=redelivered)
+            )
             return
         deployment = self.routes.choose(group, self.rng)
         job.route = Route(deployment=deployment.name, pool=deployment.pool, routed_at=now)
@@ -108,7 +112,10 @@ class Router:
     async def _reject_invalid(self, message: AbstractIncomingMessage, exc: InvalidMessage) -> None:
         """Answer a job that does not decode, or park it when nobody can be answered."""
         assert self._channel is not None
-        job_id, reply_to = salvage_envelope(message.body)
+        # An oversized body is not parsed even to salvage it: the producer's
+        # AMQP properties (correlation id, reply_to) say where to answer.
+        too_big = len(message.body) > self.config.router.max_job_bytes
+        job_id, reply_to = (None, None) if too_big else salvage_envelope(message.body)
         reply_to = reply_to or message.reply_to
         job_id = job_id or message.correlation_id
         log.warning("invalid job", job_id=job_id, field=exc.field, reason=str(exc))

@@ -80,8 +80,11 @@ class CompletionJob(msgspec.Struct, kw_only=True, omit_defaults=True):
     key_id: str | None = None
     metadata: Metadata = msgspec.field(default_factory=Metadata)
     reply_to: str | None = None
-    deadline: datetime | None = None
+    deadline: Annotated[datetime, Meta(tz=True)] | None = None
     submitted_at: float | None = None
+    # Which lane the job belongs to. Recorded today (batch submits set it);
+    # separate interactive and batch lanes per pool are the next step, so
+    # that batch traffic cannot starve interactive jobs.
     priority: Literal["interactive", "batch"] = "interactive"
     trace: TraceContext | None = None
     route: Route | None = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -131,11 +132,16 @@ async def test_deadline_already_passed(client: Client, fake: FakeControl) -> Non
 
 
 async def _raw_submit(config: Config, body: bytes, reply_to: str | None) -> None:
+    """Publish a body as a producer would; the correlation id is the job id, as
+    `Client.submit` sets it, when the body names one."""
     connection = await aio_pika.connect(config.broker_url)
     async with connection:
         channel = await connection.channel(publisher_confirms=True)
         exchange = await channel.get_exchange(JOBS_EXCHANGE)
-        await exchange.publish(aio_pika.Message(body, reply_to=reply_to), routing_key="job")
+        found = re.search(rb'"id": "([^"]+)"', body[:200])
+        correlation_id = found[1].decode() if found else None
+        message = aio_pika.Message(body, reply_to=reply_to, correlation_id=correlation_id)
+        await exchange.publish(message, routing_key="job")
 
 
 async def _replies(config: Config, bodies: list[bytes], wait: float = 1.0) -> list[JobResult]:
