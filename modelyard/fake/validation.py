@@ -85,3 +85,16 @@ def _not_null(expected: str) -> str:
 def _field(text: str) -> str:
     match = _FIELD.search(text)
     return match[1] if match else ""
+
+
+class _ModelOnly(msgspec.Struct):
+    model: str | None = None
+
+
+def model_in_body(body: bytes) -> str | None:
+    """Best-effort model name of a JSON request body that failed to parse,
+    for the request log (the providers that name the model in the body)."""
+    try:
+        return msgspec.json.decode(body, type=_ModelOnly).model
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None

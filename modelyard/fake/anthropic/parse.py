@@ -77,18 +77,6 @@ def parse(headers: Mapping[str, str], body: bytes) -> Parsed | WireError:
     return Parsed(_conversation(request, request.model or ""), bool(request.stream))
 
 
-def requested_model(body: bytes) -> str | None:
-    """Best-effort model name of a request that failed to parse, for the log."""
-    try:
-        return msgspec.json.decode(body, type=_ModelOnly).model
-    except msgspec.DecodeError:
-        return None
-
-
-class _ModelOnly(msgspec.Struct):
-    model: str | None = None
-
-
 # Checks: each returns the real API's message, or None -------------------------
 
 

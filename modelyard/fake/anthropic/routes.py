@@ -13,7 +13,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from modelyard.fake.anthropic import errors, headers, render
-from modelyard.fake.anthropic.parse import Parsed, parse, requested_model
+from modelyard.fake.anthropic.parse import Parsed, parse
 from modelyard.fake.conversation import Reply
 from modelyard.fake.dialect import WireError
 from modelyard.fake.handler import handler
@@ -21,6 +21,7 @@ from modelyard.fake.ids import BASE58, random_id
 from modelyard.fake.limits import RateLimits
 from modelyard.fake.screen import ContextWindow, Rejection
 from modelyard.fake.settings import Fault
+from modelyard.fake.validation import model_in_body
 
 PATH = "/v1/messages"
 JSON = "application/json"
@@ -52,7 +53,7 @@ class AnthropicDialect:
         return parse(request.headers, body)
 
     def requested_model(self, request: web.Request, body: bytes) -> str | None:
-        return requested_model(body)
+        return model_in_body(body)
 
     def reject(self, rejection: Rejection, parsed: Parsed) -> WireError | None:
         if isinstance(rejection, ContextWindow):

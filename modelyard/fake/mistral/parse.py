@@ -69,18 +69,6 @@ def parse(body: bytes) -> Parsed | WireError:
     return Parsed(_conversation(request), request.stream)
 
 
-def requested_model(body: bytes) -> str | None:
-    """Best-effort model name of a request that failed to parse, for the log."""
-    try:
-        return msgspec.json.decode(body, type=_ModelOnly).model
-    except msgspec.DecodeError:
-        return None
-
-
-class _ModelOnly(msgspec.Struct):
-    model: str | None = None
-
-
 # Checks -----------------------------------------------------------------------
 
 

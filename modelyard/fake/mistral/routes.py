@@ -17,9 +17,10 @@ from modelyard.fake.dialect import WireError, cut_events
 from modelyard.fake.handler import handler
 from modelyard.fake.limits import RateLimits
 from modelyard.fake.mistral import errors, render
-from modelyard.fake.mistral.parse import Parsed, parse, requested_model
+from modelyard.fake.mistral.parse import Parsed, parse
 from modelyard.fake.screen import ContextWindow, Rejection
 from modelyard.fake.settings import Fault
+from modelyard.fake.validation import model_in_body
 
 PATH = "/mistral/v1/chat/completions"
 JSON = "application/json"
@@ -48,7 +49,7 @@ class MistralDialect:
         return parse(body)
 
     def requested_model(self, request: web.Request, body: bytes) -> str | None:
-        return requested_model(body)
+        return model_in_body(body)
 
     def reject(self, rejection: Rejection, parsed: Parsed) -> WireError | None:
         if isinstance(rejection, ContextWindow):

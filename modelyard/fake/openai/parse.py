@@ -71,18 +71,6 @@ def parse(body: bytes, model: str | None = None) -> Parsed | ApiError:
     )
 
 
-def requested_model(body: bytes) -> str | None:
-    """Best-effort model name of a request, for the log of requests that failed to parse."""
-    try:
-        return msgspec.json.decode(body, type=_ModelOnly).model
-    except msgspec.DecodeError:
-        return None
-
-
-class _ModelOnly(msgspec.Struct):
-    model: str | None = None
-
-
 # Checks -----------------------------------------------------------------------
 
 

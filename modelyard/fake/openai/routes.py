@@ -18,9 +18,10 @@ from modelyard.fake.handler import handler
 from modelyard.fake.limits import RateLimits
 from modelyard.fake.openai import errors, headers, render
 from modelyard.fake.openai.errors import ApiError
-from modelyard.fake.openai.parse import Parsed, parse, requested_model
+from modelyard.fake.openai.parse import Parsed, parse
 from modelyard.fake.screen import ContextWindow, Rejection
 from modelyard.fake.settings import Fault
+from modelyard.fake.validation import model_in_body
 
 PATH = "/v1/chat/completions"
 JSON = "application/json"
@@ -51,7 +52,7 @@ class OpenAIDialect:
         return parsed.wire() if isinstance(parsed, ApiError) else parsed
 
     def requested_model(self, request: web.Request, body: bytes) -> str | None:
-        return requested_model(body)
+        return model_in_body(body)
 
     def reject(self, rejection: Rejection, parsed: Parsed) -> WireError | None:
         return reject(rejection).wire()
