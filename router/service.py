@@ -27,11 +27,6 @@ from schemas.results import JobResult, Timings
 log = structlog.get_logger("modelyard.router")
 
 
-def deadline_passed(job: CompletionJob, now: float) -> bool:
-    """True when the job's absolute deadline is behind us."""
-    return job.deadline is not None and job.deadline.timestamp() <= now
-
-
 class Router:
     """Consumes `router.jobs`; publishes to `modelyard.dispatch`."""
 
@@ -81,7 +76,7 @@ class Router:
     async def _route(self, job: CompletionJob, *, redelivered: bool) -> None:
         assert self._channel is not None
         now = time.time()
-        if deadline_passed(job, now):
+        if job.deadline_passed(now):
             error = job_error(ErrorKind.DEADLINE_EXCEEDED, "deadline passed before routing")
             await send_reply(
                 self._channel, job.reply_to, error_result(job, error, redelivered=redelivered)

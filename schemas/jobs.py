@@ -89,3 +89,7 @@ class CompletionJob(msgspec.Struct, kw_only=True, omit_defaults=True):
     trace: TraceContext | None = None
     route: Route | None = None
     attempts: list[Attempt] = msgspec.field(default_factory=list)
+
+    def deadline_passed(self, now: float) -> bool:
+        """True when the job's absolute deadline is behind `now` (unix seconds)."""
+        return self.deadline is not None and self.deadline.timestamp() <= now

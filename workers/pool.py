@@ -26,7 +26,6 @@ from modelyard.config import Config, ConfigError, Deployment
 from modelyard.replies import error_result, send_reply, timings_for
 from modelyard.topology import COSTS_EXCHANGE, build_topology, worker_queue
 from modelyard.tracing import job_span
-from router.service import deadline_passed
 from schemas.codec import InvalidMessage, decode_job
 from schemas.costs import CostEvent
 from schemas.errors import ErrorKind, JobError, job_error
@@ -217,7 +216,7 @@ class Worker:
                 ErrorKind.UNKNOWN_MODEL, f"deployment not served by pool {self.pool!r}"
             )
             return error_result(job, error, redelivered=redelivered), None
-        if deadline_passed(job, time.time()):
+        if job.deadline_passed(time.time()):
             error = job_error(
                 ErrorKind.DEADLINE_EXCEEDED, "deadline passed before the provider call"
             )
