@@ -56,6 +56,7 @@ class Deployment(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     api_base: Annotated[str, Meta(pattern=r"^https?://[^/\s]+")] | None = None
     api_key_env: str | None = None
     timeout_s: Annotated[float, Meta(gt=0)] = 60.0
+    stream_timeout_s: Annotated[float, Meta(gt=0)] = 600.0
     price: PriceOverride | None = None
     price_provider: str | None = None
     options: dict[str, Any] = msgspec.field(default_factory=dict)

@@ -301,20 +301,27 @@ class Worker:
             request_id = opened.headers.get(header) if header else None
             decoder = adapter.stream_decoder(request_id)
             seq = 0
-            async for name, data in opened.events():
-                for delta in decoder.feed(name, data):
-                    chunk = StreamChunk(
-                        job_id=job.id,
-                        seq=seq,
-                        redelivered=redelivered,
-                        content=delta.content,
-                        tool_calls=delta.tool_calls,
-                        finish_reason=delta.finish_reason,
-                    )
-                    # One at a time: chunks must reach the producer in order.
-                    await send_reply(self._channel, job.reply_to, chunk)
-                    seq += 1
-            outcome = opened.error or decoder.finish()
+            cut_off: JobError | None = None
+            try:
+                # Keep-alive pings reset the idle timeout; this bounds the whole answer.
+                async with asyncio.timeout(deployment.stream_timeout_s):
+                    async for name, data in opened.events():
+                        for delta in decoder.feed(name, data):
+                            chunk = StreamChunk(
+                                job_id=job.id,
+                                seq=seq,
+                                redelivered=redelivered,
+                                content=delta.content,
+                                tool_calls=delta.tool_calls,
+                                finish_reason=delta.finish_reason,
+                            )
+                            # One at a time: chunks must reach the producer in order.
+                            await send_reply(self._channel, job.reply_to, chunk)
+                            seq += 1
+            except TimeoutError:
+                limit = deployment.stream_timeout_s
+                cut_off = job_error(ErrorKind.TIMEOUT, f"stream still running after {limit:g}s")
+            outcome = cut_off or opened.error or decoder.finish()
         limits = adapter.rate_limits(opened.headers)
         if isinstance(outcome, ProviderReply):
             return Call(
