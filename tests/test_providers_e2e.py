@@ -288,3 +288,31 @@ async def test_streamed_tool_calls_reassemble(model: str, client: Client) -> Non
     ]
     assert streamed == final_calls
     assert final.response.finish_reason == "tool_calls"
+
+
+async def test_stream_error_after_200_still_bills_what_was_used(
+    client: Client, fake: FakeControl, database_url: str
+) -> None:
+    await fake.set(rate_malformed=1.0)  # Anthropic: an `error` event after some deltas
+    try:
+        items = [
+            i
+            async for i in client.stream(
+                new_job("via-anthropic", [user("break midway")]), timeout=10
+            )
+        ]
+    finally:
+        await fake.set(rate_malformed=0.0)
+
+    final = items[-1]
+    assert isinstance(final, JobResult)
+    assert final.error is not None
+    assert final.error.kind == ErrorKind.OVERLOADED
+    assert final.usage is not None
+    assert final.usage.input_tokens > 0
+    rows = await eventually(lambda: ledger_rows(database_url, "job_id = $1", final.job_id), bool)
+    assert [(r["status"], r["input_tokens"], r["cost"]) for r in rows] == [
+        ("error", final.usage.input_tokens, final.cost)
+    ]
+    assert final.cost is not None
+    assert final.cost > 0
