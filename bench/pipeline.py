@@ -61,10 +61,11 @@ async def throughput(broker_url: str, database_url: str, n: int) -> tuple[float,
         started = time.perf_counter()
         sender = asyncio.create_task(client.submit_many(batch, RESULTS))
         got = 0
-        async for _ in client.results(RESULTS):
-            got += 1
-            if got == n:
-                break
+        async with contextlib.aclosing(client.results(RESULTS)) as results:
+            async for _ in results:
+                got += 1
+                if got == n:
+                    break
         results_s = time.perf_counter() - started
         await sender
     conn = await asyncpg.connect(database_url)
@@ -146,18 +147,31 @@ def main() -> int:
         doc["pools"]["main"]["concurrency"] = args.concurrency
         doc["ledger"] = {"batch_size": 500, "flush_ms": 20}
         config = str(write_config(Path(tmp) / "bench.yaml", doc))
-        env = {"TEST_FAKE_KEY": "bench-key"}
+        env = {"TEST_FAKE_KEY": "bench-key", "TEST_WRONG_KEY": "not-the-key"}
+        logs = Path(tmp)
         procs = {
-            "fake-provider": modelyard(
-                "fake-provider", "--port", str(port), "--api-key", "bench-key"
+            "fake": modelyard(
+                "fake-provider",
+                "--port",
+                str(port),
+                "--api-key",
+                "bench-key",
+                log=logs / "fake.log",
             ),
-            "router": modelyard("--config", config, "router", env=env),
-            "worker": modelyard("--config", config, "worker", "--pool", "main", env=env),
-            "ledger": modelyard("--config", config, "ledger", env=env),
+            "router": modelyard("--config", config, "router", env=env, log=logs / "router.log"),
+            "worker": modelyard(
+                "--config", config, "worker", "--pool", "main", env=env, log=logs / "worker.log"
+            ),
+            "ledger": modelyard("--config", config, "ledger", env=env, log=logs / "ledger.log"),
         }
         try:
             wait_for_port(port)
-            asyncio.run(warm_up(broker_url))
+            try:
+                asyncio.run(warm_up(broker_url))
+            except TimeoutError:
+                for name in ("router", "worker", "ledger", "fake"):
+                    print(f"--- {name} log", (logs / f"{name}.log").read_text()[-1500:], sep="\n")
+                raise
             pids = {**{n: p.pid for n, p in procs.items()}, "bench client": os.getpid()}
             before = cpu_seconds(pids)
             jobs_s, ledger_s = asyncio.run(throughput(broker_url, database_url, args.jobs))

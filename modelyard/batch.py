@@ -10,6 +10,7 @@ not re-submitted, so nothing is billed twice).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import uuid
 from collections.abc import Coroutine, Iterator
@@ -226,10 +227,12 @@ async def run_batch(
         async def collect() -> None:
             if len(done) >= len(parsed):
                 return
-            async for result in client.results(queue, exclusive=True):
-                record(result)
-                if len(done) >= len(parsed):
-                    return
+            # aclosing: leaving the loop closes the consumer now, not at GC.
+            async with contextlib.aclosing(client.results(queue, exclusive=True)) as results:
+                async for result in results:
+                    record(result)
+                    if len(done) >= len(parsed):
+                        return
 
         await _send_and_collect(
             client.submit_many(to_send, queue, on_confirmed=confirmed), collect()

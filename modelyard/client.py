@@ -14,7 +14,7 @@ import asyncio
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
 from datetime import datetime
 from types import TracebackType
 from typing import Any, Self
@@ -167,7 +167,7 @@ class Client:
 
     async def results(
         self, queue: str, *, prefetch: int = 512, exclusive: bool = False
-    ) -> AsyncIterator[JobResult]:
+    ) -> AsyncGenerator[JobResult, None]:
         """Yield results from a durable queue, each job id once.
 
         A result is acked when the next one is requested, i.e. after the
