@@ -310,3 +310,23 @@ async def test_a_bug_in_translation_is_answered_not_retried(
     assert (result.error.kind, result.redelivered) == (ErrorKind.SERVER_ERROR, False)
     assert "RuntimeError" in result.error.message
     assert len(await fake.requests()) == before
+
+
+async def test_a_stream_longer_than_its_cap_ends_in_timeout(
+    client: Client, fake: FakeControl
+) -> None:
+    await fake.set(stream_gap_ms=100)  # pings keep the socket busy; the answer never ends in time
+    try:
+        items = [
+            i
+            async for i in client.stream(ask("short-stream", "a long story please"), timeout=10)  # type: ignore[arg-type]
+        ]
+    finally:
+        await fake.set(stream_gap_ms=0)
+
+    final = items[-1]
+    assert isinstance(final, JobResult)
+    assert final.error is not None
+    assert (final.error.kind, final.error.retryable) == (ErrorKind.TIMEOUT, True)
+    assert "0.3s" in final.error.message
+    assert 1 <= len(items) - 1 <= 5  # some chunks arrived before the cut

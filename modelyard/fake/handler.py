@@ -95,7 +95,8 @@ class _Call(Generic[P]):
         return self.respond(web.Response(body=body, headers=headers))
 
     async def stream(self, request: web.Request, parsed: P, reply: Reply) -> web.StreamResponse:
-        """Send the first event at once (the first token), then the rest in one write."""
+        """Send the first event at once (the first token), then the rest in one
+        write, or one by one `stream_gap_ms` apart."""
         events = self.dialect.events(reply, parsed, self.exchange.request_id)
         if self.exchange.fault == "malformed":
             events = self.dialect.break_events(events)
@@ -106,9 +107,15 @@ class _Call(Generic[P]):
         await response.prepare(request)
         self.exchange.status = response.status
         # A client that leaves mid-stream is no error: the log records the 200 it was sent.
+        gap_s = self.state.settings.stream_gap_ms / 1000
         with contextlib.suppress(ConnectionResetError):
-            await response.write(events[0])
-            await response.write(b"".join(events[1:]))
+            if gap_s:  # a model generating slowly: one event at a time
+                for event in events:
+                    await response.write(event)
+                    await asyncio.sleep(gap_s)
+            else:
+                await response.write(events[0])
+                await response.write(b"".join(events[1:]))
             await response.write_eof()
         return response
 

@@ -43,6 +43,7 @@ class FakeSettings(msgspec.Struct, forbid_unknown_fields=True):
     api_key: str | None = None
     seed: int = 0
     context_window: int = 128_000
+    stream_gap_ms: float = 0
 
     def __post_init__(self) -> None:
         """Reject settings the dice cannot honour (msgspec turns this into a ValidationError)."""
@@ -51,7 +52,12 @@ class FakeSettings(msgspec.Struct, forbid_unknown_fields=True):
             raise ValueError("fault rates must be between 0 and 1")
         if sum(rate for _, rate in rates) > 1:
             raise ValueError("fault rates must add up to at most 1")
-        if min(self.latency_ms, self.jitter_ms, self.retry_after_s, self.hang_s) < 0:
+        if (
+            min(
+                self.latency_ms, self.jitter_ms, self.retry_after_s, self.hang_s, self.stream_gap_ms
+            )
+            < 0
+        ):
             raise ValueError("durations must not be negative")
         if self.context_window < 1:
             raise ValueError("the context window must hold at least one token")

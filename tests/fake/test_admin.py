@@ -98,6 +98,7 @@ async def test_settings_can_be_read_and_partly_replaced(server: FakeServer) -> N
         "api_key": "k",
         "seed": 0,
         "context_window": 128_000,
+        "stream_gap_ms": 0.0,
     }
     assert (await server.chat(REQUEST)).status == 401
 
