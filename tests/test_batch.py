@@ -37,7 +37,12 @@ def read_output(path: Path) -> dict[str, dict[str, object]]:
 
 async def run_submit(config: Path, source: Path, output: Path) -> int:
     process = modelyard("--config", str(config), "submit", str(source), "-o", str(output), "-q")
-    return await asyncio.to_thread(process.wait, 120)
+    try:
+        return await asyncio.to_thread(process.wait, 120)
+    finally:
+        if process.poll() is None:  # a hung submit must not outlive the test
+            process.kill()
+            process.wait()
 
 
 async def billed(fake: FakeControl) -> int:
