@@ -330,3 +330,35 @@ async def test_a_stream_longer_than_its_cap_ends_in_timeout(
     assert (final.error.kind, final.error.retryable) == (ErrorKind.TIMEOUT, True)
     assert "0.3s" in final.error.message
     assert 1 <= len(items) - 1 <= 5  # some chunks arrived before the cut
+
+
+async def test_chunks_of_a_redelivered_stream_are_marked(config: Config, client: Client) -> None:
+    """A job whose first delivery was not acked (a worker died) streams again,
+    and every chunk of the new attempt says so."""
+    reply_queue = await client._private_queue()
+    job = ask("crash", "stream after a crash")
+    job.request.stream = True  # type: ignore[attr-defined]
+    chunks: asyncio.Queue[object] = asyncio.Queue()
+    client._streams[job.id] = chunks  # type: ignore[attr-defined]
+    connection = await broker.connect(config.broker_url, "test-dying-worker")
+    try:
+        await client.submit(job, reply_queue)  # type: ignore[arg-type]
+        channel = await connection.channel()
+        queue = await channel.get_queue("worker.crash")
+        first = await eventually(lambda: queue.get(fail=False), lambda m: m is not None)
+        assert first is not None
+        await first.nack(requeue=True)  # as if the worker holding it had died
+        worker = Worker(config, "crash", connection)
+        await worker.start()
+        items = []
+        while not isinstance(item := await asyncio.wait_for(chunks.get(), 10), JobResult):
+            items.append(item)
+        await worker.stop()
+    finally:
+        client._streams.pop(job.id, None)  # type: ignore[attr-defined]
+        await connection.close()
+
+    assert item.redelivered is True
+    assert items
+    assert all(isinstance(c, StreamChunk) and c.redelivered for c in items)
+    assert [c.seq for c in items] == list(range(len(items)))  # type: ignore[attr-defined]

@@ -222,9 +222,10 @@ class Worker:
             )
             return error_result(job, error, redelivered=redelivered), None
         started = time.time()
-        call = await (
-            self._stream(job, deployment) if job.request.stream else self._call(job, deployment)
-        )
+        if job.request.stream:
+            call = await self._stream(job, deployment, redelivered=redelivered)
+        else:
+            call = await self._call(job, deployment)
         finished = time.time()
         outcome, billed = call.outcome, call.billed
         job.attempts.append(_attempt(deployment, started, finished, outcome, billed))
@@ -283,7 +284,7 @@ class Worker:
         return answered(adapter, response, deployment)
 
     async def _stream(
-        self, job: CompletionJob, deployment: Deployment, *, redelivered: bool = False
+        self, job: CompletionJob, deployment: Deployment, *, redelivered: bool
     ) -> Call:
         """Relay a streamed answer as ordered chunks; the final reply comes back."""
         prepared = self._prepare(job, deployment)
