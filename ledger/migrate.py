@@ -32,14 +32,17 @@ def migration_files() -> list[tuple[str, str]]:
     return [(p.name, p.read_text(encoding="utf-8")) for p in files]
 
 
+def unreachable(url: str, exc: Exception) -> ConnectionError:
+    """The error for a database that cannot be reached, naming it (password hidden)."""
+    return ConnectionError(f"cannot connect to PostgreSQL at {without_password(url)}: {exc}")
+
+
 async def connect(url: str) -> asyncpg.Connection:
-    """A connection, or a `ConnectionError` naming the server (password hidden)."""
+    """A connection, or a `ConnectionError` naming the server."""
     try:
         return await asyncpg.connect(url)
     except (OSError, asyncpg.PostgresError) as exc:
-        raise ConnectionError(
-            f"cannot connect to PostgreSQL at {without_password(url)}: {exc}"
-        ) from exc
+        raise unreachable(url, exc) from exc
 
 
 async def ensure_database(url: str) -> None:

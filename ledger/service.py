@@ -23,8 +23,8 @@ from aio_pika.abc import (
 from aio_pika.exceptions import ChannelInvalidStateError, MessageProcessError
 
 from ledger import store
+from ledger.migrate import unreachable
 from modelyard import broker
-from modelyard.broker import without_password
 from modelyard.config import Config
 from modelyard.topology import LEDGER_QUEUE, build_topology
 from schemas.codec import InvalidMessage, decode_costs, encode
@@ -62,8 +62,7 @@ class Ledger:
         try:
             self._pool = await asyncpg.create_pool(self.config.database_url, min_size=1, max_size=2)
         except (OSError, asyncpg.PostgresError) as exc:
-            url = without_password(self.config.database_url)
-            raise ConnectionError(f"cannot connect to PostgreSQL at {url}: {exc}") from exc
+            raise unreachable(self.config.database_url, exc) from exc
         await self._keep_partitions()
         # Room for one batch being written and the next one filling.
         self._channel = channel = await broker.open_channel(

@@ -427,3 +427,23 @@ def test_refusals_recognised_by_wording(
 
     assert not isinstance(error, ProviderReply)
     assert error.kind == kind
+
+
+def test_message_names_and_image_detail_are_reported_where_unmapped() -> None:
+    from schemas.chat import ImagePart, ImageURL  # noqa: PLC0415
+
+    job = ChatRequest(
+        model="fast",
+        messages=[
+            Message(
+                role="user",
+                name="ann",
+                content=[ImagePart(ImageURL(url="https://x/y.png", detail="high"))],
+            )
+        ],
+    )
+    expected = ["messages[].name", "image_url.detail"]
+
+    assert PROVIDERS["anthropic"].ignored(job, deployment("anthropic")) == expected
+    assert PROVIDERS["gemini"].ignored(job, deployment("gemini")) == expected
+    assert OPENAI.ignored(job, deployment()) == []

@@ -68,7 +68,12 @@ from workers.providers.base import (
     seconds_until,
     set_params,
 )
-from workers.providers.translate import base64_data_uri, refuse, tool_arguments
+from workers.providers.translate import (
+    base64_data_uri,
+    refuse,
+    tool_arguments,
+    unmapped_message_fields,
+)
 
 DEFAULT_API_BASE = "https://api.anthropic.com"
 API_VERSION = "2023-06-01"
@@ -715,17 +720,7 @@ class AnthropicAdapter:
     def ignored(self, request: ChatRequest, deployment: Deployment) -> list[str]:
         """`seed`, message `name`s, image `detail` and tool `strict` have no
         Anthropic equivalent."""
-        names = set_params(request, ("seed",))
-        messages = request.messages
-        if any(m.name for m in messages):
-            names.append("messages[].name")
-        if any(
-            isinstance(part, ImagePart) and part.image_url.detail
-            for m in messages
-            if isinstance(m.content, list)
-            for part in m.content
-        ):
-            names.append("image_url.detail")
+        names = [*set_params(request, ("seed",)), *unmapped_message_fields(request)]
         if any(t.function.strict is not None for t in request.tools or ()):
             names.append("tools[].function.strict")
         return names

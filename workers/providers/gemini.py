@@ -74,7 +74,12 @@ from workers.providers.base import (
     retry_after_s,
     set_params,
 )
-from workers.providers.translate import base64_data_uri, refuse, tool_arguments
+from workers.providers.translate import (
+    base64_data_uri,
+    refuse,
+    tool_arguments,
+    unmapped_message_fields,
+)
 
 DEFAULT_API_BASE = "https://generativelanguage.googleapis.com"
 THOUGHT_SIGNATURE_PLACEHOLDER = "skip_thought_signature_validator"
@@ -738,17 +743,10 @@ class GeminiAdapter:
 
     def ignored(self, request: ChatRequest, deployment: Deployment) -> list[str]:
         """`parallel_tool_calls`, `user`, message `name`s and image `detail`."""
-        names = set_params(request, ("parallel_tool_calls", "user"))
-        if any(m.name for m in request.messages):
-            names.append("messages[].name")
-        if any(
-            isinstance(part, ImagePart) and part.image_url.detail
-            for m in request.messages
-            if isinstance(m.content, list)
-            for part in m.content
-        ):
-            names.append("image_url.detail")
-        return names
+        return [
+            *set_params(request, ("parallel_tool_calls", "user")),
+            *unmapped_message_fields(request),
+        ]
 
     def rate_limits(self, headers: Mapping[str, str]) -> RateLimits | None:
         """Gemini sends no rate-limit headers; a 429 may carry `retry-after`."""

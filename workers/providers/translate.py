@@ -7,7 +7,7 @@ from typing import Any
 
 import msgspec
 
-from schemas.chat import ToolCall
+from schemas.chat import ChatRequest, ImagePart, ToolCall
 from schemas.errors import ErrorKind, job_error
 from workers.providers.base import AdapterError
 
@@ -39,3 +39,20 @@ def base64_data_uri(url: str, field: str, provider: str) -> tuple[str, str]:
     if encoding != "base64" or not data or not media_type:
         raise refuse(provider, "image data URIs must be base64-encoded with a media type", field)
     return media_type, data
+
+
+def unmapped_message_fields(request: ChatRequest) -> list[str]:
+    """Message `name`s and image `detail`s the job uses: hints that providers
+    other than OpenAI have no place for (reported as warnings, not dropped
+    silently)."""
+    names = []
+    if any(m.name for m in request.messages):
+        names.append("messages[].name")
+    if any(
+        isinstance(part, ImagePart) and part.image_url.detail
+        for m in request.messages
+        if isinstance(m.content, list)
+        for part in m.content
+    ):
+        names.append("image_url.detail")
+    return names
