@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from modelyard.client import Client, new_job
 from schemas.chat import Message
+from schemas.jobs import CompletionJob, Lane
 from tests.services import (
     config_document,
     free_port,
@@ -46,16 +47,17 @@ from tests.services import (
 RESULTS = "bench-results"
 
 
-def jobs(n: int, tag: str) -> list:  # type: ignore[type-arg]
+def jobs(n: int, tag: str, lane: Lane = "interactive") -> list[CompletionJob]:
     return [
-        new_job("gpt-4o-mini", [Message(role="user", content=f"bench {tag} {i}")]) for i in range(n)
+        new_job("gpt-4o-mini", [Message(role="user", content=f"bench {tag} {i}")], priority=lane)
+        for i in range(n)
     ]
 
 
 async def throughput(broker_url: str, database_url: str, n: int) -> tuple[float, float]:
     import asyncpg  # noqa: PLC0415
 
-    batch = jobs(n, "throughput")
+    batch = jobs(n, "throughput", "batch")
     async with await Client.connect(broker_url) as client:
         await client.declare_results_queue(RESULTS)
         started = time.perf_counter()
@@ -78,15 +80,28 @@ async def throughput(broker_url: str, database_url: str, n: int) -> tuple[float,
     return n / results_s, n / ledger_s
 
 
-async def latency(broker_url: str, n: int) -> list[float]:
+STAGES = ("submit -> router", "router -> worker", "provider call", "worker -> client")
+
+
+async def latency(broker_url: str, n: int) -> tuple[list[float], dict[str, list[float]]]:
+    """Submit-to-result times of one job at a time, and where each one went:
+    the stage gaps come from the result's own timestamps."""
     samples = []
+    stages: dict[str, list[float]] = {name: [] for name in STAGES}
     async with await Client.connect(broker_url) as client:
         for job in jobs(n, "latency"):
             started = time.perf_counter()
             result = await client.complete(job, timeout=10)
+            received = time.time()
             samples.append((time.perf_counter() - started) * 1000)
             assert result.status == "ok", result.error
-    return samples
+            t = result.timings
+            marks = (t.submitted_at, t.routed_at, t.started_at, t.finished_at, received)
+            if None in marks:
+                raise RuntimeError(f"result without stage timings: {t}")
+            for name, a, b in zip(STAGES, marks, marks[1:], strict=False):
+                stages[name].append((b - a) * 1000)  # type: ignore[operator]
+    return samples, stages
 
 
 async def direct(port: int, n: int, concurrency: int) -> float:
@@ -176,7 +191,7 @@ def main() -> int:
             before = cpu_seconds(pids)
             jobs_s, ledger_s = asyncio.run(throughput(broker_url, database_url, args.jobs))
             after = cpu_seconds(pids)
-            samples = asyncio.run(latency(broker_url, args.latency_jobs))
+            samples, stages = asyncio.run(latency(broker_url, args.latency_jobs))
             direct_s = asyncio.run(direct(port, args.jobs, args.concurrency))
             rss = {name: peak_rss_mb(p.pid) for name, p in procs.items()}
         finally:
@@ -193,6 +208,8 @@ def main() -> int:
     print(f"  pipeline / direct            : {jobs_s / direct_s:8.2f}")
     print(f"  latency at low load (1 in flight, {len(samples)} jobs):", end="")
     print(f" p50 {q[49]:.2f} ms, p99 {q[98]:.2f} ms")
+    print("    median per stage: ", end="")
+    print(", ".join(f"{name} {statistics.median(ms):.2f} ms" for name, ms in stages.items()))
     print("  peak RSS: " + ", ".join(f"{name} {mb:.0f} MiB" for name, mb in rss.items()))
     spent = {name: (after[name] - before.get(name, 0.0)) * 1000 / args.jobs for name in after}
     print("  CPU per job during the throughput run (ms): ", end="")

@@ -84,8 +84,9 @@ def message(
     reply_to: str | None = None,
     headers: dict[str, Any] | None = None,
     priority: int | None = None,
+    type: str | None = None,
 ) -> aio_pika.Message:
-    """A persistent JSON message."""
+    """A persistent JSON message; `type` names a body that is not the queue's usual one."""
     return aio_pika.Message(
         body,
         content_type="application/json",
@@ -94,6 +95,7 @@ def message(
         reply_to=reply_to,
         headers=headers,
         priority=priority,
+        type=type,
     )
 
 

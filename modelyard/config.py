@@ -89,6 +89,18 @@ class RouterSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
     concurrency: Annotated[int, Meta(ge=1, le=65535)] = 256  # AMQP prefetch is 16-bit
     max_job_bytes: Annotated[int, Meta(ge=1024)] = 8 * 1024 * 1024
+    # A submitted batch message; each job in it is still held to max_job_bytes.
+    max_batch_bytes: Annotated[int, Meta(ge=1024)] = 64 * 1024 * 1024
+
+
+class BatchLaneSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """How batch-lane jobs are packed: up to `max_jobs` per message, a message
+    waiting at most `linger_ms` to fill. Applies to the router's dispatch and
+    to workers' results. A worker holds about its pool's concurrency in batch
+    jobs (plus one message), which bounds what a crash makes it run again."""
+
+    max_jobs: Annotated[int, Meta(ge=1, le=1000)] = 32
+    linger_ms: Annotated[float, Meta(ge=0, le=1000)] = 5.0
 
 
 class LedgerSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -109,6 +121,7 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_prompts: bool = False
     router: RouterSettings = msgspec.field(default_factory=RouterSettings)
+    batch_lane: BatchLaneSettings = msgspec.field(default_factory=BatchLaneSettings)
     ledger: LedgerSettings = msgspec.field(default_factory=LedgerSettings)
 
     def pool(self, name: str) -> Pool:

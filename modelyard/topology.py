@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 import msgspec
 
+from schemas.jobs import Lane
+
 JOBS_EXCHANGE = "modelyard.jobs"
 DISPATCH_EXCHANGE = "modelyard.dispatch"
 COSTS_EXCHANGE = "modelyard.costs"
@@ -24,6 +26,8 @@ DEAD_QUEUE = "dead.jobs"
 # A message delivered this many times without an ack is poison (it crashed a
 # consumer each time): the broker dead-letters it instead of looping forever.
 DELIVERY_LIMIT = 10
+
+LANES: tuple[Lane, ...] = ("interactive", "batch")
 
 ExchangeType = Literal["direct", "fanout", "topic"]
 
@@ -50,9 +54,15 @@ class Topology(msgspec.Struct, frozen=True):
     queues: tuple[QueueSpec, ...]
 
 
-def worker_queue(pool: str) -> str:
-    """The queue a pool's workers consume."""
-    return f"worker.{pool}"
+def worker_queue(pool: str, lane: Lane = "interactive") -> str:
+    """The queue a pool's workers consume for one lane: single jobs on
+    `worker.<pool>`, job batches on `worker.<pool>.batch`."""
+    return f"worker.{dispatch_key(pool, lane)}"
+
+
+def dispatch_key(pool: str, lane: Lane) -> str:
+    """The routing key on `modelyard.dispatch` for a pool's lane."""
+    return pool if lane == "interactive" else f"{pool}.batch"
 
 
 def _work_queue_arguments() -> dict[str, Any]:
@@ -75,7 +85,11 @@ def build_topology(pools: list[str]) -> Topology:
         QueueSpec(ROUTER_QUEUE, ((JOBS_EXCHANGE, "job"),), work),
         QueueSpec(LEDGER_QUEUE, ((COSTS_EXCHANGE, "cost"),), work),
         QueueSpec(DEAD_QUEUE, ((DEAD_EXCHANGE, ""),), {"x-queue-type": "quorum"}),
-        *(QueueSpec(worker_queue(p), ((DISPATCH_EXCHANGE, p),), work) for p in sorted(pools)),
+        *(
+            QueueSpec(worker_queue(p, lane), ((DISPATCH_EXCHANGE, dispatch_key(p, lane)),), work)
+            for p in sorted(pools)
+            for lane in LANES
+        ),
     ]
     exchanges = (
         ExchangeSpec(JOBS_EXCHANGE),

@@ -1,12 +1,19 @@
 """The router process: admits submitted jobs and sends each to a worker pool.
 
-It acks a submitted job only after its effect is safe: the job is confirmed
-on a pool's queue, or its error result is confirmed on the reply queue, or it
-is parked on the dead queue. A crash before that redelivers the job.
+It acks a submitted message (one job, or a batch of them) only after its
+effect is safe: each job is confirmed on a pool's queue, or its error result
+is confirmed on the reply queue, or it is parked on the dead queue. A crash
+before that redelivers the message; jobs routed again are marked.
+
+Interactive jobs go to their pool's queue one per message, at once. Batch-lane
+jobs are packed per pool into `JobBatch` messages (up to `batch_lane.max_jobs`
+jobs, waiting at most `batch_lane.linger_ms`), which is most of what makes a
+large batch cheap to run.
 """
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 
@@ -14,14 +21,15 @@ import structlog
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
 
 from modelyard import broker
+from modelyard.batching import Batcher
 from modelyard.config import Config
-from modelyard.replies import error_result, send_reply
-from modelyard.topology import DISPATCH_EXCHANGE, ROUTER_QUEUE, build_topology
+from modelyard.replies import error_result, reply_batcher, send_reply
+from modelyard.topology import DISPATCH_EXCHANGE, ROUTER_QUEUE, build_topology, dispatch_key
 from modelyard.tracing import job_span
 from router.routing import RouteTable, build_route_table
-from schemas.codec import InvalidMessage, decode_job, encode, salvage_envelope
+from schemas.codec import InvalidMessage, decode_job, encode, salvage_envelope, split_job_batch
 from schemas.errors import ErrorKind, job_error
-from schemas.jobs import CompletionJob, Route
+from schemas.jobs import JOB_BATCH_TYPE, CompletionJob, JobBatch, Route
 from schemas.results import JobResult, Timings
 
 log = structlog.get_logger("modelyard.router")
@@ -45,6 +53,13 @@ class Router:
         )
         queues = await broker.declare(channel, build_topology(self.config.pool_names()))
         self._dispatch = await channel.get_exchange(DISPATCH_EXCHANGE)
+        lane = self.config.batch_lane
+        self._batches: Batcher[str, CompletionJob] = Batcher(
+            self._send_batch, max_items=lane.max_jobs, linger_s=lane.linger_ms / 1000
+        )
+        self._replies = reply_batcher(
+            channel, max_items=lane.max_jobs, linger_s=lane.linger_ms / 1000
+        )
         await self._consumer.start(queues[ROUTER_QUEUE])
         log.info("router started", queue=ROUTER_QUEUE, concurrency=self.config.router.concurrency)
 
@@ -55,8 +70,12 @@ class Router:
             await self._channel.close()
 
     async def handle(self, message: AbstractIncomingMessage) -> None:
-        """Admit, route and forward one job; every path ends in ack or dead letter."""
+        """Admit, route and forward one job or a batch of them; every path ends
+        in ack, or in nack (requeue) when a publish failed."""
         assert self._channel is not None
+        if message.type == JOB_BATCH_TYPE:
+            await self._handle_batch(message)
+            return
         try:
             job = decode_job(message.body, self.config.router.max_job_bytes)
         except InvalidMessage as exc:
@@ -64,23 +83,59 @@ class Router:
             return
         if job.reply_to is None and message.reply_to:
             job.reply_to = message.reply_to
+        await self._admit(job, redelivered=bool(message.redelivered))
+        await message.ack()
+
+    async def _handle_batch(self, message: AbstractIncomingMessage) -> None:
+        """Each job of a batch is judged alone: a bad one is answered (or
+        parked), the others go on. The batch is acked once every job's
+        dispatch or answer is confirmed."""
+        try:
+            raws = split_job_batch(message.body, self.config.router.max_batch_bytes)
+        except InvalidMessage as exc:
+            await self._reject_invalid(message, exc)
+            return
+        redelivered = bool(message.redelivered)
+        outcomes = await asyncio.gather(
+            *(self._admit_raw(raw, message.reply_to, redelivered) for raw in raws),
+            return_exceptions=True,
+        )
+        if failed := next((o for o in outcomes if isinstance(o, BaseException)), None):
+            raise failed  # requeued by the consumer's guard; jobs sent twice are marked
+        await message.ack()
+
+    async def _admit_raw(self, raw: bytes, reply_to: str | None, redelivered: bool) -> None:
+        assert self._channel is not None
+        try:
+            job = decode_job(raw, self.config.router.max_job_bytes)
+        except InvalidMessage as exc:
+            job_id, own_reply_to = salvage_envelope(raw)
+            reply_to = own_reply_to or reply_to
+            log.warning("invalid job in batch", job_id=job_id, field=exc.field, reason=str(exc))
+            if job_id is None or reply_to is None:
+                await broker.dead_letter(self._channel, raw, f"invalid job, nobody to tell: {exc}")
+                return
+            await self._replies.add(reply_to, invalid_result(job_id, exc))
+            return
+        if job.reply_to is None:
+            job.reply_to = reply_to
+        await self._admit(job, redelivered=redelivered)
+
+    async def _admit(self, job: CompletionJob, *, redelivered: bool) -> None:
+        job.redelivered = job.redelivered or redelivered
         with (
             structlog.contextvars.bound_contextvars(
                 job_id=job.id, trace_id=job.trace.trace_id() if job.trace else None
             ),
             job_span(job, ROUTER_QUEUE),
         ):
-            await self._route(job, redelivered=bool(message.redelivered))
-        await message.ack()
+            await self._route(job)
 
-    async def _route(self, job: CompletionJob, *, redelivered: bool) -> None:
-        assert self._channel is not None
+    async def _route(self, job: CompletionJob) -> None:
         now = time.time()
         if job.deadline_passed(now):
             error = job_error(ErrorKind.DEADLINE_EXCEEDED, "deadline passed before routing")
-            await send_reply(
-                self._channel, job.reply_to, error_result(job, error, redelivered=redelivered)
-            )
+            await self._answer(job, error_result(job, error))
             return
         group = self.routes.resolve(job.request.model)
         if group is None:
@@ -89,23 +144,44 @@ class Router:
                 f"no model or alias named {job.request.model!r}",
                 field="$.request.model",
             )
-            await send_reply(
-                self._channel, job.reply_to, error_result(job, error, redelivered=redelivered)
-            )
+            await self._answer(job, error_result(job, error))
             return
         deployment = self.routes.choose(group, self.rng)
         job.route = Route(deployment=deployment.name, pool=deployment.pool, routed_at=now)
+        if job.priority == "batch":
+            await self._batches.add(deployment.pool, job)
+        else:
+            await self._send_job(job, deployment.pool)
+        log.debug("routed", deployment=deployment.name, pool=deployment.pool)
+
+    async def _answer(self, job: CompletionJob, result: JobResult) -> None:
+        """An error answer, batched with others for batch-lane jobs."""
+        assert self._channel is not None
+        if job.priority == "batch" and job.reply_to is not None:
+            await self._replies.add(job.reply_to, result)
+        else:
+            await send_reply(self._channel, job.reply_to, result)
+
+    async def _send_job(self, job: CompletionJob, pool: str) -> None:
         # Mandatory: a pool queue that does not exist must fail the publish
         # (the job is then requeued), not drop the job.
         await self._dispatch.publish(
             broker.message(encode(job), correlation_id=job.id, reply_to=job.reply_to),
-            routing_key=deployment.pool,
+            routing_key=dispatch_key(pool, "interactive"),
             mandatory=True,
         )
-        log.debug("routed", deployment=deployment.name, pool=deployment.pool)
+
+    async def _send_batch(self, pool: str, jobs: list[CompletionJob]) -> None:
+        await self._dispatch.publish(
+            broker.message(
+                encode(JobBatch(jobs=jobs)), correlation_id=jobs[0].id, type=JOB_BATCH_TYPE
+            ),
+            routing_key=dispatch_key(pool, "batch"),
+            mandatory=True,
+        )
 
     async def _reject_invalid(self, message: AbstractIncomingMessage, exc: InvalidMessage) -> None:
-        """Answer a job that does not decode, or park it when nobody can be answered."""
+        """Answer a message that does not decode, or park it when nobody can be answered."""
         assert self._channel is not None
         # An oversized body is not parsed even to salvage it: the producer's
         # AMQP properties (correlation id, reply_to) say where to answer.
@@ -117,11 +193,15 @@ class Router:
         if job_id is None or reply_to is None:
             await message.reject(requeue=False)  # dead-lettered by the queue's DLX
             return
-        result = JobResult(
-            job_id=job_id,
-            status="error",
-            error=exc.to_error(),
-            timings=Timings(finished_at=time.time()),
-        )
-        await send_reply(self._channel, reply_to, result)
+        await send_reply(self._channel, reply_to, invalid_result(job_id, exc))
         await message.ack()
+
+
+def invalid_result(job_id: str, exc: InvalidMessage) -> JobResult:
+    """The answer to a job that does not decode."""
+    return JobResult(
+        job_id=job_id,
+        status="error",
+        error=exc.to_error(),
+        timings=Timings(finished_at=time.time()),
+    )

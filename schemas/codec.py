@@ -14,7 +14,7 @@ import msgspec
 
 from schemas.costs import CostBatch
 from schemas.errors import ErrorKind, JobError, job_error
-from schemas.jobs import CompletionJob
+from schemas.jobs import CompletionJob, JobBatch
 from schemas.results import Reply
 
 T = TypeVar("T")
@@ -27,6 +27,16 @@ _PATH = re.compile(r" - at `(?P<path>[^`]+)`$")
 
 encoder = msgspec.json.Encoder(decimal_format="string")
 _job_decoder = msgspec.json.Decoder(CompletionJob)
+_batch_decoder = msgspec.json.Decoder(JobBatch)
+
+
+class _RawBatch(msgspec.Struct):
+    """A job batch with each job left undecoded, to be judged one by one."""
+
+    jobs: list[msgspec.Raw]
+
+
+_raw_batch_decoder = msgspec.json.Decoder(_RawBatch)
 _reply_decoder: msgspec.json.Decoder[Reply] = msgspec.json.Decoder(Reply)
 _cost_decoder = msgspec.json.Decoder(CostBatch)
 
@@ -66,8 +76,22 @@ def decode_job(body: bytes, max_bytes: int = DEFAULT_MAX_JOB_BYTES) -> Completio
     return _decode(_job_decoder, body)
 
 
+def split_job_batch(body: bytes, max_bytes: int) -> list[bytes]:
+    """The raw jobs of a submitted batch, each to be decoded (and answered,
+    if invalid) on its own; only a batch that is not a batch at all raises."""
+    if len(body) > max_bytes:
+        raise InvalidMessage(f"batch is {len(body)} bytes, over the {max_bytes}-byte limit", "$")
+    return [bytes(raw) for raw in _decode(_raw_batch_decoder, body).jobs]
+
+
+def decode_job_batch(body: bytes) -> JobBatch:
+    """Decode a dispatched batch (already validated job by job by the router)."""
+    return _decode(_batch_decoder, body)
+
+
 def decode_reply(body: bytes) -> Reply:
-    """Decode a message from a reply queue (a result or a stream chunk)."""
+    """Decode a message from a reply queue (a result, a stream chunk or a batch
+    of results; `schemas.results.unpack` lists what it holds)."""
     return _decode(_reply_decoder, body)
 
 

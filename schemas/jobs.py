@@ -18,6 +18,11 @@ from schemas.errors import ErrorKind
 
 JOB_VERSION = 1
 
+Lane = Literal["interactive", "batch"]
+
+# The AMQP `type` of a message holding a `JobBatch` rather than one job.
+JOB_BATCH_TYPE = "modelyard.job-batch"
+
 JobId = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:\-]+$")]
 
 
@@ -82,14 +87,28 @@ class CompletionJob(msgspec.Struct, kw_only=True, omit_defaults=True):
     reply_to: str | None = None
     deadline: Annotated[datetime, Meta(tz=True)] | None = None
     submitted_at: float | None = None
-    # Which lane the job belongs to. Recorded today (batch submits set it);
-    # separate interactive and batch lanes per pool are the next step, so
-    # that batch traffic cannot starve interactive jobs.
-    priority: Literal["interactive", "batch"] = "interactive"
+    # The lane: interactive jobs travel one per message and get a worker's
+    # free slot first; batch jobs travel many per message (cheaper per job,
+    # a few milliseconds later) and take the slots interactive work leaves.
+    priority: Lane = "interactive"
     trace: TraceContext | None = None
     route: Route | None = None
     attempts: list[Attempt] = msgspec.field(default_factory=list)
+    # Set by the router when it routed this job before (it died before its
+    # ack): the job may run twice, and its result is marked `redelivered`.
+    redelivered: bool = False
 
     def deadline_passed(self, now: float) -> bool:
         """True when the job's absolute deadline is behind `now` (unix seconds)."""
         return self.deadline is not None and self.deadline.timestamp() <= now
+
+
+class JobBatch(msgspec.Struct, kw_only=True):
+    """Many jobs in one message (AMQP `type` = `JOB_BATCH_TYPE`).
+
+    Producers send batches to cut the broker's work per job; the router
+    answers or routes each job on its own, so one bad job never fails the
+    others. The router sends batch-lane jobs to workers the same way."""
+
+    jobs: list[CompletionJob]
+    v: int = 1

@@ -1,7 +1,8 @@
 """What comes back on a reply queue: the final result, and streamed chunks.
 
-Both kinds travel on the same queue as a tagged union (`kind`), so a consumer
-decodes one type and matches on it.
+Every kind travels on the same queue as a tagged union (`kind`), so a
+consumer decodes one type and matches on it: a result, a stream chunk, or a
+batch of results (batch-lane jobs).
 """
 
 from __future__ import annotations
@@ -126,4 +127,21 @@ class StreamChunk(msgspec.Struct, tag_field="kind", tag="chunk", kw_only=True, o
     v: int = 1
 
 
-Reply = JobResult | StreamChunk
+class ResultBatch(msgspec.Struct, tag_field="kind", tag="results", kw_only=True):
+    """Several final results in one message, for batch-lane jobs.
+
+    A message per result was a third of the broker's work per job; a batch
+    consumer unpacks these and handles each result as if it came alone."""
+
+    results: list[JobResult]
+    v: int = 1
+
+
+Reply = JobResult | StreamChunk | ResultBatch
+
+
+def unpack(reply: Reply) -> list[JobResult | StreamChunk]:
+    """The results and chunks a reply message carries, in order."""
+    if isinstance(reply, ResultBatch):
+        return list(reply.results)
+    return [reply]

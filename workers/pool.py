@@ -1,9 +1,14 @@
-"""A worker pool process: consumes one pool's queue and calls providers.
+"""A worker pool process: consumes one pool's queues and calls providers.
 
 For each job: call the provider through its adapter, publish the result to
 the job's reply queue and (for a billed call) a cost event to the ledger,
 await both confirms, then ack. A crash before the ack redelivers the job; the
 repeated result is marked `redelivered` so clients can drop it.
+
+Interactive jobs arrive one per message and are answered at once. Batch-lane
+jobs arrive many per message, and their results leave many per message; the
+message is acked when all of its jobs are answered, so a crash re-runs at
+most the batches the worker held (about its concurrency in jobs).
 """
 
 from __future__ import annotations
@@ -23,16 +28,17 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobus
 
 from modelyard import broker
 from modelyard.config import Config, ConfigError, Deployment
-from modelyard.replies import error_result, send_reply, timings_for
+from modelyard.replies import error_result, reply_batcher, send_reply, timings_for
 from modelyard.topology import COSTS_EXCHANGE, build_topology, worker_queue
 from modelyard.tracing import job_span
-from schemas.codec import InvalidMessage, decode_job
+from schemas.codec import InvalidMessage, decode_job, decode_job_batch
 from schemas.costs import CostEvent
 from schemas.errors import ErrorKind, JobError, job_error
-from schemas.jobs import Attempt, CompletionJob
+from schemas.jobs import Attempt, CompletionJob, Lane
 from schemas.results import JobResult, RateLimits, StreamChunk, Usage
 from workers import transport
 from workers.costs import CostPublisher
+from workers.lanes import Slots
 from workers.pricing import PriceCard, cost_of, price_card
 from workers.providers import (
     PROVIDERS,
@@ -110,7 +116,8 @@ def _key(deployment: Deployment, env: Mapping[str, str]) -> str | None:
 
 
 class Worker:
-    """Consumes `worker.<pool>` with at most `concurrency` jobs in flight."""
+    """Consumes a pool's two lanes (`worker.<pool>` and `worker.<pool>.batch`)
+    with at most `concurrency` provider calls in flight between them."""
 
     def __init__(
         self,
@@ -128,34 +135,50 @@ class Worker:
         # Keys are read once, from this process's environment, and kept here.
         self._keys = {n: _key(d, env) for n, d in self.deployments.items()}
         self._prices = {n: price_card(d) for n, d in self.deployments.items()}
+        self._slots = Slots(self.concurrency)
         self._channel: AbstractChannel | None = None
+        self._batch_channel: AbstractChannel | None = None
         self._session: aiohttp.ClientSession | None = None
         self._consumer = broker.Consumer(self.handle, log)
+        self._batch_consumer = broker.Consumer(self.handle_batch, log)
 
     async def start(self) -> None:
-        """Declare the topology and start consuming this pool's queue."""
+        """Declare the topology and start consuming this pool's two lanes."""
         for name, card in self._prices.items():
             if card.source == "unknown":
                 log.warning("no price known; cost events will be flagged", deployment=name)
         self._session = transport.new_session(self.concurrency)
+        # Interactive jobs come one per message, up to the pool's concurrency.
         self._channel = channel = await broker.open_channel(
             self.connection, prefetch=self.concurrency
         )
         queues = await broker.declare(channel, build_topology(self.config.pool_names()))
         self._costs = CostPublisher(await channel.get_exchange(COSTS_EXCHANGE))
+        lane = self.config.batch_lane
+        self._replies = reply_batcher(
+            channel, max_items=lane.max_jobs, linger_s=lane.linger_ms / 1000
+        )
+        # Batch jobs come many per message: enough messages to fill every
+        # slot, and one more so the next is at hand when one finishes.
+        self._batch_channel = await broker.open_channel(
+            self.connection, prefetch=-(-self.concurrency // lane.max_jobs) + 1
+        )
+        batch_queue = await self._batch_channel.get_queue(worker_queue(self.pool, "batch"))
         await self._consumer.start(queues[worker_queue(self.pool)])
+        await self._batch_consumer.start(batch_queue)
         log.info("worker started", pool=self.pool, concurrency=self.concurrency)
 
     async def stop(self) -> None:
         """Stop taking jobs, let provider calls in flight finish, then close."""
-        await self._consumer.stop()
-        if self._channel is not None and not self._channel.is_closed:
-            await self._channel.close()
+        await asyncio.gather(self._consumer.stop(), self._batch_consumer.stop())
+        for channel in (self._batch_channel, self._channel):
+            if channel is not None and not channel.is_closed:
+                await channel.close()
         if self._session is not None:
             await self._session.close()
 
     async def handle(self, message: AbstractIncomingMessage) -> None:
-        """Run one job to a confirmed result, then ack."""
+        """Run one interactive job to a confirmed result, then ack."""
         try:
             job = decode_job(message.body)
         except InvalidMessage as exc:
@@ -163,22 +186,50 @@ class Worker:
             log.error("undecodable dispatched job", reason=str(exc))
             await message.reject(requeue=False)
             return
+        await self._process(job, "interactive", redelivered=bool(message.redelivered))
+        await message.ack()
+
+    async def handle_batch(self, message: AbstractIncomingMessage) -> None:
+        """Run a batch's jobs side by side; ack once every one has a confirmed
+        result. A failed publish requeues the batch: its jobs run again, marked."""
+        try:
+            batch = decode_job_batch(message.body)
+        except InvalidMessage as exc:
+            log.error("undecodable dispatched batch", reason=str(exc))
+            await message.reject(requeue=False)
+            return
+        redelivered = bool(message.redelivered)
+        outcomes = await asyncio.gather(
+            *(self._process(job, "batch", redelivered=redelivered) for job in batch.jobs),
+            return_exceptions=True,
+        )
+        if failed := next((o for o in outcomes if isinstance(o, BaseException)), None):
+            raise failed
+        await message.ack()
+
+    async def _process(self, job: CompletionJob, lane: Lane, *, redelivered: bool) -> None:
+        """Call the provider in one of the pool's slots; return once the
+        result (and the cost event, if billed) are confirmed."""
+        redelivered = redelivered or job.redelivered
         with (
             structlog.contextvars.bound_contextvars(
                 job_id=job.id, trace_id=job.trace.trace_id() if job.trace else None
             ),
-            job_span(job, worker_queue(self.pool)) as span,
+            job_span(job, worker_queue(self.pool, lane)) as span,
         ):
-            result, cost = await self._run_safely(job, redelivered=bool(message.redelivered))
+            async with self._slots.take(lane):
+                result, cost = await self._run_safely(job, redelivered=redelivered)
             span.set_attribute("gen_ai.provider.name", result.provider or "")
             if result.error is not None:
                 span.set_attribute("error.type", result.error.kind.value)
             assert self._channel is not None
-            publishes = [send_reply(self._channel, job.reply_to, result)]
+            if lane == "batch" and job.reply_to is not None:
+                publishes = [self._replies.add(job.reply_to, result)]
+            else:
+                publishes = [send_reply(self._channel, job.reply_to, result)]
             if cost is not None:
                 publishes.append(self._costs.publish(cost))
             await asyncio.gather(*publishes)
-        await message.ack()
 
     async def _run_safely(
         self, job: CompletionJob, *, redelivered: bool

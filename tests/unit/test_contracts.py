@@ -136,14 +136,17 @@ def test_topology_is_quorum_with_dead_lettering() -> None:
         "ledger.costs",
         "dead.jobs",
         worker_queue("openai"),
+        worker_queue("openai", "batch"),
         worker_queue("anthropic"),
+        worker_queue("anthropic", "batch"),
     }
-    for name in ("router.jobs", "ledger.costs", worker_queue("openai")):
+    for name in ("router.jobs", "ledger.costs", "worker.openai", "worker.openai.batch"):
         assert queues[name]["arguments"]["x-queue-type"] == "quorum"
         assert queues[name]["arguments"]["x-dead-letter-exchange"] == DEAD_EXCHANGE
         assert queues[name]["durable"] is True
     assert {(b["source"], b["routing_key"], b["destination"]) for b in exported["bindings"]} >= {
         ("modelyard.dispatch", "openai", "worker.openai"),
+        ("modelyard.dispatch", "openai.batch", "worker.openai.batch"),
         ("modelyard.jobs", "job", "router.jobs"),
     }
     assert all(q["vhost"] == "prod" for q in exported["queues"])

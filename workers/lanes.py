@@ -1,0 +1,72 @@
+"""Sharing a worker's provider-call slots between the two lanes.
+
+A pool's concurrency is one budget for both lanes. When a slot frees up, a
+waiting interactive job always gets it before a waiting batch job, so a large
+batch can keep every slot busy without making an interactive caller wait
+behind it for more than one provider call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+from collections.abc import AsyncIterator
+
+from schemas.jobs import Lane
+
+
+class Slots:
+    """`size` concurrent provider calls; interactive waiters are served first."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._free = size
+        self._waiting: dict[Lane, deque[asyncio.Future[None]]] = {
+            "interactive": deque(),
+            "batch": deque(),
+        }
+
+    @property
+    def in_use(self) -> int:
+        """Slots held right now."""
+        return self.size - self._free
+
+    @contextlib.asynccontextmanager
+    async def take(self, lane: Lane) -> AsyncIterator[None]:
+        """Hold one slot for the duration of the block."""
+        await self._acquire(lane)
+        try:
+            yield
+        finally:
+            self._release()
+
+    async def _acquire(self, lane: Lane) -> None:
+        if self._free > 0 and not self._has_waiters():
+            self._free -= 1
+            return
+        granted = asyncio.get_running_loop().create_future()
+        self._waiting[lane].append(granted)
+        try:
+            await granted
+        except asyncio.CancelledError:
+            if granted.done() and not granted.cancelled():
+                self._release()  # handed a slot just as we were cancelled: pass it on
+            else:
+                with contextlib.suppress(ValueError):  # already skipped by a release
+                    self._waiting[lane].remove(granted)
+            raise
+
+    def _release(self) -> None:
+        """Hand the slot to the next waiter, interactive first, or free it."""
+        for lane in ("interactive", "batch"):
+            queue = self._waiting[lane]
+            while queue:
+                granted = queue.popleft()
+                if not granted.done():
+                    granted.set_result(None)
+                    return
+        self._free += 1
+
+    def _has_waiters(self) -> bool:
+        return any(self._waiting.values())
