@@ -22,7 +22,8 @@ import pytest_asyncio
 from modelyard.client import Client, new_job
 from schemas.chat import Message
 from schemas.codec import decode_reply
-from schemas.results import JobResult
+from schemas.jobs import Lane
+from schemas.results import JobResult, unpack
 from tests.conftest import FakeControl
 from tests.pipeline import eventually, scalar
 from tests.services import config_document, fresh_database, fresh_vhost, modelyard, write_config
@@ -91,11 +92,12 @@ async def slow_fake(fake: FakeControl) -> AsyncIterator[FakeControl]:
     await fake.set(latency_ms=0)
 
 
-async def submit_batch(stack: Stack) -> list[str]:
+async def submit_batch(stack: Stack, lane: Lane = "batch") -> list[str]:
     async with await Client.connect(stack.broker_url) as client:
         await client.declare_results_queue(RESULTS)
         jobs = [
-            new_job("crash", [Message(role="user", content=f"crash job {i}")]) for i in range(JOBS)
+            new_job("crash", [Message(role="user", content=f"crash job {i}")], priority=lane)
+            for i in range(JOBS)
         ]
         await client.submit_many(jobs, RESULTS)
     return [j.id for j in jobs]
@@ -115,18 +117,18 @@ async def collect(
         async with asyncio.timeout(timeout):
             async with queue.iterator() as messages:
                 async for message in messages:
-                    reply = decode_reply(message.body)
                     await message.ack()
-                    assert isinstance(reply, JobResult)
-                    results.append(reply)
-                    seen.add(reply.job_id)
+                    for reply in unpack(decode_reply(message.body)):
+                        assert isinstance(reply, JobResult)
+                        results.append(reply)
+                        seen.add(reply.job_id)
                     on_progress(len(seen))
                     if seen >= expected:
                         break
         await asyncio.sleep(1.0)  # stragglers: late duplicates must be marked too
         while (extra := await queue.get(fail=False)) is not None:
             await extra.ack()
-            results.append(decode_reply(extra.body))  # type: ignore[arg-type]
+            results.extend(unpack(decode_reply(extra.body)))  # type: ignore[arg-type]
     return results
 
 
@@ -142,10 +144,13 @@ async def ledger_request_ids(database_url: str) -> list[str]:
     return list(conn_rows or [])
 
 
-async def test_worker_sigkill_mid_batch_loses_nothing(stack: Stack, slow_fake: FakeControl) -> None:
+@pytest.mark.parametrize("lane", ["batch", "interactive"])
+async def test_worker_sigkill_mid_batch_loses_nothing(
+    stack: Stack, slow_fake: FakeControl, lane: Lane
+) -> None:
     for role in ("router", "ledger", "worker"):
         stack.start(role)
-    ids = await submit_batch(stack)
+    ids = await submit_batch(stack, lane)
     killed = False
 
     def progress(done: int) -> None:

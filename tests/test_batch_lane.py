@@ -1,0 +1,185 @@
+"""The batch lane end to end, on the real broker, database and fake provider:
+many jobs per message in, each answered once, interactive work first."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import uuid
+from collections.abc import AsyncIterator
+
+import aio_pika
+import pytest
+import pytest_asyncio
+
+from modelyard.client import Client, new_job
+from modelyard.config import Config
+from modelyard.topology import JOBS_EXCHANGE
+from schemas.chat import Message
+from schemas.codec import decode_reply, encode
+from schemas.errors import ErrorKind
+from schemas.jobs import JOB_BATCH_TYPE, CompletionJob, Lane
+from schemas.results import JobResult, unpack
+from tests.conftest import FakeControl
+from tests.pipeline import eventually, ledger_rows
+
+pytestmark = pytest.mark.asyncio
+
+
+def job(text: str, lane: Lane = "batch", model: str = "fast") -> CompletionJob:
+    return new_job(model, [Message(role="user", content=text)], priority=lane)
+
+
+@pytest_asyncio.fixture
+async def results_queue(client: Client) -> AsyncIterator[str]:
+    name = f"lane-results-{uuid.uuid4().hex[:8]}"
+    await client.declare_results_queue(name)
+    yield name
+    await client.delete_queue(name)
+
+
+async def read_messages(config: Config, queue: str, results: int) -> list[list[JobResult]]:
+    """Raw reply messages (each as the results it carried) until `results` arrived,
+    then anything late (a retry would show up here)."""
+    messages: list[list[JobResult]] = []
+    connection = await aio_pika.connect(config.broker_url)
+    async with connection:
+        channel = await connection.channel()
+        source = await channel.get_queue(queue)
+        async with asyncio.timeout(20), source.iterator() as incoming:
+            async for message in incoming:
+                await message.ack()
+                messages.append(
+                    [r for r in unpack(decode_reply(message.body)) if isinstance(r, JobResult)]
+                )
+                if sum(map(len, messages)) >= results:
+                    break
+        await asyncio.sleep(0.5)
+        while (late := await source.get(fail=False)) is not None:
+            await late.ack()
+            messages.append(
+                [r for r in unpack(decode_reply(late.body)) if isinstance(r, JobResult)]
+            )
+    return messages
+
+
+async def test_each_job_of_a_batch_is_judged_alone_and_answered_once(
+    config: Config, client: Client, fake: FakeControl, database_url: str, results_queue: str
+) -> None:
+    tag = uuid.uuid4().hex[:8]
+    before = len(await fake.requests())
+    good = [job(f"batch {tag} {i}") for i in range(40)]
+    quick = job(f"interactive {tag}", lane="interactive")
+    unknown = job(f"unknown {tag}", model="no-such-model")
+    invalid = {"id": f"bad-{tag}", "request": {"model": "fast", "messages": []}}
+    for j in (*good, quick, unknown):
+        j.reply_to = results_queue
+    body = (
+        b'{"jobs":['
+        + b",".join([*map(encode, (*good, quick, unknown)), json.dumps(invalid).encode()])
+        + b"]}"
+    )
+    connection = await aio_pika.connect(config.broker_url)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        exchange = await channel.get_exchange(JOBS_EXCHANGE)
+        message = aio_pika.Message(body, type=JOB_BATCH_TYPE, reply_to=results_queue)
+        await exchange.publish(message, routing_key="job", mandatory=True)
+
+    messages = await read_messages(config, results_queue, len(good) + 3)
+    by_id: dict[str, list[JobResult]] = {}
+    for result in (r for m in messages for r in m):
+        by_id.setdefault(result.job_id, []).append(result)
+
+    assert set(by_id) == {j.id for j in (*good, quick, unknown)} | {invalid["id"]}
+    assert all(len(answers) == 1 for answers in by_id.values())  # nothing twice
+    assert {by_id[j.id][0].status for j in (*good, quick)} == {"ok"}
+    assert by_id[unknown.id][0].error is not None
+    assert by_id[unknown.id][0].error.kind == ErrorKind.UNKNOWN_MODEL
+    bad = by_id[str(invalid["id"])][0].error
+    assert bad is not None
+    assert (bad.kind, bad.field) == (ErrorKind.INVALID_JOB, "$.request.messages")
+    # Batch-lane results travel together: fewer messages than results.
+    assert len(messages) < len(by_id)
+    assert any(len(m) > 1 for m in messages)
+
+    assert len(await fake.requests()) - before == len(good) + 1  # the bad ones never ran
+    ids = [j.id for j in (*good, quick)]
+    rows = await eventually(
+        lambda: ledger_rows(database_url, "job_id = ANY($1::text[])", ids),
+        lambda r: len(r) >= len(ids),
+    )
+    assert sorted(r["job_id"] for r in rows) == sorted(ids)
+
+
+async def test_submit_many_sends_batches_that_come_back_complete(
+    client: Client, results_queue: str
+) -> None:
+    jobs = [job(f"many {i}") for i in range(150)]
+    confirmed: list[str] = []
+
+    sent = await client.submit_many(
+        jobs, results_queue, batch_size=16, on_confirmed=lambda j: confirmed.append(j.id)
+    )
+    got: dict[str, JobResult] = {}
+    async with contextlib.aclosing(client.results(results_queue)) as results:
+        async with asyncio.timeout(20):
+            async for result in results:
+                got[result.job_id] = result
+                if len(got) == len(jobs):
+                    break
+
+    assert sent == len(jobs)
+    assert sorted(confirmed) == sorted(j.id for j in jobs)
+    assert set(got) == {j.id for j in jobs}
+    assert {r.status for r in got.values()} == {"ok"}
+
+
+async def test_an_interactive_job_does_not_wait_behind_a_batch(
+    config: Config, client: Client, fake: FakeControl, results_queue: str
+) -> None:
+    slots = config.pool("main").concurrency
+    await fake.set(latency_ms=60)
+    try:
+        backlog = [job(f"backlog {i}") for i in range(6 * slots)]
+        await client.submit_many(backlog, results_queue)
+        await asyncio.sleep(0.2)  # the worker is busy with the batch by now
+        urgent = await client.complete(job("urgent", lane="interactive"), timeout=20)
+        finished: list[JobResult] = []
+        async with contextlib.aclosing(client.results(results_queue)) as results:
+            async with asyncio.timeout(30):
+                async for result in results:
+                    finished.append(result)
+                    if len(finished) == len(backlog):
+                        break
+    finally:
+        await fake.set(latency_ms=0)
+
+    assert urgent.status == "ok"
+    arrived, started = urgent.timings.routed_at, urgent.timings.started_at
+    assert arrived is not None
+    assert started is not None
+    overtook = [r for r in finished if arrived < (r.timings.started_at or 0) < started]
+    # It took the first slot that freed up. Waiting in line behind the batch
+    # jobs the worker held would have let a whole batch message start first.
+    assert len(overtook) < slots // 2
+    assert len(finished) == len(backlog)
+
+
+async def test_a_job_the_router_sent_before_is_answered_as_a_repeat(client: Client) -> None:
+    repeat = job("routed twice", lane="interactive")
+    repeat.redelivered = True  # as the router marks a job it routes a second time
+
+    result = await client.complete(repeat, timeout=10)
+
+    assert (result.status, result.redelivered) == ("ok", True)
+
+
+async def test_results_batch_is_unpacked_by_complete(config: Config, client: Client) -> None:
+    """`complete` callers can be answered by a batched message too."""
+    jobs = [job(f"rpc {i}") for i in range(20)]
+    results = await asyncio.gather(*(client.complete(j, timeout=10) for j in jobs))
+
+    assert [r.job_id for r in results] == [j.id for j in jobs]
+    assert {r.status for r in results} == {"ok"}
