@@ -154,6 +154,7 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=5000)
     parser.add_argument("--latency-jobs", type=int, default=300)
     parser.add_argument("--concurrency", type=int, default=128, help="worker pool concurrency")
+    parser.add_argument("--logs", type=Path, help="keep each process's log in this directory")
     args = parser.parse_args()
 
     with TemporaryDirectory() as tmp, fresh_vhost() as broker_url, fresh_database() as database_url:
@@ -163,7 +164,8 @@ def main() -> int:
         doc["ledger"] = {"batch_size": 500, "flush_ms": 20}
         config = str(write_config(Path(tmp) / "bench.yaml", doc))
         env = {"TEST_FAKE_KEY": "bench-key", "TEST_WRONG_KEY": "not-the-key"}
-        logs = Path(tmp)
+        logs = args.logs or Path(tmp)
+        logs.mkdir(parents=True, exist_ok=True)
         procs = {
             "fake": modelyard(
                 "fake-provider",

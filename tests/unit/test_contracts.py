@@ -221,3 +221,15 @@ def test_batch_progress_files(tmp_path: Path) -> None:
     assert read_progress(output, sidecar, "b2", ids).submitted == set()  # another input's sidecar
     with pytest.raises(BatchInputError, match="different input"):
         read_progress(output, sidecar, "b1", {"r1": "other-job"})
+
+
+def test_deploy_definitions_match_the_demo_config() -> None:
+    """`deploy/rabbitmq-definitions.json` is the demo config's topology; a
+    change to the topology must re-export it (`modelyard topology --export`)."""
+    from modelyard.config import load  # noqa: PLC0415
+
+    root = Path(__file__).resolve().parents[2]
+    config = load(root / "deploy" / "demo.yaml")
+    exported = json.loads((root / "deploy" / "rabbitmq-definitions.json").read_text())
+
+    assert exported == definitions(build_topology(config.pool_names()))
