@@ -36,6 +36,12 @@ class Batcher(Generic[K, T]):
 
     async def add(self, key: K, item: T) -> None:
         """Return once the message carrying `item` is confirmed."""
+        # Shielded: one caller giving up must not cancel its neighbours' publish.
+        await asyncio.shield(self.put(key, item))
+
+    def put(self, key: K, item: T) -> asyncio.Future[None]:
+        """Queue `item`; the future (shared by every item of its message, so
+        never cancel it: shield it) settles when that message is confirmed."""
         pending = self._open.get(key)
         if pending is None:
             loop = asyncio.get_running_loop()
@@ -45,8 +51,7 @@ class Batcher(Generic[K, T]):
         pending.items.append(item)
         if len(pending.items) >= self.max_items:
             self._flush(key)
-        # Shielded: one caller giving up must not cancel its neighbours' publish.
-        await asyncio.shield(sent)
+        return sent
 
     def _flush(self, key: K) -> None:
         pending = self._open.pop(key, None)

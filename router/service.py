@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections.abc import Awaitable
 
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
@@ -96,15 +97,18 @@ class Router:
             await self._reject_invalid(message, exc)
             return
         redelivered = bool(message.redelivered)
-        outcomes = await asyncio.gather(
-            *(self._admit_raw(raw, message.reply_to, redelivered) for raw in raws),
-            return_exceptions=True,
-        )
+        # Jobs share the few outgoing batches they join: wait on each once.
+        waits: dict[int, Awaitable[None]] = {}
+        for raw in raws:
+            wait = self._admit_raw(raw, message.reply_to, redelivered)
+            waits[id(wait)] = wait
+        outcomes = await asyncio.gather(*map(_shielded, waits.values()), return_exceptions=True)
         if failed := next((o for o in outcomes if isinstance(o, BaseException)), None):
             raise failed  # requeued by the consumer's guard; jobs sent twice are marked
         await message.ack()
 
-    async def _admit_raw(self, raw: bytes, reply_to: str | None, redelivered: bool) -> None:
+    def _admit_raw(self, raw: bytes, reply_to: str | None, redelivered: bool) -> Awaitable[None]:
+        """Decide one job of a batch; what to wait on before the batch is acked."""
         assert self._channel is not None
         try:
             job = decode_job(raw, self.config.router.max_job_bytes)
@@ -113,15 +117,16 @@ class Router:
             reply_to = own_reply_to or reply_to
             log.warning("invalid job in batch", job_id=job_id, field=exc.field, reason=str(exc))
             if job_id is None or reply_to is None:
-                await broker.dead_letter(self._channel, raw, f"invalid job, nobody to tell: {exc}")
-                return
-            await self._replies.add(reply_to, invalid_result(job_id, exc))
-            return
+                return broker.dead_letter(self._channel, raw, f"invalid job, nobody to tell: {exc}")
+            return self._replies.put(reply_to, invalid_result(job_id, exc))
         if job.reply_to is None:
             job.reply_to = reply_to
-        await self._admit(job, redelivered=redelivered)
+        return self._decide(job, redelivered=redelivered)
 
     async def _admit(self, job: CompletionJob, *, redelivered: bool) -> None:
+        await _shielded(self._decide(job, redelivered=redelivered))
+
+    def _decide(self, job: CompletionJob, *, redelivered: bool) -> Awaitable[None]:
         job.redelivered = job.redelivered or redelivered
         with (
             structlog.contextvars.bound_contextvars(
@@ -129,14 +134,15 @@ class Router:
             ),
             job_span(job, ROUTER_QUEUE),
         ):
-            await self._route(job)
+            return self._route(job)
 
-    async def _route(self, job: CompletionJob) -> None:
+    def _route(self, job: CompletionJob) -> Awaitable[None]:
+        """Where the job goes, decided now; the publish to wait on is returned
+        (for a batch-lane job, the future its outgoing batch shares)."""
         now = time.time()
         if job.deadline_passed(now):
             error = job_error(ErrorKind.DEADLINE_EXCEEDED, "deadline passed before routing")
-            await self._answer(job, error_result(job, error))
-            return
+            return self._answer(job, error_result(job, error))
         group = self.routes.resolve(job.request.model)
         if group is None:
             error = job_error(
@@ -144,23 +150,20 @@ class Router:
                 f"no model or alias named {job.request.model!r}",
                 field="$.request.model",
             )
-            await self._answer(job, error_result(job, error))
-            return
+            return self._answer(job, error_result(job, error))
         deployment = self.routes.choose(group, self.rng)
         job.route = Route(deployment=deployment.name, pool=deployment.pool, routed_at=now)
-        if job.priority == "batch":
-            await self._batches.add(deployment.pool, job)
-        else:
-            await self._send_job(job, deployment.pool)
         log.debug("routed", deployment=deployment.name, pool=deployment.pool)
+        if job.priority == "batch":
+            return self._batches.put(deployment.pool, job)
+        return self._send_job(job, deployment.pool)
 
-    async def _answer(self, job: CompletionJob, result: JobResult) -> None:
+    def _answer(self, job: CompletionJob, result: JobResult) -> Awaitable[None]:
         """An error answer, batched with others for batch-lane jobs."""
         assert self._channel is not None
         if job.priority == "batch" and job.reply_to is not None:
-            await self._replies.add(job.reply_to, result)
-        else:
-            await send_reply(self._channel, job.reply_to, result)
+            return self._replies.put(job.reply_to, result)
+        return send_reply(self._channel, job.reply_to, result)
 
     async def _send_job(self, job: CompletionJob, pool: str) -> None:
         # Mandatory: a pool queue that does not exist must fail the publish
@@ -195,6 +198,11 @@ class Router:
             return
         await send_reply(self._channel, reply_to, invalid_result(job_id, exc))
         await message.ack()
+
+
+def _shielded(wait: Awaitable[None]) -> Awaitable[None]:
+    """A batch's shared future must not be cancelled by one waiter giving up."""
+    return asyncio.shield(wait) if isinstance(wait, asyncio.Future) else wait
 
 
 def invalid_result(job_id: str, exc: InvalidMessage) -> JobResult:
