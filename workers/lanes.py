@@ -22,6 +22,7 @@ class Slots:
     def __init__(self, size: int) -> None:
         self.size = size
         self._free = size
+        self._queued = 0  # waiters in either lane, cancelled ones included until skipped
         self._waiting: dict[Lane, deque[asyncio.Future[None]]] = {
             "interactive": deque(),
             "batch": deque(),
@@ -42,11 +43,12 @@ class Slots:
             self._release()
 
     async def _acquire(self, lane: Lane) -> None:
-        if self._free > 0 and not self._has_waiters():
+        if self._free > 0 and self._queued == 0:
             self._free -= 1
             return
         granted = asyncio.get_running_loop().create_future()
         self._waiting[lane].append(granted)
+        self._queued += 1
         try:
             await granted
         except asyncio.CancelledError:
@@ -55,6 +57,7 @@ class Slots:
             else:
                 with contextlib.suppress(ValueError):  # already skipped by a release
                     self._waiting[lane].remove(granted)
+                    self._queued -= 1
             raise
 
     def _release(self) -> None:
@@ -63,10 +66,8 @@ class Slots:
             queue = self._waiting[lane]
             while queue:
                 granted = queue.popleft()
+                self._queued -= 1
                 if not granted.done():
                     granted.set_result(None)
                     return
         self._free += 1
-
-    def _has_waiters(self) -> bool:
-        return any(self._waiting.values())
