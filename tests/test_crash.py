@@ -12,6 +12,7 @@ import signal
 import subprocess
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -68,11 +69,15 @@ class Stack:
                 process.kill()
 
 
-@pytest.fixture
-def stack(tmp_path: Path, fake_port: int) -> Iterator[Stack]:
+@contextmanager
+def isolated_stack(tmp_path: Path, fake_port: int, **settings: Any) -> Iterator[Stack]:
     with fresh_vhost() as broker_url, fresh_database() as database_url:
         doc = config_document(
-            broker_url, database_url, fake_port, ledger={"batch_size": 50, "flush_ms": 10}
+            broker_url,
+            database_url,
+            fake_port,
+            ledger={"batch_size": 50, "flush_ms": 10},
+            **settings,
         )
         s = Stack(
             write_config(tmp_path / "modelyard.yaml", doc), broker_url, database_url, tmp_path
@@ -81,6 +86,25 @@ def stack(tmp_path: Path, fake_port: int) -> Iterator[Stack]:
             yield s
         finally:
             s.stop_all()
+
+
+@pytest.fixture
+def stack(tmp_path: Path, fake_port: int) -> Iterator[Stack]:
+    with isolated_stack(tmp_path, fake_port) as s:
+        yield s
+
+
+@pytest.fixture
+def slow_router_stack(tmp_path: Path, fake_port: int) -> Iterator[Stack]:
+    """A router that takes its time (two messages at a time, each outgoing
+    batch waiting 100 ms to fill), so a kill lands mid-routing."""
+    with isolated_stack(
+        tmp_path,
+        fake_port,
+        router={"concurrency": 2},
+        batch_lane={"max_jobs": 500, "linger_ms": 100},
+    ) as s:
+        yield s
 
 
 @pytest_asyncio.fixture
@@ -139,6 +163,14 @@ async def billed_calls(fake: FakeControl) -> dict[str, dict[str, Any]]:
     }
 
 
+async def waiting_in(stack: Stack, queue: str) -> int:
+    """Messages ready in a queue (not yet delivered to any consumer)."""
+    async with await aio_pika.connect(stack.broker_url) as connection:
+        channel = await connection.channel()
+        declared = await channel.declare_queue(queue, passive=True)
+        return declared.declaration_result.message_count or 0
+
+
 async def ledger_request_ids(database_url: str) -> list[str]:
     conn_rows = await scalar(database_url, "SELECT array_agg(provider_request_id) FROM ledger")
     return list(conn_rows or [])
@@ -182,6 +214,40 @@ async def test_worker_sigkill_mid_batch_loses_nothing(
     # ... and only calls that were in flight inside the killed worker (billed
     # by the provider, never seen by us) can be missing.
     assert len(calls) - CONCURRENCY <= len(rows) <= len(calls)
+    assert len(calls) >= JOBS
+
+
+async def test_router_sigkill_mid_batch_loses_nothing(
+    slow_router_stack: Stack, slow_fake: FakeControl
+) -> None:
+    """The router dies with jobs in hand: its unacked messages come back to
+    the next router. A job routed twice (dispatched, but its message not yet
+    acked) runs twice, and the repeat is marked; nothing is lost."""
+    stack = slow_router_stack
+    for role in ("ledger", "worker"):
+        stack.start(role)
+    ids = await submit_batch(stack)  # queued on router.jobs, no router yet
+    stack.start("router")
+    routed = await eventually(
+        lambda: scalar(stack.database_url, "SELECT count(*) FROM ledger"),
+        lambda n: n >= 32,
+        timeout=60,
+    )
+    assert routed >= 32
+    assert await waiting_in(stack, "router.jobs") > 0  # the kill lands mid-routing
+    stack.kill("router")
+    stack.start("router")
+
+    results = await collect(stack, set(ids), lambda _: None)
+
+    assert {r.job_id for r in results} == set(ids)
+    unmarked = Counter(r.job_id for r in results if not r.redelivered)
+    assert max(unmarked.values()) == 1
+    calls = await billed_calls(slow_fake)
+    rows = await eventually(
+        lambda: ledger_request_ids(stack.database_url), lambda r: len(r) >= len(calls)
+    )
+    assert sorted(rows) == sorted(calls)  # every billed call once, repeats included
     assert len(calls) >= JOBS
 
 
