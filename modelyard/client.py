@@ -134,6 +134,8 @@ class Client:
         `on_confirmed`), then the first error is raised. Which lane each job
         runs in is its own `priority`: mark them `"batch"` for throughput.
         """
+        if batch_size < 1 or max_unconfirmed < 1:
+            raise ValueError("batch_size and max_unconfirmed must be at least 1")
         slots = asyncio.Semaphore(max(1, max_unconfirmed // batch_size))
         confirmed = 0
         failures: list[BaseException] = []

@@ -183,3 +183,13 @@ async def test_results_batch_is_unpacked_by_complete(config: Config, client: Cli
 
     assert [r.job_id for r in results] == [j.id for j in jobs]
     assert {r.status for r in results} == {"ok"}
+
+
+@pytest.mark.parametrize(("batch_size", "max_unconfirmed"), [(0, 512), (64, 0)])
+async def test_submit_many_refuses_sizes_below_one(
+    client: Client, batch_size: int, max_unconfirmed: int
+) -> None:
+    with pytest.raises(ValueError, match="at least 1"):
+        await client.submit_many(
+            [job("never sent")], "nowhere", batch_size=batch_size, max_unconfirmed=max_unconfirmed
+        )
