@@ -10,8 +10,8 @@ delay for a fraction of the broker work, never safety.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Hashable
-from typing import Generic, TypeVar
+from collections.abc import Awaitable, Callable, Hashable, Iterable
+from typing import Any, Generic, TypeVar
 
 K = TypeVar("K", bound=Hashable)
 T = TypeVar("T")
@@ -84,3 +84,11 @@ def _settle(sent: asyncio.Future[None], task: asyncio.Future[None]) -> None:
         sent.set_exception(error)
     else:
         sent.set_result(None)
+
+
+async def settle_all(waits: Iterable[Awaitable[Any]]) -> None:
+    """Wait for every one, then raise the first failure if any: a message
+    holding many jobs is acked (or requeued) only once all of them settled."""
+    outcomes = await asyncio.gather(*waits, return_exceptions=True)
+    if failed := next((o for o in outcomes if isinstance(o, BaseException)), None):
+        raise failed

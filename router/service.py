@@ -22,7 +22,7 @@ import structlog
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
 
 from modelyard import broker
-from modelyard.batching import Batcher
+from modelyard.batching import Batcher, settle_all
 from modelyard.config import Config
 from modelyard.replies import error_result, reply_batcher, send_reply
 from modelyard.topology import DISPATCH_EXCHANGE, ROUTER_QUEUE, build_topology, dispatch_key
@@ -102,9 +102,9 @@ class Router:
         for raw in raws:
             wait = self._admit_raw(raw, message.reply_to, redelivered)
             waits[id(wait)] = wait
-        outcomes = await asyncio.gather(*map(_shielded, waits.values()), return_exceptions=True)
-        if failed := next((o for o in outcomes if isinstance(o, BaseException)), None):
-            raise failed  # requeued by the consumer's guard; jobs sent twice are marked
+        # A failure is raised once all have settled; the consumer's guard then
+        # requeues the message, and jobs it had sent are marked when sent again.
+        await settle_all(map(_shielded, waits.values()))
         await message.ack()
 
     def _admit_raw(self, raw: bytes, reply_to: str | None, redelivered: bool) -> Awaitable[None]:

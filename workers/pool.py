@@ -27,6 +27,7 @@ import structlog
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
 
 from modelyard import broker
+from modelyard.batching import settle_all
 from modelyard.config import Config, ConfigError, Deployment
 from modelyard.replies import error_result, reply_batcher, send_reply, timings_for
 from modelyard.topology import COSTS_EXCHANGE, build_topology, worker_queue
@@ -34,7 +35,7 @@ from modelyard.tracing import job_span
 from schemas.codec import InvalidMessage, decode_job, decode_job_batch
 from schemas.costs import CostEvent
 from schemas.errors import ErrorKind, JobError, job_error
-from schemas.jobs import Attempt, CompletionJob, Lane
+from schemas.jobs import JOB_BATCH_TYPE, Attempt, CompletionJob, Lane
 from schemas.results import JobResult, RateLimits, StreamChunk, Usage
 from workers import transport
 from workers.costs import CostPublisher
@@ -140,7 +141,7 @@ class Worker:
         self._batch_channel: AbstractChannel | None = None
         self._session: aiohttp.ClientSession | None = None
         self._consumer = broker.Consumer(self.handle, log)
-        self._batch_consumer = broker.Consumer(self.handle_batch, log)
+        self._batch_consumer = broker.Consumer(self.handle, log)
 
     async def start(self) -> None:
         """Declare the topology and start consuming this pool's two lanes."""
@@ -178,33 +179,22 @@ class Worker:
             await self._session.close()
 
     async def handle(self, message: AbstractIncomingMessage) -> None:
-        """Run one interactive job to a confirmed result, then ack."""
+        """Run a message's jobs (one interactive job, or a batch side by side)
+        to confirmed results, then ack. A failed publish requeues the message:
+        its jobs run again, and their repeated results are marked."""
+        lane: Lane
         try:
-            job = decode_job(message.body)
+            if message.type == JOB_BATCH_TYPE:
+                jobs, lane = decode_job_batch(message.body).jobs, "batch"
+            else:
+                jobs, lane = [decode_job(message.body)], "interactive"
         except InvalidMessage as exc:
             # The router validated it: this is corruption, not a producer error.
-            log.error("undecodable dispatched job", reason=str(exc))
-            await message.reject(requeue=False)
-            return
-        await self._process(job, "interactive", redelivered=bool(message.redelivered))
-        await message.ack()
-
-    async def handle_batch(self, message: AbstractIncomingMessage) -> None:
-        """Run a batch's jobs side by side; ack once every one has a confirmed
-        result. A failed publish requeues the batch: its jobs run again, marked."""
-        try:
-            batch = decode_job_batch(message.body)
-        except InvalidMessage as exc:
-            log.error("undecodable dispatched batch", reason=str(exc))
+            log.error("undecodable dispatched message", reason=str(exc))
             await message.reject(requeue=False)
             return
         redelivered = bool(message.redelivered)
-        outcomes = await asyncio.gather(
-            *(self._process(job, "batch", redelivered=redelivered) for job in batch.jobs),
-            return_exceptions=True,
-        )
-        if failed := next((o for o in outcomes if isinstance(o, BaseException)), None):
-            raise failed
+        await settle_all(self._process(job, lane, redelivered=redelivered) for job in jobs)
         await message.ack()
 
     async def _process(self, job: CompletionJob, lane: Lane, *, redelivered: bool) -> None:
