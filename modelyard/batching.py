@@ -17,9 +17,15 @@ K = TypeVar("K", bound=Hashable)
 T = TypeVar("T")
 
 
+# Well under RabbitMQ's own limit (`max_message_size`, 128 MiB by default):
+# a message too large for the broker would fail every job in it, every time.
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+
 class Batcher(Generic[K, T]):
-    """Collects items per key for up to `linger_s` or `max_items`, then sends
-    each key's items together with `send(key, items)`."""
+    """Collects items per key for up to `linger_s`, `max_items` or (with
+    `size`) `max_bytes`, then sends each key's items with `send(key, items)`.
+    An item larger than `max_bytes` on its own travels alone."""
 
     def __init__(
         self,
@@ -27,10 +33,14 @@ class Batcher(Generic[K, T]):
         *,
         max_items: int,
         linger_s: float,
+        size: Callable[[T], int] | None = None,
+        max_bytes: int = MAX_MESSAGE_BYTES,
     ) -> None:
         self._send = send
         self.max_items = max_items
         self.linger_s = linger_s
+        self._size = size
+        self.max_bytes = max_bytes
         self._open: dict[K, _Pending[T]] = {}
         self._sending: set[asyncio.Task[None]] = set()
 
@@ -42,14 +52,19 @@ class Batcher(Generic[K, T]):
     def put(self, key: K, item: T) -> asyncio.Future[None]:
         """Queue `item`; the future (shared by every item of its message, so
         never cancel it: shield it) settles when that message is confirmed."""
+        size = self._size(item) if self._size is not None else 0
         pending = self._open.get(key)
+        if pending is not None and pending.bytes + size > self.max_bytes:
+            self._flush(key)
+            pending = None
         if pending is None:
             loop = asyncio.get_running_loop()
             pending = self._open[key] = _Pending(loop.create_future())
             pending.timer = loop.call_later(self.linger_s, self._flush, key)
         sent = pending.sent
         pending.items.append(item)
-        if len(pending.items) >= self.max_items:
+        pending.bytes += size
+        if len(pending.items) >= self.max_items or pending.bytes >= self.max_bytes:
             self._flush(key)
         return sent
 
@@ -71,6 +86,7 @@ class _Pending(Generic[T]):
     def __init__(self, sent: asyncio.Future[None]) -> None:
         self.sent = sent
         self.items: list[T] = []
+        self.bytes = 0
         self.timer: asyncio.TimerHandle | None = None
 
 

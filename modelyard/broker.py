@@ -129,13 +129,35 @@ class Consumer:
         self._queue = queue
         self._tag = await queue.consume(self._run)
 
-    async def stop(self, grace_s: float = STOP_GRACE_S) -> None:
-        """Take no more messages; wait up to `grace_s` for those in flight."""
+    async def resize(self, prefetch: int) -> None:
+        """Let the broker hand this consumer up to `prefetch` unacked messages.
+
+        RabbitMQ fixes a consumer's prefetch when it starts (and quorum queues
+        have no channel-wide prefetch), so this starts a new consumer with the
+        new limit, then cancels the old one; messages the old one holds stay
+        in hand and are acked as usual."""
+        if self._queue is None or self._tag is None:
+            return
+        await self._queue.channel.set_qos(prefetch_count=prefetch)
+        old, self._tag = self._tag, await self._queue.consume(self._run)
+        with contextlib.suppress(ChannelInvalidStateError):
+            await self._queue.cancel(old)
+
+    async def cancel(self) -> None:
+        """Take no more messages (those in flight carry on)."""
         if self._queue is not None and self._tag is not None and not self._queue.channel.is_closed:
             with contextlib.suppress(ChannelInvalidStateError):
                 await self._queue.cancel(self._tag)
+
+    async def drain(self, grace_s: float = STOP_GRACE_S) -> None:
+        """Wait up to `grace_s` for the messages in flight to finish."""
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._idle.wait(), grace_s)
+
+    async def stop(self, grace_s: float = STOP_GRACE_S) -> None:
+        """Take no more messages; wait up to `grace_s` for those in flight."""
+        await self.cancel()
+        await self.drain(grace_s)
 
     async def _run(self, message: AbstractIncomingMessage) -> None:
         self._in_flight += 1

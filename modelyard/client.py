@@ -26,7 +26,7 @@ from aiormq.exceptions import ChannelAccessRefused
 from modelyard import broker
 from modelyard.topology import JOBS_EXCHANGE, build_topology
 from schemas.chat import ChatRequest, Message
-from schemas.codec import InvalidMessage, decode_reply, encode
+from schemas.codec import InvalidMessage, decode_reply, encode, encode_job_batch
 from schemas.jobs import JOB_BATCH_TYPE, CompletionJob, Lane, Metadata, TraceContext
 from schemas.results import JobResult, StreamChunk, unpack
 
@@ -174,7 +174,7 @@ class Client:
         """One `JobBatch` message, built from the jobs' own encodings."""
         if self._exchange is None:
             self._exchange = await self.channel.get_exchange(JOBS_EXCHANGE, ensure=False)
-        body = b'{"jobs":[' + b",".join(bodies) + b"]}"
+        body = encode_job_batch(bodies)
         await self._exchange.publish(
             broker.message(
                 body, correlation_id=batch[0].id, reply_to=reply_to, type=JOB_BATCH_TYPE
@@ -196,11 +196,13 @@ class Client:
     ) -> AsyncGenerator[JobResult, None]:
         """Yield results from a durable queue, each job id once.
 
-        A result is acked when the next one is requested, i.e. after the
-        caller handled it: stopping mid-way loses nothing. With `exclusive`,
-        a second reader of the same queue is refused (two readers would each
-        get part of the results). A message that is not a reply is moved to
-        the dead queue, not left to block the queue.
+        A message is acked when the caller asks for the result after its last
+        one, i.e. after handling everything it carried (a batch-lane message
+        carries many): stopping mid-way loses nothing, but the next read gets
+        that message's results again, then marked `redelivered`. With
+        `exclusive`, a second reader of the same queue is refused (two readers
+        would each get part of the results). A message that is not a reply is
+        moved to the dead queue, not left to block the queue.
         """
         channel = await broker.open_channel(self.connection, prefetch=prefetch)
         seen: set[str] = set()
@@ -222,6 +224,7 @@ class Client:
                     for item in unpack(reply):
                         if isinstance(item, JobResult) and item.job_id not in seen:
                             seen.add(item.job_id)
+                            item.redelivered = item.redelivered or bool(message.redelivered)
                             yield item
                     await message.ack()
         finally:

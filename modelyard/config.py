@@ -85,12 +85,14 @@ class Pool(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 class RouterSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """How many jobs a router process works on at once, and the size limit."""
+    """How many messages a router process works on at once, and the size limits."""
 
-    concurrency: Annotated[int, Meta(ge=1, le=65535)] = 256  # AMQP prefetch is 16-bit
+    # Messages in hand (AMQP prefetch, 16-bit); a batch counts once, so the
+    # router holds at most concurrency x max_batch_bytes of submitted bodies.
+    concurrency: Annotated[int, Meta(ge=1, le=65535)] = 64
     max_job_bytes: Annotated[int, Meta(ge=1024)] = 8 * 1024 * 1024
     # A submitted batch message; each job in it is still held to max_job_bytes.
-    max_batch_bytes: Annotated[int, Meta(ge=1024)] = 64 * 1024 * 1024
+    max_batch_bytes: Annotated[int, Meta(ge=1024)] = 16 * 1024 * 1024
 
 
 class BatchLaneSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

@@ -10,7 +10,7 @@ from aio_pika.abc import AbstractChannel
 
 from modelyard import broker
 from modelyard.batching import Batcher
-from schemas.codec import encode
+from schemas.codec import encode, encode_result_batch
 from schemas.errors import JobError
 from schemas.jobs import CompletionJob
 from schemas.results import JobResult, Reply, ResultBatch, Timings
@@ -49,13 +49,20 @@ async def send_reply(channel: AbstractChannel, reply_to: str | None, reply: Repl
     A reply nobody can receive (no `reply_to`, or its queue is gone) goes to
     the dead queue with the reason, so the answer, already paid for, is kept.
     """
-    body = encode(reply)
+    correlation_id = reply.results[0].job_id if isinstance(reply, ResultBatch) else reply.job_id
+    await publish_reply(channel, reply_to, encode(reply), correlation_id)
+
+
+async def publish_reply(
+    channel: AbstractChannel, reply_to: str | None, body: bytes, correlation_id: str
+) -> None:
+    """`send_reply` for a reply already encoded."""
     if not reply_to:
         await broker.dead_letter(channel, body, "no reply_to on the job")
         return
     try:
         await channel.default_exchange.publish(
-            broker.message(body, correlation_id=_first_job_id(reply)),
+            broker.message(body, correlation_id=correlation_id),
             routing_key=reply_to,
             mandatory=True,
         )
@@ -64,17 +71,24 @@ async def send_reply(channel: AbstractChannel, reply_to: str | None, reply: Repl
         await broker.dead_letter(channel, body, f"reply queue {reply_to!r} does not exist")
 
 
-def _first_job_id(reply: Reply) -> str:
-    return reply.results[0].job_id if isinstance(reply, ResultBatch) else reply.job_id
+Encoded = tuple[str, bytes]  # (job id, encoded body): what batchers carry
 
 
 def reply_batcher(
     channel: AbstractChannel, *, max_items: int, linger_s: float
-) -> Batcher[str | None, JobResult]:
-    """Results grouped per reply queue into `ResultBatch` messages (batch lane)."""
+) -> Batcher[str | None, Encoded]:
+    """Results grouped per reply queue into `ResultBatch` messages (batch
+    lane); put `(job_id, encode(result))`."""
 
-    async def send(reply_to: str | None, results: list[JobResult]) -> None:
-        reply = results[0] if len(results) == 1 else ResultBatch(results=results)
-        await send_reply(channel, reply_to, reply)
+    async def send(reply_to: str | None, results: list[Encoded]) -> None:
+        job_id, body = results[0]
+        if len(results) > 1:
+            body = encode_result_batch([body for _, body in results])
+        await publish_reply(channel, reply_to, body, job_id)
 
-    return Batcher(send, max_items=max_items, linger_s=linger_s)
+    return Batcher(send, max_items=max_items, linger_s=linger_s, size=encoded_size)
+
+
+def encoded_size(item: Encoded) -> int:
+    """What an encoded item adds to its batch message, for the byte cap."""
+    return len(item[1])

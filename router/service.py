@@ -24,13 +24,20 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobus
 from modelyard import broker
 from modelyard.batching import Batcher, settle_all
 from modelyard.config import Config
-from modelyard.replies import error_result, reply_batcher, send_reply
+from modelyard.replies import Encoded, encoded_size, error_result, reply_batcher, send_reply
 from modelyard.topology import DISPATCH_EXCHANGE, ROUTER_QUEUE, build_topology, dispatch_key
 from modelyard.tracing import job_span
 from router.routing import RouteTable, build_route_table
-from schemas.codec import InvalidMessage, decode_job, encode, salvage_envelope, split_job_batch
+from schemas.codec import (
+    InvalidMessage,
+    decode_job,
+    encode,
+    encode_job_batch,
+    salvage_envelope,
+    split_job_batch,
+)
 from schemas.errors import ErrorKind, job_error
-from schemas.jobs import JOB_BATCH_TYPE, CompletionJob, JobBatch, Route
+from schemas.jobs import JOB_BATCH_TYPE, CompletionJob, Route
 from schemas.results import JobResult, Timings
 
 log = structlog.get_logger("modelyard.router")
@@ -55,8 +62,11 @@ class Router:
         queues = await broker.declare(channel, build_topology(self.config.pool_names()))
         self._dispatch = await channel.get_exchange(DISPATCH_EXCHANGE)
         lane = self.config.batch_lane
-        self._batches: Batcher[str, CompletionJob] = Batcher(
-            self._send_batch, max_items=lane.max_jobs, linger_s=lane.linger_ms / 1000
+        self._batches: Batcher[str, Encoded] = Batcher(
+            self._send_batch,
+            max_items=lane.max_jobs,
+            linger_s=lane.linger_ms / 1000,
+            size=encoded_size,
         )
         self._replies = reply_batcher(
             channel, max_items=lane.max_jobs, linger_s=lane.linger_ms / 1000
@@ -94,7 +104,10 @@ class Router:
         try:
             raws = split_job_batch(message.body, self.config.router.max_batch_bytes)
         except InvalidMessage as exc:
-            await self._reject_invalid(message, exc)
+            # Its jobs cannot be told apart, so none can be answered: the
+            # whole message is parked on the dead queue, every job kept.
+            log.warning("undecodable job batch dead-lettered", field=exc.field, reason=str(exc))
+            await message.reject(requeue=False)
             return
         redelivered = bool(message.redelivered)
         # Jobs share the few outgoing batches they join: wait on each once.
@@ -118,7 +131,8 @@ class Router:
             log.warning("invalid job in batch", job_id=job_id, field=exc.field, reason=str(exc))
             if job_id is None or reply_to is None:
                 return broker.dead_letter(self._channel, raw, f"invalid job, nobody to tell: {exc}")
-            return self._replies.put(reply_to, invalid_result(job_id, exc))
+            result = invalid_result(job_id, exc, redelivered)
+            return self._replies.put(reply_to, (job_id, encode(result)))
         if job.reply_to is None:
             job.reply_to = reply_to
         return self._decide(job, redelivered=redelivered)
@@ -155,14 +169,14 @@ class Router:
         job.route = Route(deployment=deployment.name, pool=deployment.pool, routed_at=now)
         log.debug("routed", deployment=deployment.name, pool=deployment.pool)
         if job.priority == "batch":
-            return self._batches.put(deployment.pool, job)
+            return self._batches.put(deployment.pool, (job.id, encode(job)))
         return self._send_job(job, deployment.pool)
 
     def _answer(self, job: CompletionJob, result: JobResult) -> Awaitable[None]:
         """An error answer, batched with others for batch-lane jobs."""
         assert self._channel is not None
         if job.priority == "batch" and job.reply_to is not None:
-            return self._replies.put(job.reply_to, result)
+            return self._replies.put(job.reply_to, (job.id, encode(result)))
         return send_reply(self._channel, job.reply_to, result)
 
     async def _send_job(self, job: CompletionJob, pool: str) -> None:
@@ -174,11 +188,10 @@ class Router:
             mandatory=True,
         )
 
-    async def _send_batch(self, pool: str, jobs: list[CompletionJob]) -> None:
+    async def _send_batch(self, pool: str, jobs: list[Encoded]) -> None:
+        body = encode_job_batch([job for _, job in jobs])
         await self._dispatch.publish(
-            broker.message(
-                encode(JobBatch(jobs=jobs)), correlation_id=jobs[0].id, type=JOB_BATCH_TYPE
-            ),
+            broker.message(body, correlation_id=jobs[0][0], type=JOB_BATCH_TYPE),
             routing_key=dispatch_key(pool, "batch"),
             mandatory=True,
         )
@@ -196,7 +209,8 @@ class Router:
         if job_id is None or reply_to is None:
             await message.reject(requeue=False)  # dead-lettered by the queue's DLX
             return
-        await send_reply(self._channel, reply_to, invalid_result(job_id, exc))
+        result = invalid_result(job_id, exc, bool(message.redelivered))
+        await send_reply(self._channel, reply_to, result)
         await message.ack()
 
 
@@ -205,11 +219,13 @@ def _shielded(wait: Awaitable[None]) -> Awaitable[None]:
     return asyncio.shield(wait) if isinstance(wait, asyncio.Future) else wait
 
 
-def invalid_result(job_id: str, exc: InvalidMessage) -> JobResult:
-    """The answer to a job that does not decode."""
+def invalid_result(job_id: str, exc: InvalidMessage, redelivered: bool) -> JobResult:
+    """The answer to a job that does not decode; a repeat when its message
+    came back (the first answer may already be out)."""
     return JobResult(
         job_id=job_id,
         status="error",
         error=exc.to_error(),
         timings=Timings(finished_at=time.time()),
+        redelivered=redelivered,
     )

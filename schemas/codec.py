@@ -84,6 +84,17 @@ def split_job_batch(body: bytes, max_bytes: int) -> list[bytes]:
     return [bytes(raw) for raw in _decode(_raw_batch_decoder, body).jobs]
 
 
+def encode_job_batch(jobs: list[bytes]) -> bytes:
+    """A `JobBatch` body from jobs already encoded one by one (which is how
+    producers and the router size their batches without encoding twice)."""
+    return b'{"jobs":[' + b",".join(jobs) + b"]}"
+
+
+def encode_result_batch(results: list[bytes]) -> bytes:
+    """A `ResultBatch` body from results already encoded one by one."""
+    return b'{"kind":"results","results":[' + b",".join(results) + b'],"v":1}'
+
+
 def decode_job_batch(body: bytes) -> JobBatch:
     """Decode a dispatched batch (already validated job by job by the router)."""
     return _decode(_batch_decoder, body)

@@ -10,19 +10,24 @@ import uuid
 from collections.abc import AsyncIterator
 
 import aio_pika
+import msgspec
 import pytest
 import pytest_asyncio
 
+from modelyard import broker
 from modelyard.client import Client, new_job
 from modelyard.config import Config
-from modelyard.topology import JOBS_EXCHANGE
+from modelyard.topology import JOBS_EXCHANGE, ROUTER_QUEUE, build_topology
+from router.service import Router
 from schemas.chat import Message
-from schemas.codec import decode_reply, encode
+from schemas.codec import decode_reply, encode, encode_job_batch
 from schemas.errors import ErrorKind
 from schemas.jobs import JOB_BATCH_TYPE, CompletionJob, Lane
 from schemas.results import JobResult, unpack
 from tests.conftest import FakeControl
 from tests.pipeline import eventually, ledger_rows
+from tests.services import fresh_vhost
+from workers.pool import Worker
 
 pytestmark = pytest.mark.asyncio
 
@@ -140,7 +145,9 @@ async def test_an_interactive_job_does_not_wait_behind_a_batch(
     config: Config, client: Client, fake: FakeControl, results_queue: str
 ) -> None:
     slots = config.pool("main").concurrency
-    await fake.set(latency_ms=60)
+    # Jittered, so the batch's calls do not start in lockstep waves (a wave
+    # landing while the job is on its way to the worker is not overtaking).
+    await fake.set(latency_ms=60, jitter_ms=40)
     try:
         backlog = [job(f"backlog {i}") for i in range(6 * slots)]
         await client.submit_many(backlog, results_queue)
@@ -154,7 +161,7 @@ async def test_an_interactive_job_does_not_wait_behind_a_batch(
                     if len(finished) == len(backlog):
                         break
     finally:
-        await fake.set(latency_ms=0)
+        await fake.set(latency_ms=0, jitter_ms=0)
 
     assert urgent.status == "ok"
     arrived, started = urgent.timings.routed_at, urgent.timings.started_at
@@ -176,8 +183,8 @@ async def test_a_job_the_router_sent_before_is_answered_as_a_repeat(client: Clie
     assert (result.status, result.redelivered) == ("ok", True)
 
 
-async def test_results_batch_is_unpacked_by_complete(config: Config, client: Client) -> None:
-    """`complete` callers can be answered by a batched message too."""
+async def test_complete_serves_batch_lane_jobs(config: Config, client: Client) -> None:
+    """`complete` on batch-lane jobs: their answers may come batched."""
     jobs = [job(f"rpc {i}") for i in range(20)]
     results = await asyncio.gather(*(client.complete(j, timeout=10) for j in jobs))
 
@@ -193,3 +200,104 @@ async def test_submit_many_refuses_sizes_below_one(
         await client.submit_many(
             [job("never sent")], "nowhere", batch_size=batch_size, max_unconfirmed=max_unconfirmed
         )
+
+
+async def test_a_trickle_of_small_batches_still_fills_the_slots(
+    client: Client, fake: FakeControl, results_queue: str
+) -> None:
+    """Batch jobs arriving slowly leave the router one or two per message; the
+    worker must then hold more messages, or it would run two calls at a time."""
+    jobs = [job(f"trickle {i}") for i in range(40)]
+    await fake.set(latency_ms=200)
+    try:
+        for j in jobs:
+            await client.submit(j, results_queue)
+            await asyncio.sleep(0.01)  # longer than the linger: small batches
+        got: list[JobResult] = []
+        async with contextlib.aclosing(client.results(results_queue)) as results:
+            async with asyncio.timeout(30):
+                async for result in results:
+                    got.append(result)
+                    if len(got) == len(jobs):
+                        break
+    finally:
+        await fake.set(latency_ms=0)
+
+    assert {r.job_id for r in got} == {j.id for j in jobs}
+    spans = [(r.timings.started_at or 0, r.timings.finished_at or 0) for r in got]
+    peak = max(sum(1 for s, f in spans if s <= t < f) for t, _ in spans)
+    assert peak >= 6  # two one-job messages at a time would make it 2
+
+
+async def test_a_stopping_worker_starts_no_new_call_and_hands_its_batches_back(
+    config: Config, client: Client, fake: FakeControl, results_queue: str
+) -> None:
+    """Calls under way finish; jobs still waiting for a slot are not started
+    (a call cut off by the end of the grace period would be billed but never
+    recorded): their messages go back to the queue, for the next worker."""
+    slots = config.pool("crash").concurrency
+    jobs = [job(f"stopping {i}", model="crash") for i in range(3 * slots)]
+    connection = await broker.connect(config.broker_url, "test-stopping-batch-worker")
+    await fake.clear()
+    await fake.set(latency_ms=300)
+    try:
+        first = Worker(config, "crash", connection)  # the only consumer of the crash pool
+        await first.start()
+        await client.submit_many(jobs, results_queue)
+        await asyncio.sleep(0.15)  # a slot's worth of calls is under way
+        await first.stop()
+        calls_by_first = len(await fake.requests())
+        second = Worker(config, "crash", connection)
+        await second.start()
+        got: list[JobResult] = []
+        async with contextlib.aclosing(client.results(results_queue)) as results:
+            async with asyncio.timeout(30):
+                async for result in results:
+                    got.append(result)
+                    if len(got) == len(jobs):
+                        break
+        await second.stop()
+    finally:
+        await fake.set(latency_ms=0)
+        await connection.close()
+
+    assert calls_by_first == slots  # only the calls under way when it stopped
+    assert {r.job_id for r in got} == {j.id for j in jobs}
+    assert {r.status for r in got} == {"ok"}
+
+
+async def test_answers_from_a_batch_the_router_sees_again_are_marked(config: Config) -> None:
+    """A batch message that comes back to the router (it died before the ack)
+    may already have been answered: every answer to it is marked a repeat."""
+    bad = {"id": "bad-again", "request": {"model": "fast", "messages": []}}
+    unknown = job("again", model="no-such-model")
+    unknown.reply_to = "answers"
+    body = encode_job_batch([json.dumps(bad).encode(), encode(unknown)])
+    with fresh_vhost() as url:
+        own = msgspec.structs.replace(config, broker_url=url)
+        connection = await broker.connect(url, "test-router-redelivery")
+        try:
+            channel = await broker.open_channel(connection)
+            queues = await broker.declare(channel, build_topology(own.pool_names()))
+            answers = await channel.declare_queue("answers", durable=True)
+            exchange = await channel.get_exchange(JOBS_EXCHANGE)
+            message = broker.message(body, reply_to="answers", type=JOB_BATCH_TYPE)
+            await exchange.publish(message, routing_key="job")
+            first = await queues[ROUTER_QUEUE].get(timeout=5)
+            await first.nack(requeue=True)  # as if a router had died holding it
+            router = Router(own, connection)
+            await router.start()
+            got: list[JobResult] = []
+            async with asyncio.timeout(10), answers.iterator() as incoming:
+                async for reply in incoming:
+                    await reply.ack()
+                    got.extend(
+                        r for r in unpack(decode_reply(reply.body)) if isinstance(r, JobResult)
+                    )
+                    if len(got) == 2:
+                        break
+            await router.stop()
+        finally:
+            await connection.close()
+
+    assert {(r.job_id, r.redelivered) for r in got} == {("bad-again", True), (unknown.id, True)}

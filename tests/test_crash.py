@@ -221,8 +221,9 @@ async def test_router_sigkill_mid_batch_loses_nothing(
     slow_router_stack: Stack, slow_fake: FakeControl
 ) -> None:
     """The router dies with jobs in hand: its unacked messages come back to
-    the next router. A job routed twice (dispatched, but its message not yet
-    acked) runs twice, and the repeat is marked; nothing is lost."""
+    the next router, and no job is lost or billed twice. (A job already
+    dispatched when its message comes back runs twice, the repeat marked; the
+    window for that is too narrow for this test to hit on purpose.)"""
     stack = slow_router_stack
     for role in ("ledger", "worker"):
         stack.start(role)

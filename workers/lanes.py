@@ -10,10 +10,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 from collections import deque
 from collections.abc import AsyncIterator
 
 from schemas.jobs import Lane
+
+
+class SlotsClosed(RuntimeError):
+    """The worker is stopping: no new provider call may start."""
+
+
+def batch_prefetch(concurrency: int, jobs_per_message: float) -> int:
+    """How many batch messages a worker should hold so that every slot can be
+    busy: enough of the batches arriving lately (small ones when batch work
+    trickles in, full ones under load), plus one at hand; never more than the
+    concurrency, never fewer than two."""
+    wanted = math.ceil(concurrency / max(jobs_per_message, 1.0)) + 1
+    return max(2, min(concurrency, wanted))
 
 
 class Slots:
@@ -23,6 +37,7 @@ class Slots:
         self.size = size
         self._free = size
         self._queued = 0  # waiters in either lane, cancelled ones included until skipped
+        self._closed = False
         self._waiting: dict[Lane, deque[asyncio.Future[None]]] = {
             "interactive": deque(),
             "batch": deque(),
@@ -42,7 +57,20 @@ class Slots:
         finally:
             self._release()
 
+    def close(self) -> None:
+        """Refuse every waiting and future `take` with `SlotsClosed`; calls
+        already holding a slot finish normally."""
+        self._closed = True
+        for queue in self._waiting.values():
+            while queue:
+                granted = queue.popleft()
+                self._queued -= 1
+                if not granted.done():
+                    granted.set_exception(SlotsClosed("the worker is stopping"))
+
     async def _acquire(self, lane: Lane) -> None:
+        if self._closed:
+            raise SlotsClosed("the worker is stopping")
         if self._free > 0 and self._queued == 0:
             self._free -= 1
             return
@@ -52,7 +80,7 @@ class Slots:
         try:
             await granted
         except asyncio.CancelledError:
-            if granted.done() and not granted.cancelled():
+            if granted.done() and not granted.cancelled() and granted.exception() is None:
                 self._release()  # handed a slot just as we were cancelled: pass it on
             else:
                 with contextlib.suppress(ValueError):  # already skipped by a release
@@ -61,7 +89,8 @@ class Slots:
             raise
 
     def _release(self) -> None:
-        """Hand the slot to the next waiter, interactive first, or free it."""
+        """Hand the slot to the next waiter, interactive first, or free it.
+        (After `close` there are no waiters: the slot is simply freed.)"""
         for lane in ("interactive", "batch"):
             queue = self._waiting[lane]
             while queue:

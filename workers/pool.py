@@ -32,14 +32,14 @@ from modelyard.config import Config, ConfigError, Deployment
 from modelyard.replies import error_result, reply_batcher, send_reply, timings_for
 from modelyard.topology import COSTS_EXCHANGE, build_topology, worker_queue
 from modelyard.tracing import job_span
-from schemas.codec import InvalidMessage, decode_job, decode_job_batch
+from schemas.codec import InvalidMessage, decode_job, decode_job_batch, encode
 from schemas.costs import CostEvent
 from schemas.errors import ErrorKind, JobError, job_error
 from schemas.jobs import JOB_BATCH_TYPE, Attempt, CompletionJob, Lane
 from schemas.results import JobResult, RateLimits, StreamChunk, Usage
 from workers import transport
 from workers.costs import CostPublisher
-from workers.lanes import Slots
+from workers.lanes import Slots, SlotsClosed, batch_prefetch
 from workers.pricing import PriceCard, cost_of, price_card
 from workers.providers import (
     PROVIDERS,
@@ -137,6 +137,8 @@ class Worker:
         self._keys = {n: _key(d, env) for n, d in self.deployments.items()}
         self._prices = {n: price_card(d) for n, d in self.deployments.items()}
         self._slots = Slots(self.concurrency)
+        self._resizing = False
+        self._background: set[asyncio.Future[None]] = set()
         self._channel: AbstractChannel | None = None
         self._batch_channel: AbstractChannel | None = None
         self._session: aiohttp.ClientSession | None = None
@@ -160,9 +162,11 @@ class Worker:
             channel, max_items=lane.max_jobs, linger_s=lane.linger_ms / 1000
         )
         # Batch jobs come many per message: enough messages to fill every
-        # slot, and one more so the next is at hand when one finishes.
+        # slot. Full batches are assumed until the sizes seen say otherwise.
+        self._batch_size = float(lane.max_jobs)
+        self._batch_prefetch = batch_prefetch(self.concurrency, self._batch_size)
         self._batch_channel = await broker.open_channel(
-            self.connection, prefetch=-(-self.concurrency // lane.max_jobs) + 1
+            self.connection, prefetch=self._batch_prefetch
         )
         batch_queue = await self._batch_channel.get_queue(worker_queue(self.pool, "batch"))
         await self._consumer.start(queues[worker_queue(self.pool)])
@@ -170,8 +174,14 @@ class Worker:
         log.info("worker started", pool=self.pool, concurrency=self.concurrency)
 
     async def stop(self) -> None:
-        """Stop taking jobs, let provider calls in flight finish, then close."""
-        await asyncio.gather(self._consumer.stop(), self._batch_consumer.stop())
+        """Stop taking jobs, let provider calls in flight finish, then close.
+
+        Jobs still waiting for a slot do not start: their messages go back to
+        the queue for another worker, rather than starting provider calls the
+        grace period might cut off after the provider has billed them."""
+        await asyncio.gather(self._consumer.cancel(), self._batch_consumer.cancel())
+        self._slots.close()
+        await asyncio.gather(self._consumer.drain(), self._batch_consumer.drain())
         for channel in (self._batch_channel, self._channel):
             if channel is not None and not channel.is_closed:
                 await channel.close()
@@ -193,9 +203,41 @@ class Worker:
             log.error("undecodable dispatched message", reason=str(exc))
             await message.reject(requeue=False)
             return
+        if lane == "batch":
+            self._observe_batch(len(jobs))
         redelivered = bool(message.redelivered)
-        await settle_all(self._process(job, lane, redelivered=redelivered) for job in jobs)
+        try:
+            await settle_all(self._process(job, lane, redelivered=redelivered) for job in jobs)
+        except SlotsClosed:
+            log.info("stopping: message returned to the queue", jobs=len(jobs))
+            await message.nack(requeue=True)
+            return
         await message.ack()
+
+    def _observe_batch(self, jobs: int) -> None:
+        """Follow the size of arriving batches, and hold more (or fewer) batch
+        messages when it has changed twofold: a trickle of one-job batches
+        must still fill every slot, full batches must not pile up in memory."""
+        self._batch_size = (self._batch_size + jobs) / 2
+        wanted = batch_prefetch(self.concurrency, self._batch_size)
+        current = self._batch_prefetch
+        if self._resizing or current // 2 < wanted < current * 2:
+            return
+        self._resizing = True
+        task = asyncio.ensure_future(self._batch_consumer.resize(wanted))
+        self._background.add(task)
+        task.add_done_callback(lambda t: self._resized(t, wanted))
+
+    def _resized(self, task: asyncio.Future[None], prefetch: int) -> None:
+        self._background.discard(task)
+        self._resizing = False
+        if task.cancelled():
+            return
+        if (error := task.exception()) is not None:
+            log.warning("batch prefetch not changed", reason=str(error))
+            return
+        self._batch_prefetch = prefetch
+        log.debug("batch prefetch changed", prefetch=prefetch)
 
     async def _process(self, job: CompletionJob, lane: Lane, *, redelivered: bool) -> None:
         """Call the provider in one of the pool's slots; return once the
@@ -214,7 +256,7 @@ class Worker:
                 span.set_attribute("error.type", result.error.kind.value)
             assert self._channel is not None
             if lane == "batch" and job.reply_to is not None:
-                publishes = [self._replies.add(job.reply_to, result)]
+                publishes = [self._replies.add(job.reply_to, (job.id, encode(result)))]
             else:
                 publishes = [send_reply(self._channel, job.reply_to, result)]
             if cost is not None:

@@ -16,11 +16,13 @@ from schemas.codec import (
     decode_job_batch,
     decode_reply,
     encode,
+    encode_job_batch,
+    encode_result_batch,
     split_job_batch,
 )
 from schemas.jobs import CompletionJob, JobBatch, Lane
 from schemas.results import JobResult, ResultBatch, StreamChunk, Timings, unpack
-from workers.lanes import Slots
+from workers.lanes import Slots, SlotsClosed, batch_prefetch
 
 
 def job(i: int, lane: Lane = "batch") -> CompletionJob:
@@ -148,3 +150,64 @@ def test_result_batches_unpack_in_order() -> None:
     assert unpack(decode_reply(encode(ResultBatch(results=results)))) == results
     assert unpack(decode_reply(encode(chunk))) == [chunk]
     assert JobBatch(jobs=[]).v == 1
+
+
+@pytest.mark.asyncio
+async def test_batcher_caps_a_message_by_bytes_and_sends_a_huge_item_alone() -> None:
+    sent: list[list[bytes]] = []
+
+    async def send(key: str, items: list[bytes]) -> None:
+        sent.append(items)
+
+    batcher: Batcher[str, bytes] = Batcher(
+        send, max_items=100, linger_s=0.01, size=len, max_bytes=10
+    )
+    items = [b"aaaa", b"bbbb", b"cccc", b"x" * 50, b"dd"]
+    await asyncio.gather(*(batcher.add("k", item) for item in items))
+
+    assert sent == [[b"aaaa", b"bbbb"], [b"cccc"], [b"x" * 50], [b"dd"]]
+
+
+def test_batches_built_from_encoded_parts_decode_as_the_schema_says() -> None:
+    jobs = [job(i) for i in range(3)]
+    results = [JobResult(job_id=f"j-{i}", status="ok", timings=Timings()) for i in range(3)]
+
+    assert decode_job_batch(encode_job_batch([encode(j) for j in jobs])).jobs == jobs
+    assert encode_result_batch([encode(r) for r in results]) == encode(ResultBatch(results=results))
+
+
+@pytest.mark.parametrize(
+    ("concurrency", "jobs_per_message", "prefetch"),
+    [(128, 32, 5), (128, 1, 128), (32, 32, 2), (16, 32, 2), (64, 4.5, 16), (1, 1, 2)],
+)
+def test_batch_prefetch_fills_every_slot_without_hoarding(
+    concurrency: int, jobs_per_message: float, prefetch: int
+) -> None:
+    assert batch_prefetch(concurrency, jobs_per_message) == prefetch
+
+
+@pytest.mark.asyncio
+async def test_closed_slots_refuse_waiters_and_newcomers_but_let_holders_finish() -> None:
+    slots = Slots(1)
+    holder_done = asyncio.Event()
+
+    async def holder() -> str:
+        async with slots.take("batch"):
+            await holder_done.wait()
+        return "finished"
+
+    async def newcomer(lane: Lane) -> str:
+        async with slots.take(lane):
+            return "ran"
+
+    running = asyncio.create_task(holder())
+    await asyncio.sleep(0)
+    waiting = [asyncio.create_task(newcomer("batch")), asyncio.create_task(newcomer("interactive"))]
+    await asyncio.sleep(0)
+    slots.close()
+    holder_done.set()
+
+    assert await running == "finished"
+    outcomes = await asyncio.gather(*waiting, newcomer("batch"), return_exceptions=True)
+    assert [type(o) for o in outcomes] == [SlotsClosed, SlotsClosed, SlotsClosed]
+    assert slots.in_use == 0
