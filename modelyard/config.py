@@ -98,8 +98,8 @@ class RouterSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 class BatchLaneSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """How batch-lane jobs are packed: up to `max_jobs` per message, a message
     waiting at most `linger_ms` to fill. Applies to the router's dispatch and
-    to workers' results. A worker holds about its pool's concurrency in batch
-    jobs (plus one message), which bounds what a crash makes it run again."""
+    to workers' results. A worker holds as many batch messages as it takes to
+    fill its slots, which bounds what a crash makes it run again."""
 
     max_jobs: Annotated[int, Meta(ge=1, le=1000)] = 32
     linger_ms: Annotated[float, Meta(ge=0, le=1000)] = 5.0

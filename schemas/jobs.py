@@ -107,8 +107,8 @@ class JobBatch(msgspec.Struct, kw_only=True):
     """Many jobs in one message (AMQP `type` = `JOB_BATCH_TYPE`).
 
     Producers send batches to cut the broker's work per job; the router
-    answers or routes each job on its own, so one bad job never fails the
-    others. The router sends batch-lane jobs to workers the same way."""
+    answers or routes each job on its own, so one invalid job never fails
+    the others. The router sends batch-lane jobs to workers the same way."""
 
     jobs: list[CompletionJob]
     v: int = 1

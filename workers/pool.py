@@ -8,7 +8,7 @@ repeated result is marked `redelivered` so clients can drop it.
 Interactive jobs arrive one per message and are answered at once. Batch-lane
 jobs arrive many per message, and their results leave many per message; the
 message is acked when all of its jobs are answered, so a crash re-runs at
-most the batches the worker held (about its concurrency in jobs).
+most the batches the worker held (enough to fill its slots).
 """
 
 from __future__ import annotations
