@@ -137,7 +137,7 @@ class Worker:
         self._keys = {n: _key(d, env) for n, d in self.deployments.items()}
         self._prices = {n: price_card(d) for n, d in self.deployments.items()}
         self._slots = Slots(self.concurrency)
-        self._resizing = False
+        self._resizing = self._stopping = False
         self._background: set[asyncio.Future[None]] = set()
         self._channel: AbstractChannel | None = None
         self._batch_channel: AbstractChannel | None = None
@@ -179,6 +179,8 @@ class Worker:
         Jobs still waiting for a slot do not start: their messages go back to
         the queue for another worker, rather than starting provider calls the
         grace period might cut off after the provider has billed them."""
+        self._stopping = True  # no consumer swap may race the cancel below
+        await asyncio.gather(*self._background, return_exceptions=True)
         await asyncio.gather(self._consumer.cancel(), self._batch_consumer.cancel())
         self._slots.close()
         await asyncio.gather(self._consumer.drain(), self._batch_consumer.drain())
@@ -221,7 +223,7 @@ class Worker:
         self._batch_size = (self._batch_size + jobs) / 2
         wanted = batch_prefetch(self.concurrency, self._batch_size)
         current = self._batch_prefetch
-        if self._resizing or current // 2 < wanted < current * 2:
+        if self._resizing or self._stopping or current // 2 < wanted < current * 2:
             return
         self._resizing = True
         task = asyncio.ensure_future(self._batch_consumer.resize(wanted))
