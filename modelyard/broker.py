@@ -181,7 +181,9 @@ def guarded(handler: Handler, log: Any) -> Handler:
         except Exception:
             log.exception("handler failed; message requeued", message_id=message.correlation_id)
             # Already settled, or its channel is gone (the broker requeues it then).
+            # A reject, not a nack: newer RabbitMQ counts only rejects (and
+            # lost consumers) towards a quorum queue's delivery limit.
             with contextlib.suppress(MessageProcessError, ChannelInvalidStateError):
-                await message.nack(requeue=True)
+                await message.reject(requeue=True)
 
     return run

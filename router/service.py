@@ -101,13 +101,15 @@ class Router:
         """Each job of a batch is judged alone: a bad one is answered (or
         parked), the others go on. The batch is acked once every job's
         dispatch or answer is confirmed."""
+        assert self._channel is not None
         try:
             raws = split_job_batch(message.body, self.config.router.max_batch_bytes)
         except InvalidMessage as exc:
             # Its jobs cannot be told apart, so none can be answered: the
             # whole message is parked on the dead queue, every job kept.
             log.warning("undecodable job batch dead-lettered", field=exc.field, reason=str(exc))
-            await message.reject(requeue=False)
+            await broker.dead_letter(self._channel, message.body, f"undecodable job batch: {exc}")
+            await message.ack()
             return
         redelivered = bool(message.redelivered)
         # Jobs share the few outgoing batches they join: wait on each once.

@@ -203,16 +203,21 @@ async def test_submit_many_refuses_sizes_below_one(
 
 
 async def test_a_trickle_of_small_batches_still_fills_the_slots(
-    client: Client, fake: FakeControl, results_queue: str
+    config: Config, client: Client, fake: FakeControl, results_queue: str
 ) -> None:
-    """Batch jobs arriving slowly leave the router one or two per message; the
+    """Batch jobs arriving slowly leave the router one or two per message; a
     worker must then hold more messages, or it would run two calls at a time."""
-    jobs = [job(f"trickle {i}") for i in range(40)]
-    await fake.set(latency_ms=200)
+    jobs = [job(f"trickle {i}", model="crash") for i in range(40)]
+    connection = await broker.connect(config.broker_url, "test-trickle-worker")
+    await fake.set(latency_ms=1000)
     try:
-        for j in jobs:
-            await client.submit(j, results_queue)
-            await asyncio.sleep(0.01)  # longer than the linger: small batches
+        worker = Worker(config, "crash", connection)  # fresh: assumes full batches
+        await worker.start()
+        sending = []
+        for j in jobs:  # one every 10 ms, longer than the linger: small batches
+            sending.append(asyncio.create_task(client.submit(j, results_queue)))
+            await asyncio.sleep(0.01)
+        await asyncio.gather(*sending)
         got: list[JobResult] = []
         async with contextlib.aclosing(client.results(results_queue)) as results:
             async with asyncio.timeout(30):
@@ -220,13 +225,15 @@ async def test_a_trickle_of_small_batches_still_fills_the_slots(
                     got.append(result)
                     if len(got) == len(jobs):
                         break
+        await worker.stop()
     finally:
         await fake.set(latency_ms=0)
+        await connection.close()
 
     assert {r.job_id for r in got} == {j.id for j in jobs}
     spans = [(r.timings.started_at or 0, r.timings.finished_at or 0) for r in got]
     peak = max(sum(1 for s, f in spans if s <= t < f) for t, _ in spans)
-    assert peak >= 6  # two one-job messages at a time would make it 2
+    assert peak >= 8  # two one-job messages at a time would make it 2
 
 
 async def test_a_stopping_worker_starts_no_new_call_and_hands_its_batches_back(
@@ -239,12 +246,12 @@ async def test_a_stopping_worker_starts_no_new_call_and_hands_its_batches_back(
     jobs = [job(f"stopping {i}", model="crash") for i in range(3 * slots)]
     connection = await broker.connect(config.broker_url, "test-stopping-batch-worker")
     await fake.clear()
-    await fake.set(latency_ms=300)
+    await fake.set(latency_ms=1000)
     try:
         first = Worker(config, "crash", connection)  # the only consumer of the crash pool
         await first.start()
         await client.submit_many(jobs, results_queue)
-        await asyncio.sleep(0.15)  # a slot's worth of calls is under way
+        await asyncio.sleep(0.3)  # a slot's worth of calls is under way, none done
         await first.stop()
         calls_by_first = len(await fake.requests())
         second = Worker(config, "crash", connection)
@@ -264,6 +271,8 @@ async def test_a_stopping_worker_starts_no_new_call_and_hands_its_batches_back(
     assert calls_by_first == slots  # only the calls under way when it stopped
     assert {r.job_id for r in got} == {j.id for j in jobs}
     assert {r.status for r in got} == {"ok"}
+    # No job ran twice: the answered jobs of a half-done message stayed answered.
+    assert len(await fake.requests()) == len(jobs)
 
 
 async def test_answers_from_a_batch_the_router_sees_again_are_marked(config: Config) -> None:

@@ -27,12 +27,17 @@ import structlog
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
 
 from modelyard import broker
-from modelyard.batching import settle_all
 from modelyard.config import Config, ConfigError, Deployment
 from modelyard.replies import error_result, reply_batcher, send_reply, timings_for
-from modelyard.topology import COSTS_EXCHANGE, build_topology, worker_queue
+from modelyard.topology import (
+    COSTS_EXCHANGE,
+    DISPATCH_EXCHANGE,
+    build_topology,
+    dispatch_key,
+    worker_queue,
+)
 from modelyard.tracing import job_span
-from schemas.codec import InvalidMessage, decode_job, decode_job_batch, encode
+from schemas.codec import InvalidMessage, decode_job, decode_job_batch, encode, encode_job_batch
 from schemas.costs import CostEvent
 from schemas.errors import ErrorKind, JobError, job_error
 from schemas.jobs import JOB_BATCH_TYPE, Attempt, CompletionJob, Lane
@@ -157,6 +162,7 @@ class Worker:
         )
         queues = await broker.declare(channel, build_topology(self.config.pool_names()))
         self._costs = CostPublisher(await channel.get_exchange(COSTS_EXCHANGE))
+        self._dispatch = await channel.get_exchange(DISPATCH_EXCHANGE)
         lane = self.config.batch_lane
         self._replies = reply_batcher(
             channel, max_items=lane.max_jobs, linger_s=lane.linger_ms / 1000
@@ -180,7 +186,8 @@ class Worker:
         the queue for another worker, rather than starting provider calls the
         grace period might cut off after the provider has billed them."""
         self._stopping = True  # no consumer swap may race the cancel below
-        await asyncio.gather(*self._background, return_exceptions=True)
+        if self._background:  # a swap waits for the broker if it is away: not forever
+            await asyncio.wait(self._background, timeout=5)
         await asyncio.gather(self._consumer.cancel(), self._batch_consumer.cancel())
         self._slots.close()
         await asyncio.gather(self._consumer.drain(), self._batch_consumer.drain())
@@ -193,7 +200,8 @@ class Worker:
     async def handle(self, message: AbstractIncomingMessage) -> None:
         """Run a message's jobs (one interactive job, or a batch side by side)
         to confirmed results, then ack. A failed publish requeues the message:
-        its jobs run again, and their repeated results are marked."""
+        its jobs run again, and their repeated results are marked. When the
+        worker is stopping, jobs that have not started go back to the queue."""
         lane: Lane
         try:
             if message.type == JOB_BATCH_TYPE:
@@ -208,13 +216,36 @@ class Worker:
         if lane == "batch":
             self._observe_batch(len(jobs))
         redelivered = bool(message.redelivered)
-        try:
-            await settle_all(self._process(job, lane, redelivered=redelivered) for job in jobs)
-        except SlotsClosed:
+        outcomes = await asyncio.gather(
+            *(self._process(job, lane, redelivered=redelivered) for job in jobs),
+            return_exceptions=True,
+        )
+        failures = [o for o in outcomes if isinstance(o, BaseException)]
+        if errors := [f for f in failures if not isinstance(f, SlotsClosed)]:
+            raise errors[0]  # requeued by the consumer's guard; repeats are marked
+        refused = [job for job, o in zip(jobs, outcomes, strict=True) if isinstance(o, SlotsClosed)]
+        if len(refused) == len(jobs):
             log.info("stopping: message returned to the queue", jobs=len(jobs))
-            await message.nack(requeue=True)
+            await message.reject(requeue=True)
             return
+        if refused:
+            # The others are answered (and billed): hand back only the jobs
+            # that never started, rather than running the answered ones again.
+            await self._hand_back(refused, redelivered=redelivered)
         await message.ack()
+
+    async def _hand_back(self, jobs: list[CompletionJob], *, redelivered: bool) -> None:
+        """Put jobs that never started back on the pool's batch queue, as a
+        new message (confirmed before the old one is acked)."""
+        for job in jobs:
+            job.redelivered = job.redelivered or redelivered
+        body = encode_job_batch([encode(job) for job in jobs])
+        log.info("stopping: jobs not started handed back", jobs=len(jobs))
+        await self._dispatch.publish(
+            broker.message(body, correlation_id=jobs[0].id, type=JOB_BATCH_TYPE),
+            routing_key=dispatch_key(self.pool, "batch"),
+            mandatory=True,
+        )
 
     def _observe_batch(self, jobs: int) -> None:
         """Follow the size of arriving batches, and hold more (or fewer) batch
