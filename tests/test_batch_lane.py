@@ -17,7 +17,7 @@ import pytest_asyncio
 from modelyard import broker
 from modelyard.client import Client, new_job
 from modelyard.config import Config
-from modelyard.topology import JOBS_EXCHANGE, ROUTER_QUEUE, build_topology
+from modelyard.topology import DEAD_QUEUE, JOBS_EXCHANGE, ROUTER_QUEUE, build_topology
 from router.service import Router
 from schemas.chat import Message
 from schemas.codec import decode_reply, encode, encode_job_batch
@@ -310,3 +310,28 @@ async def test_answers_from_a_batch_the_router_sees_again_are_marked(config: Con
             await connection.close()
 
     assert {(r.job_id, r.redelivered) for r in got} == {("bad-again", True), (unknown.id, True)}
+
+
+async def test_a_batch_that_does_not_decode_is_kept_whole_on_the_dead_queue(
+    config: Config, client: Client
+) -> None:
+    """Its jobs cannot be told apart, so none can be answered: the message
+    is parked with its reason, every job in it kept for inspection."""
+    body = b'{"jobs": [{"id": "lost-1"}, ' + uuid.uuid4().hex.encode()  # cut short
+    connection = await aio_pika.connect(config.broker_url)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        exchange = await channel.get_exchange(JOBS_EXCHANGE)
+        message = aio_pika.Message(body, type=JOB_BATCH_TYPE, reply_to="nobody")
+        await exchange.publish(message, routing_key="job")
+        # Read without taking: other tests' dead letters go back on close.
+        reader = await connection.channel()
+        dead = await reader.declare_queue(DEAD_QUEUE, passive=True)
+        async with asyncio.timeout(10), dead.iterator() as parked_messages:
+            async for parked in parked_messages:
+                if parked.body == body:
+                    await parked.ack()
+                    break
+
+    reason = str(parked.headers["x-modelyard-reason"])
+    assert reason.startswith("undecodable job batch: ")
