@@ -73,6 +73,9 @@ class Timings(msgspec.Struct, kw_only=True, omit_defaults=True):
     routed_at: float | None = None
     started_at: float | None = None
     finished_at: float | None = None
+    # When a worker took the job from its queue: `started_at - received_at`
+    # is the wait for a free slot, `received_at - routed_at` the queue's.
+    received_at: float | None = None
 
 
 class JobResult(msgspec.Struct, tag_field="kind", tag="result", kw_only=True, omit_defaults=True):

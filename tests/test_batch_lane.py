@@ -144,15 +144,20 @@ async def test_submit_many_sends_batches_that_come_back_complete(
 async def test_an_interactive_job_does_not_wait_behind_a_batch(
     config: Config, client: Client, fake: FakeControl, results_queue: str
 ) -> None:
-    slots = config.pool("main").concurrency
-    # Jittered, so the batch's calls do not start in lockstep waves (a wave
-    # landing while the job is on its way to the worker is not overtaking).
-    await fake.set(latency_ms=60, jitter_ms=40)
+    """With every slot busy and batch jobs waiting for one, an interactive job
+    gets the first slot that frees up."""
+    slots = config.pool("crash").concurrency
+    backlog = [job(f"backlog {i}", model="crash") for i in range(3 * slots)]
+    connection = await broker.connect(config.broker_url, "test-lanes-worker")
+    # No jitter: the running calls end together, and who gets the freed slots
+    # first is then the lane order alone.
+    await fake.set(latency_ms=500)
     try:
-        backlog = [job(f"backlog {i}") for i in range(6 * slots)]
+        worker = Worker(config, "crash", connection)  # the only consumer of the crash pool
+        await worker.start()
         await client.submit_many(backlog, results_queue)
-        await asyncio.sleep(0.2)  # the worker is busy with the batch by now
-        urgent = await client.complete(job("urgent", lane="interactive"), timeout=20)
+        await asyncio.sleep(0.2)  # every slot busy, batch jobs held waiting for one
+        urgent = await client.complete(job("urgent", lane="interactive", model="crash"), 20)
         finished: list[JobResult] = []
         async with contextlib.aclosing(client.results(results_queue)) as results:
             async with asyncio.timeout(30):
@@ -160,16 +165,18 @@ async def test_an_interactive_job_does_not_wait_behind_a_batch(
                     finished.append(result)
                     if len(finished) == len(backlog):
                         break
+        await worker.stop()
     finally:
-        await fake.set(latency_ms=0, jitter_ms=0)
+        await fake.set(latency_ms=0)
+        await connection.close()
 
     assert urgent.status == "ok"
-    arrived, started = urgent.timings.routed_at, urgent.timings.started_at
+    arrived, started = urgent.timings.received_at, urgent.timings.started_at
     assert arrived is not None
     assert started is not None
     overtook = [r for r in finished if arrived < (r.timings.started_at or 0) < started]
-    # It took the first slot that freed up. Waiting in line behind the batch
-    # jobs the worker held would have let a whole batch message start first.
+    # Served first come, first served, the batch jobs already waiting would
+    # all have started first (a slot's worth).
     assert len(overtook) < slots // 2
     assert len(finished) == len(backlog)
 

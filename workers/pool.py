@@ -276,25 +276,37 @@ class Worker:
         """Call the provider in one of the pool's slots; return once the
         result (and the cost event, if billed) are confirmed."""
         redelivered = redelivered or job.redelivered
+        received = time.time()
         with (
             structlog.contextvars.bound_contextvars(
                 job_id=job.id, trace_id=job.trace.trace_id() if job.trace else None
             ),
             job_span(job, worker_queue(self.pool, lane)) as span,
         ):
+            # The slot is held until the cost event is confirmed: a call the
+            # provider billed but the ledger may not hear of (this process
+            # dying before the confirm) is then always one of at most
+            # `concurrency`, which bounds what a crash can leave unrecorded.
             async with self._slots.take(lane):
                 result, cost = await self._run_safely(job, redelivered=redelivered)
-            span.set_attribute("gen_ai.provider.name", result.provider or "")
-            if result.error is not None:
-                span.set_attribute("error.type", result.error.kind.value)
-            assert self._channel is not None
-            if lane == "batch" and job.reply_to is not None:
-                publishes = [self._replies.add(job.reply_to, (job.id, encode(result)))]
-            else:
-                publishes = [send_reply(self._channel, job.reply_to, result)]
-            if cost is not None:
-                publishes.append(self._costs.publish(cost))
-            await asyncio.gather(*publishes)
+                result.timings.received_at = received
+                span.set_attribute("gen_ai.provider.name", result.provider or "")
+                if result.error is not None:
+                    span.set_attribute("error.type", result.error.kind.value)
+                await self._publish(job, lane, result, cost)
+
+    async def _publish(
+        self, job: CompletionJob, lane: Lane, result: JobResult, cost: CostEvent | None
+    ) -> None:
+        """The result to the producer and the cost event to the ledger, both confirmed."""
+        assert self._channel is not None
+        if lane == "batch" and job.reply_to is not None:
+            publishes = [self._replies.add(job.reply_to, (job.id, encode(result)))]
+        else:
+            publishes = [send_reply(self._channel, job.reply_to, result)]
+        if cost is not None:
+            publishes.append(self._costs.publish(cost))
+        await asyncio.gather(*publishes)
 
     async def _run_safely(
         self, job: CompletionJob, *, redelivered: bool
