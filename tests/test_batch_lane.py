@@ -44,6 +44,18 @@ async def results_queue(client: Client) -> AsyncIterator[str]:
     await client.delete_queue(name)
 
 
+async def collect(client: Client, queue: str, count: int) -> list[JobResult]:
+    """The first result of each job from `queue`, until `count` jobs have one."""
+    got: list[JobResult] = []
+    async with contextlib.aclosing(client.results(queue)) as results:
+        async with asyncio.timeout(30):
+            async for result in results:
+                got.append(result)
+                if len(got) == count:
+                    break
+    return got
+
+
 async def read_messages(config: Config, queue: str, results: int) -> list[list[JobResult]]:
     """Raw reply messages (each as the results it carried) until `results` arrived,
     then anything late (a retry would show up here)."""
@@ -127,13 +139,7 @@ async def test_submit_many_sends_batches_that_come_back_complete(
     sent = await client.submit_many(
         jobs, results_queue, batch_size=16, on_confirmed=lambda j: confirmed.append(j.id)
     )
-    got: dict[str, JobResult] = {}
-    async with contextlib.aclosing(client.results(results_queue)) as results:
-        async with asyncio.timeout(20):
-            async for result in results:
-                got[result.job_id] = result
-                if len(got) == len(jobs):
-                    break
+    got = {r.job_id: r for r in await collect(client, results_queue, len(jobs))}
 
     assert sent == len(jobs)
     assert sorted(confirmed) == sorted(j.id for j in jobs)
@@ -158,13 +164,7 @@ async def test_an_interactive_job_does_not_wait_behind_a_batch(
         await client.submit_many(backlog, results_queue)
         await asyncio.sleep(0.2)  # every slot busy, batch jobs held waiting for one
         urgent = await client.complete(job("urgent", lane="interactive", model="crash"), 20)
-        finished: list[JobResult] = []
-        async with contextlib.aclosing(client.results(results_queue)) as results:
-            async with asyncio.timeout(30):
-                async for result in results:
-                    finished.append(result)
-                    if len(finished) == len(backlog):
-                        break
+        finished = await collect(client, results_queue, len(backlog))
         await worker.stop()
     finally:
         await fake.set(latency_ms=0)
@@ -225,13 +225,7 @@ async def test_a_trickle_of_small_batches_still_fills_the_slots(
             sending.append(asyncio.create_task(client.submit(j, results_queue)))
             await asyncio.sleep(0.01)
         await asyncio.gather(*sending)
-        got: list[JobResult] = []
-        async with contextlib.aclosing(client.results(results_queue)) as results:
-            async with asyncio.timeout(30):
-                async for result in results:
-                    got.append(result)
-                    if len(got) == len(jobs):
-                        break
+        got = await collect(client, results_queue, len(jobs))
         await worker.stop()
     finally:
         await fake.set(latency_ms=0)
@@ -263,13 +257,7 @@ async def test_a_stopping_worker_starts_no_new_call_and_hands_its_batches_back(
         calls_by_first = len(await fake.requests())
         second = Worker(config, "crash", connection)
         await second.start()
-        got: list[JobResult] = []
-        async with contextlib.aclosing(client.results(results_queue)) as results:
-            async with asyncio.timeout(30):
-                async for result in results:
-                    got.append(result)
-                    if len(got) == len(jobs):
-                        break
+        got = await collect(client, results_queue, len(jobs))
         await second.stop()
     finally:
         await fake.set(latency_ms=0)
