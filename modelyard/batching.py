@@ -23,6 +23,14 @@ T = TypeVar("T")
 MAX_MESSAGE_BYTES = 15 * 1024 * 1024
 
 
+Encoded = tuple[str, bytes]  # (job id, encoded body): what message batches carry
+
+
+def encoded_size(item: Encoded) -> int:
+    """What an encoded item adds to its batch message, for the byte cap."""
+    return len(item[1])
+
+
 class Batcher(Generic[K, T]):
     """Collects items per key for up to `linger_s`, `max_items` or (with
     `size`) `max_bytes`, then sends each key's items with `send(key, items)`.

@@ -109,9 +109,8 @@ class Client:
         if job.reply_to is None:
             raise ValueError(f"job {job.id}: no reply_to: name the queue results should go to")
         job.submitted_at = time.time()
-        if self._exchange is None:
-            self._exchange = await self.channel.get_exchange(JOBS_EXCHANGE, ensure=False)
-        await self._exchange.publish(
+        exchange = await self._jobs_exchange()
+        await exchange.publish(
             broker.message(encode(job), correlation_id=job.id, reply_to=job.reply_to),
             routing_key="job",
             mandatory=True,
@@ -172,16 +171,23 @@ class Client:
         self, batch: list[CompletionJob], bodies: list[bytes], reply_to: str
     ) -> None:
         """One `JobBatch` message, built from the jobs' own encodings."""
-        if self._exchange is None:
-            self._exchange = await self.channel.get_exchange(JOBS_EXCHANGE, ensure=False)
-        body = encode_job_batch(bodies)
-        await self._exchange.publish(
+        exchange = await self._jobs_exchange()
+        await exchange.publish(
             broker.message(
-                body, correlation_id=batch[0].id, reply_to=reply_to, type=JOB_BATCH_TYPE
+                encode_job_batch(bodies),
+                correlation_id=batch[0].id,
+                reply_to=reply_to,
+                type=JOB_BATCH_TYPE,
             ),
             routing_key="job",
             mandatory=True,
         )
+
+    async def _jobs_exchange(self) -> aio_pika.abc.AbstractExchange:
+        """The submit exchange, looked up once (`connect` declared it)."""
+        if self._exchange is None:
+            self._exchange = await self.channel.get_exchange(JOBS_EXCHANGE, ensure=False)
+        return self._exchange
 
     async def declare_results_queue(self, name: str) -> None:
         """A durable queue for batch results: they survive this process and the broker."""

@@ -9,7 +9,7 @@ import structlog
 from aio_pika.abc import AbstractChannel
 
 from modelyard import broker
-from modelyard.batching import Batcher
+from modelyard.batching import Batcher, Encoded, encoded_size
 from schemas.codec import encode, encode_result_batch
 from schemas.errors import JobError
 from schemas.jobs import CompletionJob
@@ -71,9 +71,6 @@ async def publish_reply(
         await broker.dead_letter(channel, body, f"reply queue {reply_to!r} does not exist")
 
 
-Encoded = tuple[str, bytes]  # (job id, encoded body): what batchers carry
-
-
 def reply_batcher(
     channel: AbstractChannel, *, max_items: int, linger_s: float
 ) -> Batcher[str | None, Encoded]:
@@ -87,8 +84,3 @@ def reply_batcher(
         await publish_reply(channel, reply_to, body, job_id)
 
     return Batcher(send, max_items=max_items, linger_s=linger_s, size=encoded_size)
-
-
-def encoded_size(item: Encoded) -> int:
-    """What an encoded item adds to its batch message, for the byte cap."""
-    return len(item[1])

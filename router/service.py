@@ -22,9 +22,9 @@ import structlog
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
 
 from modelyard import broker
-from modelyard.batching import Batcher, settle_all
+from modelyard.batching import Batcher, Encoded, encoded_size, settle_all
 from modelyard.config import Config
-from modelyard.replies import Encoded, encoded_size, error_result, reply_batcher, send_reply
+from modelyard.replies import error_result, reply_batcher, send_reply
 from modelyard.topology import DISPATCH_EXCHANGE, ROUTER_QUEUE, build_topology, dispatch_key
 from modelyard.tracing import job_span
 from router.routing import RouteTable, build_route_table
