@@ -14,17 +14,12 @@ from datetime import UTC, datetime
 
 import asyncpg
 import structlog
-from aio_pika.abc import (
-    AbstractChannel,
-    AbstractIncomingMessage,
-    AbstractQueue,
-    AbstractRobustConnection,
-)
-from aio_pika.exceptions import ChannelInvalidStateError, MessageProcessError
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
+from aio_pika.exceptions import ChannelClosed, MessageProcessError
 
 from ledger import store
 from ledger.migrate import unreachable
-from modelyard import broker
+from modelyard.broker import LOST, STOP_GRACE_S, Broker, Consumer, settle
 from modelyard.config import Config
 from modelyard.topology import LEDGER_QUEUE, build_topology
 from schemas.codec import InvalidMessage, decode_costs, encode
@@ -36,6 +31,15 @@ MAX_BACKOFF_S = 5.0
 
 # Errors that retrying cannot fix: the event itself is unacceptable.
 BAD_DATA = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
+# Everything else the database or the driver can raise passes: down,
+# restarting, out of connections, a deadlock, a connection the pool lost
+# mid-query (`InternalClientError`).
+TRANSIENT = (
+    OSError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+)
 
 
 class Ledger:
@@ -48,11 +52,13 @@ class Ledger:
         self.flush_s = config.ledger.flush_ms / 1000
         self._buffer: list[AbstractIncomingMessage] = []
         self._full = asyncio.Event()
-        self._channel: AbstractChannel | None = None
         self._pool: asyncpg.Pool | None = None
         self._flusher: asyncio.Task[None] | None = None
-        self._queue: AbstractQueue
-        self._tag: str | None = None
+        self.broker = Broker(connection)
+        # Room for one batch being written and the next one filling.
+        self._consumer = Consumer(
+            connection, LEDGER_QUEUE, self._receive, prefetch=2 * self.batch_size
+        )
         self._stopping = False
         self._partitions_month = ""
         self.written = 0
@@ -64,40 +70,35 @@ class Ledger:
         except (OSError, asyncpg.PostgresError) as exc:
             raise unreachable(self.config.database_url, exc) from exc
         await self._keep_partitions()
-        # Room for one batch being written and the next one filling.
-        self._channel = channel = await broker.open_channel(
-            self.connection, prefetch=2 * self.batch_size
-        )
-        queues = await broker.declare(channel, build_topology(self.config.pool_names()))
+        await self.broker.declare(build_topology(self.config.pool_names()))
         self._flusher = asyncio.create_task(self._flush_forever())
-        self._queue = queues[LEDGER_QUEUE]
-        self._tag = await self._queue.consume(self._receive)
+        await self._consumer.start()
         log.info("ledger started", batch_size=self.batch_size, flush_ms=self.config.ledger.flush_ms)
 
     async def stop(self) -> None:
         """Take no more events, let the flusher write what is buffered (for up
         to the grace period), close. Anything unwritten stays unacked and is
         redelivered to the next ledger."""
-        if self._tag is not None and not self._channel_closed():
-            await self._queue.cancel(self._tag)
+        await self._consumer.cancel()
         self._stopping = True
         self._full.set()
         if self._flusher is not None:
             try:
-                await asyncio.wait_for(asyncio.shield(self._flusher), broker.STOP_GRACE_S)
+                await asyncio.wait_for(asyncio.shield(self._flusher), STOP_GRACE_S)
             except TimeoutError:
                 # Cut off mid-write: no later batch may be acked with `multiple`
                 # (it would settle this one), so nothing more is flushed.
                 self._flusher.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._flusher
-        if self._channel is not None and not self._channel.is_closed:
-            await self._channel.close()
+        await self._consumer.close()
+        await self.broker.close()
         if self._pool is not None:
             await self._pool.close()
 
     def _channel_closed(self) -> bool:
-        return self._channel is None or self._channel.is_closed
+        channel = self._consumer.channel
+        return channel is None or channel.is_closed
 
     async def _receive(self, message: AbstractIncomingMessage) -> None:
         self._buffer.append(message)
@@ -125,10 +126,24 @@ class Ledger:
     async def _drain(self) -> None:
         """Flush buffered batches in delivery order; a batch leaves the buffer
         only once written and acked."""
+        self._drop_orphans()
         while self._buffer and not self._channel_closed():
             batch = self._buffer[: self.batch_size]
             await self._flush(batch)
             del self._buffer[: len(batch)]
+
+    def _drop_orphans(self) -> None:
+        """Forget buffered messages whose channel is gone (a reconnect, a
+        replaced channel): the broker has put them back and delivers them
+        again, and they cannot be acked any more. Acking with `multiple` is
+        then exact again: every buffered message is on the current channel."""
+        live = [m for m in self._buffer if not m.channel.is_closed]
+        if len(live) != len(self._buffer):
+            log.info(
+                "events from a closed channel dropped; redelivered",
+                count=len(self._buffer) - len(live),
+            )
+            self._buffer[:] = live
 
     async def _keep_partitions(self) -> None:
         """At a month's turn, make sure this and next month's partitions exist."""
@@ -147,8 +162,7 @@ class Ledger:
                 decoded.append((message, decode_costs(message.body).events))
             except InvalidMessage as exc:
                 log.error("undecodable cost message dead-lettered", reason=str(exc))
-                with contextlib.suppress(ChannelInvalidStateError, MessageProcessError):
-                    await message.reject(requeue=False)
+                await settle(message, requeue=False)
         events = [event for _, batch_events in decoded for event in batch_events]
         try:
             await self._write(events)
@@ -158,8 +172,10 @@ class Ledger:
         self.written += len(events)
         if decoded:
             # Batches are flushed in delivery order, one at a time, so acking
-            # the last tag with `multiple` settles exactly this batch.
-            with contextlib.suppress(ChannelInvalidStateError):
+            # the last tag with `multiple` settles exactly this batch. If the
+            # channel went meanwhile, the batch is redelivered and the
+            # idempotent insert absorbs it.
+            with contextlib.suppress(*LOST, ChannelClosed, MessageProcessError):
                 await decoded[-1][0].ack(multiple=True)
 
     async def _write_one_by_one(self, events: list[CostEvent]) -> list[CostEvent]:
@@ -169,8 +185,7 @@ class Ledger:
                 await self._write([event])
             except BAD_DATA as exc:
                 log.error("ledger rejected a cost event; dead-lettered", reason=str(exc))
-                assert self._channel is not None
-                await broker.dead_letter(self._channel, encode(event), f"ledger rejected: {exc}")
+                await self.broker.dead_letter(encode(event), f"ledger rejected: {exc}")
             else:
                 kept.append(event)
         return kept
@@ -188,7 +203,7 @@ class Ledger:
                 return
             except BAD_DATA:
                 raise
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except TRANSIENT as exc:
                 # Down, restarting, out of connections, a deadlock: all pass.
                 log.warning("ledger write failed; retrying", error=str(exc), retry_in_s=backoff)
                 await asyncio.sleep(backoff)

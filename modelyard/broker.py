@@ -1,19 +1,31 @@
-"""The only module that talks AMQP: connect, declare, publish with confirms.
+"""The only module that talks AMQP: connect, declare, consume, and the few
+verbs every role publishes with.
 
-Every publish that carries work or cost is persistent and awaits the broker's
-confirm; callers ack their input only after that returns, which is what makes
+Every publish goes through `Broker`: persistent, `mandatory`, and awaited
+until the broker confirms it. A publish cut off by a lost connection or a
+closed channel is sent again once the broker is back, from this process's
+memory, so a broker restart loses nothing a process was still holding (an
+in-process outbox: nothing is recomputed and no provider is called twice).
+Callers ack their input only after the publish returns, which is what makes
 a crash at any point lose nothing (at worst the input is redelivered).
+
+Every consumer has its own channel, watched: a channel closed by a
+channel-level error (a bad publish, an ack the broker refused) is reopened
+and the consumer restarted, so no message can leave a process alive and idle.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
+import aiormq
+import structlog
 from aio_pika.abc import (
     AbstractChannel,
     AbstractExchange,
@@ -21,11 +33,32 @@ from aio_pika.abc import (
     AbstractQueue,
     AbstractRobustConnection,
 )
-from aio_pika.exceptions import AMQPConnectionError, ChannelInvalidStateError, MessageProcessError
+from aio_pika.exceptions import (
+    AMQPConnectionError,
+    ChannelClosed,
+    ChannelInvalidStateError,
+    DeliveryError,
+    MessageProcessError,
+    PublishError,
+)
 
-from modelyard.topology import DEAD_EXCHANGE, Topology
+from modelyard.topology import (
+    COSTS_EXCHANGE,
+    DEAD_EXCHANGE,
+    DISPATCH_EXCHANGE,
+    JOBS_EXCHANGE,
+    Topology,
+    dispatch_key,
+    reply_target_problem,
+)
+from schemas.jobs import JOB_BATCH_TYPE, Lane
 
 PERSISTENT = aio_pika.DeliveryMode.PERSISTENT
+
+# The header that carries why a message was parked on the dead queue.
+REASON_HEADER = "x-modelyard-reason"
+
+log = structlog.get_logger("modelyard.broker")
 
 
 async def connect(url: str, name: str) -> AbstractRobustConnection:
@@ -99,10 +132,247 @@ def message(
     )
 
 
-async def dead_letter(channel: AbstractChannel, body: bytes, reason: str) -> None:
-    """Park a message on the dead queue with the reason, for inspection and replay."""
-    exchange = await channel.get_exchange(DEAD_EXCHANGE, ensure=False)
-    await exchange.publish(message(body, headers={"x-modelyard-reason": reason}), routing_key="")
+class Unroutable(Exception):
+    """The broker returned a mandatory publish: no queue is bound for it."""
+
+
+class PublishFailed(Exception):
+    """A publish the broker kept refusing for reasons other than a lost connection."""
+
+
+# Failures that say the connection or channel went away, not that the
+# message is at fault: the publish is sent again once the broker is back.
+LOST = (AMQPConnectionError, ConnectionError, ChannelInvalidStateError, TimeoutError)
+
+# A channel closed by the broker because of *this* publish would close again
+# each time: after this many, the publish fails instead of looping.
+MAX_CHANNEL_ERRORS = 3
+# A publish the broker nacks (a queue at its length limit, a resource alarm)
+# is retried with backoff up to this long: backpressure, not a failure.
+NACK_PATIENCE_S = 60.0
+MAX_BACKOFF_S = 2.0
+# How long a reply queue seen to exist is trusted to exist: a batch's jobs
+# cost one check, and a queue deleted meanwhile still ends on the dead queue.
+KNOWN_QUEUE_TTL_S = 30.0
+# How long a reconnecting channel may take before it is replaced by a new one.
+RESTORE_WAIT_S = 5.0
+
+
+class Broker:
+    """One process's publishing side: a confirming channel and the verbs the
+    roles need (submit, dispatch, reply, cost, dead-letter). Confirms,
+    `mandatory`, republishing after a reconnect and replacing a channel a
+    channel-level error closed are handled here, once."""
+
+    def __init__(self, connection: AbstractRobustConnection) -> None:
+        self.connection = connection
+        self._channel: AbstractChannel | None = None
+        self._exchanges: dict[str, AbstractExchange] = {}
+        self._known_queues: dict[str, float] = {}
+        self._lock = asyncio.Lock()
+
+    async def declare(self, topology: Topology) -> None:
+        """Declare the topology (idempotent; every process does it at start)."""
+        await declare(await self._ready_channel(), topology)
+
+    async def close(self) -> None:
+        """Close the publishing channel (the connection belongs to the caller)."""
+        if self._channel is not None and not self._channel.is_closed:
+            with contextlib.suppress(*LOST, ChannelClosed):
+                await self._channel.close()
+
+    # The verbs.
+
+    async def submit(
+        self, body: bytes, *, correlation_id: str, reply_to: str | None, batch: bool = False
+    ) -> None:
+        """A job (or a `JobBatch` when `batch`) to the router, confirmed."""
+        msg = message(
+            body,
+            correlation_id=correlation_id,
+            reply_to=reply_to,
+            type=JOB_BATCH_TYPE if batch else None,
+        )
+        await self.publish(JOBS_EXCHANGE, "job", msg)
+
+    async def dispatch(
+        self, pool: str, lane: Lane, body: bytes, *, correlation_id: str, batch: bool = False
+    ) -> None:
+        """Work to a pool's lane, confirmed. An unroutable publish (no such
+        pool queue) raises, so the caller's input is requeued, never dropped.
+        No AMQP `reply_to` travels with it: the job names its reply queue,
+        and RabbitMQ refuses some `reply_to` values on publish."""
+        msg = message(body, correlation_id=correlation_id, type=JOB_BATCH_TYPE if batch else None)
+        await self.publish(DISPATCH_EXCHANGE, dispatch_key(pool, lane), msg)
+
+    async def cost(self, body: bytes, *, correlation_id: str) -> None:
+        """Cost events to the ledger, confirmed."""
+        await self.publish(COSTS_EXCHANGE, "cost", message(body, correlation_id=correlation_id))
+
+    async def reply(self, reply_to: str | None, body: bytes, *, correlation_id: str) -> None:
+        """An answer to the producer's queue, confirmed. An answer nobody can
+        receive (no `reply_to`, one that is not an ordinary queue, or a queue
+        that is gone) goes to the dead queue with the reason: it is kept."""
+        problem = reply_target_problem(reply_to)
+        if problem is not None:
+            await self.dead_letter(body, problem)
+            return
+        assert reply_to is not None
+        try:
+            await self.publish("", reply_to, message(body, correlation_id=correlation_id))
+        except Unroutable:
+            log.warning("reply queue missing, result dead-lettered", reply_to=reply_to)
+            await self.dead_letter(body, f"reply queue {reply_to!r} does not exist")
+
+    async def dead_letter(self, body: bytes, reason: str) -> None:
+        """Park a message on the dead queue with the reason, for inspection and replay."""
+        msg = message(body, headers={REASON_HEADER: reason[:4096]})
+        await self.publish(DEAD_EXCHANGE, "", msg)
+
+    def reply_queue_known(self, reply_to: str | None, ttl_s: float = KNOWN_QUEUE_TTL_S) -> bool:
+        """Whether `reply_to` was seen to be a usable queue in the last `ttl_s`."""
+        seen = self._known_queues.get(reply_to or "")
+        return seen is not None and time.monotonic() - seen < ttl_s
+
+    async def reply_queue_problem(
+        self, reply_to: str | None, ttl_s: float = KNOWN_QUEUE_TTL_S
+    ) -> str | None:
+        """Why answers cannot be sent to `reply_to`, or None when they can:
+        checked before a job is dispatched, so no provider is paid for an
+        answer nobody can receive. A queue seen to exist is remembered for
+        `ttl_s`, so a batch's jobs cost one check, not one each."""
+        problem = reply_target_problem(reply_to)
+        if problem is not None or reply_to is None:
+            return problem
+        if self.reply_queue_known(reply_to, ttl_s):
+            return None
+        now = time.monotonic()
+        if not await self._queue_exists(reply_to):
+            return f"reply queue {reply_to!r} does not exist"
+        if len(self._known_queues) > 10_000:  # a bound, not a cache policy
+            self._known_queues.clear()
+        self._known_queues[reply_to] = now
+        return None
+
+    async def _queue_exists(self, name: str) -> bool:
+        """A passive declare on a throwaway channel (a missing queue closes
+        the channel it was asked on). Unknown while disconnected: assumed to
+        exist, since a missing queue still ends on the dead queue later."""
+        transport = getattr(self.connection, "transport", None)
+        if transport is None:
+            return True
+        try:
+            channel = await transport.connection.channel(publisher_confirms=False)
+        except (*LOST, aiormq.exceptions.AMQPError):
+            return True
+        try:
+            await channel.queue_declare(name, passive=True)
+            return True
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            return False
+        except (*LOST, aiormq.exceptions.AMQPError):
+            return True
+        finally:
+            if not channel.is_closed:
+                with contextlib.suppress(*LOST, aiormq.exceptions.AMQPError):
+                    await channel.close()
+
+    # The one publish path.
+
+    async def publish(self, exchange: str, routing_key: str, msg: aio_pika.Message) -> None:
+        """Publish with `mandatory` until the broker confirms it.
+
+        A lost connection or channel is waited out and the message sent again
+        (a duplicate is possible, never a loss: every consumer de-duplicates).
+        A returned message raises `Unroutable`; a nack is retried with backoff
+        for `NACK_PATIENCE_S`; a channel the broker keeps closing because of
+        this message raises `PublishFailed` after `MAX_CHANNEL_ERRORS`."""
+        channel_errors = 0
+        first_nack: float | None = None
+        backoff = 0.05
+        while True:
+            try:
+                target = await self._exchange(exchange)
+                await target.publish(msg, routing_key=routing_key, mandatory=True)
+                return
+            except PublishError as exc:
+                raise Unroutable(f"no queue for {exchange or 'default'}/{routing_key}") from exc
+            except DeliveryError as exc:
+                first_nack = first_nack or time.monotonic()
+                if time.monotonic() - first_nack > NACK_PATIENCE_S:
+                    raise PublishFailed(f"broker kept refusing the publish: {exc}") from exc
+                failure: BaseException = exc
+            except ChannelClosed as exc:
+                channel_errors += 1
+                if channel_errors >= MAX_CHANNEL_ERRORS:
+                    raise PublishFailed(f"the broker closed the channel: {exc}") from exc
+                failure = exc
+            except LOST as exc:
+                failure = exc
+            log.warning(
+                "publish not confirmed; sending again",
+                exchange=exchange,
+                error=f"{type(failure).__name__}: {failure}",
+                retry_in_s=backoff,
+            )
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, MAX_BACKOFF_S)
+            await self._recover()
+
+    async def _exchange(self, name: str) -> AbstractExchange:
+        channel = await self._ready_channel()
+        if name == "":
+            return channel.default_exchange
+        exchange = self._exchanges.get(name)
+        if exchange is None:
+            exchange = self._exchanges[name] = await channel.get_exchange(name, ensure=False)
+        return exchange
+
+    async def _ready_channel(self) -> AbstractChannel:
+        if self._channel is None:
+            async with self._lock:
+                if self._channel is None:
+                    self._channel = await open_channel(self.connection)
+                    self._exchanges.clear()
+        return self._channel
+
+    async def _recover(self) -> None:
+        """After a failure: wait for the connection, then for the channel to
+        be restored; a channel still closed after that (its restore failed,
+        as it can after a channel-level error) is replaced by a new one."""
+        await wait_connected(self.connection)
+        channel = self._channel
+        if channel is None or not channel.is_closed:
+            return
+        await _wait_restored(channel)
+        if channel.is_closed and self._channel is channel:
+            async with self._lock:
+                if self._channel is channel:
+                    await _discard(channel)
+                    self._channel = None
+                    self._exchanges.clear()
+
+
+async def wait_connected(connection: AbstractRobustConnection) -> None:
+    """Return once the connection is up (at once when it is)."""
+    connected = getattr(connection, "connected", None)
+    if isinstance(connected, asyncio.Event) and not connected.is_set():
+        await connected.wait()
+
+
+async def _wait_restored(channel: AbstractChannel) -> None:
+    """Give a robust channel `RESTORE_WAIT_S` to reopen itself."""
+    ready = getattr(channel, "ready", None)
+    if ready is None:
+        return
+    with contextlib.suppress(TimeoutError, *LOST, ChannelClosed):
+        await asyncio.wait_for(ready(), RESTORE_WAIT_S)
+
+
+async def _discard(channel: AbstractChannel) -> None:
+    """Close a channel we give up on, whatever state it is in."""
+    with contextlib.suppress(*LOST, ChannelClosed, RuntimeError):
+        await asyncio.wait_for(channel.close(), 2)
 
 
 Handler = Callable[[AbstractIncomingMessage], Awaitable[None]]
@@ -110,24 +380,55 @@ Handler = Callable[[AbstractIncomingMessage], Awaitable[None]]
 # How long a stopping process lets in-flight messages finish before closing
 # its channel (the broker then redelivers whatever is left).
 STOP_GRACE_S = 30.0
+# How often a consumer checks that its channel is open, and how many checks
+# in a row may find it closed (while connected) before it is replaced.
+WATCH_S = 1.0
+WATCH_STRIKES = 3
 
 
 class Consumer:
-    """Consumes a queue with a handler, counting messages in flight so that a
-    stop can let them finish instead of cutting provider calls in half."""
+    """Consumes one queue on a channel of its own, counting messages in flight
+    so that a stop can let them finish instead of cutting provider calls in
+    half, and watching the channel: one closed by a channel-level error is
+    replaced and the consumer started again."""
 
-    def __init__(self, handler: Handler, log: Any) -> None:
-        self._handler = guarded(handler, log)
+    def __init__(
+        self,
+        connection: AbstractRobustConnection,
+        queue: str,
+        handler: Handler,
+        *,
+        prefetch: int,
+        guard: bool = True,
+    ) -> None:
+        self.connection = connection
+        self.queue_name = queue
+        self._handler = guarded(handler) if guard else handler
+        self.prefetch = prefetch
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self._channel: AbstractChannel | None = None
         self._queue: AbstractQueue | None = None
         self._tag: str | None = None
+        self._stopped = False
+        self._watch: asyncio.Task[None] | None = None
+        self.reopened = 0
 
-    async def start(self, queue: AbstractQueue) -> None:
-        """Begin consuming."""
-        self._queue = queue
-        self._tag = await queue.consume(self._run)
+    @property
+    def channel(self) -> AbstractChannel | None:
+        """The channel consumed on now (it changes when one is replaced)."""
+        return self._channel
+
+    async def start(self) -> None:
+        """Begin consuming, and watching the channel."""
+        await self._open()
+        self._watch = asyncio.create_task(self._watch_channel())
+
+    async def _open(self) -> None:
+        self._channel = channel = await open_channel(self.connection, prefetch=self.prefetch)
+        self._queue = await channel.get_queue(self.queue_name, ensure=False)
+        self._tag = await self._queue.consume(self._run)
 
     async def resize(self, prefetch: int) -> None:
         """Let the broker hand this consumer up to `prefetch` unacked messages.
@@ -136,17 +437,23 @@ class Consumer:
         have no channel-wide prefetch), so this starts a new consumer with the
         new limit, then cancels the old one; messages the old one holds stay
         in hand and are acked as usual."""
-        if self._queue is None or self._tag is None:
+        if self._queue is None or self._tag is None or self._stopped:
             return
         await self._queue.channel.set_qos(prefetch_count=prefetch)
+        self.prefetch = prefetch
         old, self._tag = self._tag, await self._queue.consume(self._run)
         with contextlib.suppress(ChannelInvalidStateError):
             await self._queue.cancel(old)
 
     async def cancel(self) -> None:
         """Take no more messages (those in flight carry on)."""
+        self._stopped = True
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
         if self._queue is not None and self._tag is not None and not self._queue.channel.is_closed:
-            with contextlib.suppress(ChannelInvalidStateError):
+            with contextlib.suppress(ChannelInvalidStateError, *LOST):
                 await self._queue.cancel(self._tag)
 
     async def drain(self, grace_s: float = STOP_GRACE_S) -> None:
@@ -154,10 +461,38 @@ class Consumer:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._idle.wait(), grace_s)
 
+    async def close(self) -> None:
+        """Close the channel (unacked messages go back to the queue)."""
+        if self._channel is not None and not self._channel.is_closed:
+            with contextlib.suppress(*LOST, ChannelClosed):
+                await self._channel.close()
+
     async def stop(self, grace_s: float = STOP_GRACE_S) -> None:
-        """Take no more messages; wait up to `grace_s` for those in flight."""
+        """Take no more messages; wait up to `grace_s` for those in flight; close."""
         await self.cancel()
         await self.drain(grace_s)
+        await self.close()
+
+    async def _watch_channel(self) -> None:
+        """Replace the channel when it stays closed while the connection is up."""
+        strikes = 0
+        while not self._stopped:
+            await asyncio.sleep(WATCH_S)
+            channel = self._channel
+            connected = getattr(self.connection, "connected", None)
+            up = not isinstance(connected, asyncio.Event) or connected.is_set()
+            strikes = strikes + 1 if up and channel is not None and channel.is_closed else 0
+            if strikes < WATCH_STRIKES or self._stopped:
+                continue
+            log.warning("consumer channel closed; opening a new one", queue=self.queue_name)
+            try:
+                if channel is not None:
+                    await _discard(channel)
+                await self._open()
+                self.reopened += 1
+                strikes = 0
+            except (*LOST, ChannelClosed) as exc:
+                log.warning("consumer channel not reopened yet", error=str(exc))
 
     async def _run(self, message: AbstractIncomingMessage) -> None:
         self._in_flight += 1
@@ -170,7 +505,7 @@ class Consumer:
                 self._idle.set()
 
 
-def guarded(handler: Handler, log: Any) -> Handler:
+def guarded(handler: Handler) -> Handler:
     """Wrap a consumer so a bug in it requeues the message instead of leaving it
     unacked forever (which would silently shrink the prefetch window). A message
     that fails every time is dead-lettered by the queue's delivery limit."""
@@ -180,10 +515,22 @@ def guarded(handler: Handler, log: Any) -> Handler:
             await handler(message)
         except Exception:
             log.exception("handler failed; message requeued", message_id=message.correlation_id)
-            # Already settled, or its channel is gone (the broker requeues it then).
-            # A reject, not a nack: newer RabbitMQ counts only rejects (and
-            # lost consumers) towards a quorum queue's delivery limit.
-            with contextlib.suppress(MessageProcessError, ChannelInvalidStateError):
-                await message.reject(requeue=True)
+            await settle(message, requeue=True)
 
     return run
+
+
+async def settle(message: AbstractIncomingMessage, *, requeue: bool | None = None) -> bool:
+    """Ack (`requeue` None) or reject a message; False when its channel is
+    gone, in which case the broker has already put it back for redelivery.
+
+    A reject, not a nack: newer RabbitMQ counts only rejects (and lost
+    consumers) towards a quorum queue's delivery limit."""
+    try:
+        if requeue is None:
+            await message.ack()
+        else:
+            await message.reject(requeue=requeue)
+        return True
+    except (MessageProcessError, *LOST, ChannelClosed):
+        return False

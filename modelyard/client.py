@@ -11,6 +11,7 @@ can produce a second result (marked `redelivered`), and clients keep the first.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 import uuid
@@ -19,16 +20,23 @@ from datetime import datetime
 from types import TracebackType
 from typing import Any, Self
 
-import aio_pika
+import structlog
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
+from aio_pika.exceptions import ChannelClosed
 from aiormq.exceptions import ChannelAccessRefused
 
 from modelyard import broker
-from modelyard.topology import JOBS_EXCHANGE, build_topology
+from modelyard.broker import LOST, Broker, settle
+from modelyard.topology import (
+    build_topology,
+    reply_queue,
+    reply_queue_arguments,
+    results_queue_arguments,
+)
 from schemas.chat import ChatRequest, Message
 from schemas.codec import InvalidMessage, decode_reply, encode, encode_job_batch
-from schemas.jobs import JOB_BATCH_TYPE, CompletionJob, Lane, Metadata, TraceContext
-from schemas.results import JobResult, StreamChunk, unpack
+from schemas.jobs import CompletionJob, Lane, Metadata, TraceContext
+from schemas.results import JobResult, Reply, StreamChunk, unpack
 
 
 def new_trace() -> TraceContext:
@@ -60,6 +68,9 @@ def new_job(
     )
 
 
+log = structlog.get_logger("modelyard.client")
+
+
 class ResultsBusyError(RuntimeError):
     """Another process holds the results queue exclusively."""
 
@@ -71,10 +82,10 @@ class ResultTimeoutError(TimeoutError):
 class Client:
     """A connection to modelyard's broker, for producers."""
 
-    def __init__(self, connection: AbstractRobustConnection, channel: AbstractChannel) -> None:
+    def __init__(self, connection: AbstractRobustConnection, broker: Broker) -> None:
         self.connection = connection
-        self.channel = channel
-        self._exchange: aio_pika.abc.AbstractExchange | None = None
+        self.broker = broker
+        self._rpc_channel: AbstractChannel | None = None
         self._rpc_queue: str | None = None
         self._waiting: dict[str, asyncio.Future[JobResult]] = {}
         self._streams: dict[str, asyncio.Queue[JobResult | StreamChunk]] = {}
@@ -83,9 +94,9 @@ class Client:
     async def connect(cls, url: str, name: str = "modelyard-client") -> Client:
         """Connect and make sure the submit side of the topology exists."""
         connection = await broker.connect(url, name)
-        channel = await broker.open_channel(connection)
-        await broker.declare(channel, build_topology([]))
-        return cls(connection, channel)
+        publisher = Broker(connection)
+        await publisher.declare(build_topology([]))
+        return cls(connection, publisher)
 
     async def __aenter__(self) -> Self:
         return self
@@ -100,21 +111,21 @@ class Client:
         for future in self._waiting.values():
             if not future.done():
                 future.set_exception(ConnectionError("the client was closed"))
+        if self._rpc_channel is not None and self._rpc_queue is not None:
+            # Not left to expire: nothing will read it again.
+            with contextlib.suppress(*LOST, ChannelClosed):
+                await self._rpc_channel.queue_delete(self._rpc_queue)
         await self.connection.close()
 
     async def submit(self, job: CompletionJob, reply_to: str | None = None) -> None:
-        """Publish a job and wait for the broker to confirm it is stored."""
+        """Publish a job and wait for the broker to confirm it is stored
+        (through a broker restart: the publish is sent again once it is back)."""
         if reply_to is not None:
             job.reply_to = reply_to
         if job.reply_to is None:
             raise ValueError(f"job {job.id}: no reply_to: name the queue results should go to")
         job.submitted_at = time.time()
-        exchange = await self._jobs_exchange()
-        await exchange.publish(
-            broker.message(encode(job), correlation_id=job.id, reply_to=job.reply_to),
-            routing_key="job",
-            mandatory=True,
-        )
+        await self.broker.submit(encode(job), correlation_id=job.id, reply_to=job.reply_to)
 
     async def submit_many(
         self,
@@ -171,31 +182,25 @@ class Client:
         self, batch: list[CompletionJob], bodies: list[bytes], reply_to: str
     ) -> None:
         """One `JobBatch` message, built from the jobs' own encodings."""
-        exchange = await self._jobs_exchange()
-        await exchange.publish(
-            broker.message(
-                encode_job_batch(bodies),
-                correlation_id=batch[0].id,
-                reply_to=reply_to,
-                type=JOB_BATCH_TYPE,
-            ),
-            routing_key="job",
-            mandatory=True,
+        await self.broker.submit(
+            encode_job_batch(bodies), correlation_id=batch[0].id, reply_to=reply_to, batch=True
         )
-
-    async def _jobs_exchange(self) -> aio_pika.abc.AbstractExchange:
-        """The submit exchange, looked up once (`connect` declared it)."""
-        if self._exchange is None:
-            self._exchange = await self.channel.get_exchange(JOBS_EXCHANGE, ensure=False)
-        return self._exchange
 
     async def declare_results_queue(self, name: str) -> None:
         """A durable queue for batch results: they survive this process and the broker."""
-        await self.channel.declare_queue(name, durable=True, arguments={"x-queue-type": "quorum"})
+        channel = await broker.open_channel(self.connection)
+        try:
+            await channel.declare_queue(name, durable=True, arguments=results_queue_arguments())
+        finally:
+            await channel.close()
 
     async def delete_queue(self, name: str) -> None:
         """Remove a results queue once its batch is fully collected."""
-        await self.channel.queue_delete(name)
+        channel = await broker.open_channel(self.connection)
+        try:
+            await channel.queue_delete(name)
+        finally:
+            await channel.close()
 
     async def results(
         self, queue: str, *, prefetch: int = 512, exclusive: bool = False
@@ -208,34 +213,50 @@ class Client:
         that message's results again, then marked `redelivered`. With
         `exclusive`, a second reader of the same queue is refused (two readers
         would each get part of the results). A message that is not a reply is
-        moved to the dead queue, not left to block the queue.
+        moved to the dead queue, not left to block the queue. A broker
+        restart or a lost connection is waited out: reading resumes where it
+        was, and results already yielded are not yielded again.
         """
-        channel = await broker.open_channel(self.connection, prefetch=prefetch)
         seen: set[str] = set()
+        while True:
+            try:
+                async for item in self._read_results(queue, prefetch, exclusive, seen):
+                    yield item
+                return
+            except (*LOST, ChannelClosed) as exc:
+                if isinstance(exc, ChannelAccessRefused):
+                    raise ResultsBusyError(f"another process is reading {queue}") from exc
+                log.warning("results consumer lost; resuming", queue=queue, error=str(exc))
+                await asyncio.sleep(0.2)
+                await broker.wait_connected(self.connection)
+
+    async def _read_results(
+        self, queue: str, prefetch: int, exclusive: bool, seen: set[str]
+    ) -> AsyncGenerator[JobResult, None]:
+        """One consumer's worth of `results`; ends by raising when its channel goes."""
+        channel = await broker.open_channel(self.connection, prefetch=prefetch)
         try:
             source = await channel.get_queue(queue)
-            try:
-                messages = source.iterator(exclusive=exclusive)
-                await messages.consume()
-            except ChannelAccessRefused as exc:
-                raise ResultsBusyError(f"another process is reading {queue}") from exc
+            messages = source.iterator(exclusive=exclusive)
+            await messages.consume()
             async with messages:
                 async for message in messages:
                     try:
                         reply = decode_reply(message.body)
                     except InvalidMessage as exc:
-                        await broker.dead_letter(channel, message.body, f"not a reply: {exc}")
-                        await message.ack()
+                        await self.broker.dead_letter(message.body, f"not a reply: {exc}")
+                        await settle(message)
                         continue
                     for item in unpack(reply):
                         if isinstance(item, JobResult) and item.job_id not in seen:
                             seen.add(item.job_id)
                             item.redelivered = item.redelivered or bool(message.redelivered)
                             yield item
-                    await message.ack()
+                    await settle(message)
         finally:
             if not channel.is_closed:
-                await channel.close()
+                with contextlib.suppress(*LOST, ChannelClosed):
+                    await channel.close()
 
     async def complete(self, job: CompletionJob, timeout: float = 60.0) -> JobResult:
         """Submit and wait for the result (AMQP request/reply)."""
@@ -277,15 +298,29 @@ class Client:
             self._streams.pop(job.id, None)
 
     async def _private_queue(self) -> str:
-        """This client's exclusive reply queue, created on first use."""
+        """This client's reply queue, created on first use. It is durable
+        and outlives a dropped connection (answers sent meanwhile wait in
+        it; the robust channel consumes it again on reconnect), and expires
+        once the client is gone."""
         if self._rpc_queue is None:
-            queue = await self.channel.declare_queue(exclusive=True, auto_delete=True)
-            await queue.consume(self._on_reply, no_ack=True)
+            self._rpc_channel = channel = await broker.open_channel(self.connection, prefetch=256)
+            queue = await channel.declare_queue(
+                reply_queue(uuid.uuid4().hex), durable=True, arguments=reply_queue_arguments()
+            )
+            await queue.consume(self._on_reply)
             self._rpc_queue = queue.name
         return self._rpc_queue
 
     async def _on_reply(self, message: AbstractIncomingMessage) -> None:
-        for reply in unpack(decode_reply(message.body)):
+        try:
+            self._deliver(decode_reply(message.body))
+        except InvalidMessage as exc:
+            await self.broker.dead_letter(message.body, f"not a reply: {exc}")
+        await settle(message)
+
+    def _deliver(self, message: Reply) -> None:
+        """Hand each answer in a reply message to the call waiting for it."""
+        for reply in unpack(message):
             if (chunks := self._streams.get(reply.job_id)) is not None:
                 chunks.put_nowait(reply)
                 continue

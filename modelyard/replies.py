@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import time
 
-import aio_pika
 import structlog
-from aio_pika.abc import AbstractChannel
 
-from modelyard import broker
 from modelyard.batching import Batcher, Encoded, encoded_size
+from modelyard.broker import Broker
 from schemas.codec import encode, encode_result_batch
 from schemas.errors import JobError
 from schemas.jobs import CompletionJob
@@ -43,36 +41,19 @@ def error_result(job: CompletionJob, error: JobError, *, redelivered: bool = Fal
     )
 
 
-async def send_reply(channel: AbstractChannel, reply_to: str | None, reply: Reply) -> None:
+async def send_reply(broker: Broker, reply_to: str | None, reply: Reply) -> None:
     """Publish to the producer's queue and wait for the broker's confirm.
 
-    A reply nobody can receive (no `reply_to`, or its queue is gone) goes to
-    the dead queue with the reason, so the answer, already paid for, is kept.
+    A reply nobody can receive (no `reply_to`, not an ordinary queue, or its
+    queue is gone) goes to the dead queue with the reason, so the answer,
+    already paid for, is kept.
     """
     correlation_id = reply.results[0].job_id if isinstance(reply, ResultBatch) else reply.job_id
-    await publish_reply(channel, reply_to, encode(reply), correlation_id)
-
-
-async def publish_reply(
-    channel: AbstractChannel, reply_to: str | None, body: bytes, correlation_id: str
-) -> None:
-    """`send_reply` for a reply already encoded."""
-    if not reply_to:
-        await broker.dead_letter(channel, body, "no reply_to on the job")
-        return
-    try:
-        await channel.default_exchange.publish(
-            broker.message(body, correlation_id=correlation_id),
-            routing_key=reply_to,
-            mandatory=True,
-        )
-    except aio_pika.exceptions.DeliveryError:
-        log.warning("reply queue missing, result dead-lettered", reply_to=reply_to)
-        await broker.dead_letter(channel, body, f"reply queue {reply_to!r} does not exist")
+    await broker.reply(reply_to, encode(reply), correlation_id=correlation_id)
 
 
 def reply_batcher(
-    channel: AbstractChannel, *, max_items: int, linger_s: float
+    broker: Broker, *, max_items: int, linger_s: float
 ) -> Batcher[str | None, Encoded]:
     """Results grouped per reply queue into `ResultBatch` messages (batch
     lane); put `(job_id, encode(result))`."""
@@ -81,6 +62,6 @@ def reply_batcher(
         job_id, body = results[0]
         if len(results) > 1:
             body = encode_result_batch([body for _, body in results])
-        await publish_reply(channel, reply_to, body, job_id)
+        await broker.reply(reply_to, body, correlation_id=job_id)
 
     return Batcher(send, max_items=max_items, linger_s=linger_s, size=encoded_size)

@@ -29,6 +29,14 @@ DELIVERY_LIMIT = 10
 
 LANES: tuple[Lane, ...] = ("interactive", "batch")
 
+# AMQP short strings (queue names, routing keys, correlation ids) hold 255 bytes.
+MAX_NAME_BYTES = 255
+
+# A client's private reply queue outlives a dropped connection (replies sent
+# while it reconnects wait there) and is removed this long after its client
+# is gone.
+REPLY_QUEUE_EXPIRES_MS = 10 * 60 * 1000
+
 ExchangeType = Literal["direct", "fanout", "topic"]
 
 
@@ -63,6 +71,43 @@ def worker_queue(pool: str, lane: Lane = "interactive") -> str:
 def dispatch_key(pool: str, lane: Lane) -> str:
     """The routing key on `modelyard.dispatch` for a pool's lane."""
     return pool if lane == "interactive" else f"{pool}.batch"
+
+
+def results_queue_arguments() -> dict[str, Any]:
+    """A producer's durable results queue (`submit_many`, `modelyard submit`):
+    replicated, so results survive the producer and the broker."""
+    return {"x-queue-type": "quorum"}
+
+
+def batch_results_queue(batch_id: str) -> str:
+    """Where the results of `modelyard submit`'s batch `batch_id` wait."""
+    return f"batch.{batch_id}"
+
+
+def reply_queue(client_id: str) -> str:
+    """A client's private queue for `complete()` and `stream()` answers."""
+    return f"reply.{client_id}"
+
+
+def reply_queue_arguments() -> dict[str, Any]:
+    """Durable (it survives a broker restart with the answers in it) and
+    removed `REPLY_QUEUE_EXPIRES_MS` after its client stopped using it."""
+    return {"x-expires": REPLY_QUEUE_EXPIRES_MS}
+
+
+def reply_target_problem(reply_to: str | None) -> str | None:
+    """Why answers must not be published to `reply_to`, or None when it names
+    an ordinary queue. RabbitMQ's special addresses (direct reply-to) close
+    the publishing channel unless their consumer is alive on it, and other
+    `amq.` names cannot be queues a producer declared; server-named queues
+    (`amq.gen-...`) are ordinary."""
+    if not reply_to:
+        return "no reply_to on the job"
+    if len(reply_to.encode()) > MAX_NAME_BYTES:
+        return f"reply_to is over {MAX_NAME_BYTES} bytes"
+    if reply_to.startswith("amq.") and not reply_to.startswith("amq.gen-"):
+        return f"reply_to {reply_to[:64]!r} is a RabbitMQ special address, not a queue"
+    return None
 
 
 def _work_queue_arguments() -> dict[str, Any]:

@@ -19,13 +19,13 @@ import time
 from collections.abc import Awaitable
 
 import structlog
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
-from modelyard import broker
 from modelyard.batching import Batcher, Encoded, encoded_size, settle_all
+from modelyard.broker import Broker, Consumer, settle
 from modelyard.config import Config
 from modelyard.replies import error_result, reply_batcher, send_reply
-from modelyard.topology import DISPATCH_EXCHANGE, ROUTER_QUEUE, build_topology, dispatch_key
+from modelyard.topology import ROUTER_QUEUE, build_topology
 from modelyard.tracing import job_span
 from router.routing import RouteTable, build_route_table
 from schemas.codec import (
@@ -51,16 +51,14 @@ class Router:
         self.connection = connection
         self.routes: RouteTable = build_route_table(config)
         self.rng = random.Random()
-        self._channel: AbstractChannel | None = None
-        self._consumer = broker.Consumer(self.handle, log)
+        self.broker = Broker(connection)
+        self._consumer = Consumer(
+            connection, ROUTER_QUEUE, self.handle, prefetch=config.router.concurrency
+        )
 
     async def start(self) -> None:
         """Declare the topology and start consuming."""
-        self._channel = channel = await broker.open_channel(
-            self.connection, prefetch=self.config.router.concurrency
-        )
-        queues = await broker.declare(channel, build_topology(self.config.pool_names()))
-        self._dispatch = await channel.get_exchange(DISPATCH_EXCHANGE)
+        await self.broker.declare(build_topology(self.config.pool_names()))
         lane = self.config.batch_lane
         self._batches: Batcher[str, Encoded] = Batcher(
             self._send_batch,
@@ -69,21 +67,19 @@ class Router:
             size=encoded_size,
         )
         self._replies = reply_batcher(
-            channel, max_items=lane.max_jobs, linger_s=lane.linger_ms / 1000
+            self.broker, max_items=lane.max_jobs, linger_s=lane.linger_ms / 1000
         )
-        await self._consumer.start(queues[ROUTER_QUEUE])
+        await self._consumer.start()
         log.info("router started", queue=ROUTER_QUEUE, concurrency=self.config.router.concurrency)
 
     async def stop(self) -> None:
         """Stop taking jobs, let those in flight finish, close the channel."""
         await self._consumer.stop()
-        if self._channel is not None and not self._channel.is_closed:
-            await self._channel.close()
+        await self.broker.close()
 
     async def handle(self, message: AbstractIncomingMessage) -> None:
         """Admit, route and forward one job or a batch of them; every path ends
         in ack, or in nack (requeue) when a publish failed."""
-        assert self._channel is not None
         if message.type == JOB_BATCH_TYPE:
             await self._handle_batch(message)
             return
@@ -95,21 +91,20 @@ class Router:
         if job.reply_to is None and message.reply_to:
             job.reply_to = message.reply_to
         await self._admit(job, redelivered=bool(message.redelivered))
-        await message.ack()
+        await settle(message)
 
     async def _handle_batch(self, message: AbstractIncomingMessage) -> None:
         """Each job of a batch is judged alone: a bad one is answered (or
         parked), the others go on. The batch is acked once every job's
         dispatch or answer is confirmed."""
-        assert self._channel is not None
         try:
             raws = split_job_batch(message.body, self.config.router.max_batch_bytes)
         except InvalidMessage as exc:
             # Its jobs cannot be told apart, so none can be answered: the
             # whole message is parked on the dead queue, every job kept.
             log.warning("undecodable job batch dead-lettered", field=exc.field, reason=str(exc))
-            await broker.dead_letter(self._channel, message.body, f"undecodable job batch: {exc}")
-            await message.ack()
+            await self.broker.dead_letter(message.body, f"undecodable job batch: {exc}")
+            await settle(message)
             return
         redelivered = bool(message.redelivered)
         # Jobs share the few outgoing batches they join: wait on each once.
@@ -120,11 +115,10 @@ class Router:
         # A failure is raised once all have settled; the consumer's guard then
         # requeues the message, and jobs it had sent are marked when sent again.
         await settle_all(map(_shielded, waits.values()))
-        await message.ack()
+        await settle(message)
 
     def _admit_raw(self, raw: bytes, reply_to: str | None, redelivered: bool) -> Awaitable[None]:
         """Decide one job of a batch; what to wait on before the batch is acked."""
-        assert self._channel is not None
         try:
             job = decode_job(raw, self.config.router.max_job_bytes)
         except InvalidMessage as exc:
@@ -132,7 +126,7 @@ class Router:
             reply_to = own_reply_to or reply_to
             log.warning("invalid job in batch", job_id=job_id, field=exc.field, reason=str(exc))
             if job_id is None or reply_to is None:
-                return broker.dead_letter(self._channel, raw, f"invalid job, nobody to tell: {exc}")
+                return self.broker.dead_letter(raw, f"invalid job, nobody to tell: {exc}")
             result = invalid_result(job_id, exc, redelivered)
             return self._replies.put(reply_to, (job_id, encode(result)))
         if job.reply_to is None:
@@ -169,38 +163,42 @@ class Router:
             return self._answer(job, error_result(job, error))
         deployment = self.routes.choose(group, self.rng)
         job.route = Route(deployment=deployment.name, pool=deployment.pool, routed_at=now)
-        log.debug("routed", deployment=deployment.name, pool=deployment.pool)
+        if not self.broker.reply_queue_known(job.reply_to):
+            return self._check_reply_queue(job, deployment.pool)
+        return self._dispatch(job, deployment.pool)
+
+    def _dispatch(self, job: CompletionJob, pool: str) -> Awaitable[None]:
+        log.debug("routed", deployment=job.route.deployment if job.route else None, pool=pool)
         if job.priority == "batch":
-            return self._batches.put(deployment.pool, (job.id, encode(job)))
-        return self._send_job(job, deployment.pool)
+            return self._batches.put(pool, (job.id, encode(job)))
+        return self._send_job(job, pool)
+
+    async def _check_reply_queue(self, job: CompletionJob, pool: str) -> None:
+        """Dispatch only a job whose answer can be delivered: one whose
+        `reply_to` is a special address, too long, or a missing queue is
+        parked on the dead queue with the reason, and no provider is paid."""
+        problem = await self.broker.reply_queue_problem(job.reply_to)
+        if problem is None:
+            await _shielded(self._dispatch(job, pool))
+            return
+        log.warning("job not run: its answer cannot be delivered", reason=problem)
+        await self.broker.dead_letter(encode(job), f"job not run: {problem}")
 
     def _answer(self, job: CompletionJob, result: JobResult) -> Awaitable[None]:
         """An error answer, batched with others for batch-lane jobs."""
-        assert self._channel is not None
         if job.priority == "batch" and job.reply_to is not None:
             return self._replies.put(job.reply_to, (job.id, encode(result)))
-        return send_reply(self._channel, job.reply_to, result)
+        return send_reply(self.broker, job.reply_to, result)
 
     async def _send_job(self, job: CompletionJob, pool: str) -> None:
-        # Mandatory: a pool queue that does not exist must fail the publish
-        # (the job is then requeued), not drop the job.
-        await self._dispatch.publish(
-            broker.message(encode(job), correlation_id=job.id, reply_to=job.reply_to),
-            routing_key=dispatch_key(pool, "interactive"),
-            mandatory=True,
-        )
+        await self.broker.dispatch(pool, "interactive", encode(job), correlation_id=job.id)
 
     async def _send_batch(self, pool: str, jobs: list[Encoded]) -> None:
         body = encode_job_batch([job for _, job in jobs])
-        await self._dispatch.publish(
-            broker.message(body, correlation_id=jobs[0][0], type=JOB_BATCH_TYPE),
-            routing_key=dispatch_key(pool, "batch"),
-            mandatory=True,
-        )
+        await self.broker.dispatch(pool, "batch", body, correlation_id=jobs[0][0], batch=True)
 
     async def _reject_invalid(self, message: AbstractIncomingMessage, exc: InvalidMessage) -> None:
         """Answer a message that does not decode, or park it when nobody can be answered."""
-        assert self._channel is not None
         # An oversized body is not parsed even to salvage it: the producer's
         # AMQP properties (correlation id, reply_to) say where to answer.
         too_big = len(message.body) > self.config.router.max_job_bytes
@@ -209,11 +207,11 @@ class Router:
         job_id = job_id or message.correlation_id
         log.warning("invalid job", job_id=job_id, field=exc.field, reason=str(exc))
         if job_id is None or reply_to is None:
-            await message.reject(requeue=False)  # dead-lettered by the queue's DLX
+            await settle(message, requeue=False)  # dead-lettered by the queue's DLX
             return
         result = invalid_result(job_id, exc, bool(message.redelivered))
-        await send_reply(self._channel, reply_to, result)
-        await message.ack()
+        await send_reply(self.broker, reply_to, result)
+        await settle(message)
 
 
 def _shielded(wait: Awaitable[None]) -> Awaitable[None]:

@@ -8,10 +8,8 @@ one publish per batch instead of one per call.
 
 from __future__ import annotations
 
-from aio_pika.abc import AbstractExchange
-
-from modelyard import broker
 from modelyard.batching import Batcher
+from modelyard.broker import Broker
 from schemas.codec import encode
 from schemas.costs import CostBatch, CostEvent
 
@@ -19,10 +17,8 @@ from schemas.costs import CostBatch, CostEvent
 class CostPublisher:
     """Collects events for up to `linger_s` or `max_batch` events, then publishes."""
 
-    def __init__(
-        self, exchange: AbstractExchange, max_batch: int = 200, linger_s: float = 0.002
-    ) -> None:
-        self.exchange = exchange
+    def __init__(self, broker: Broker, max_batch: int = 200, linger_s: float = 0.002) -> None:
+        self.broker = broker
         self._batches: Batcher[str, CostEvent] = Batcher(
             self._send, max_items=max_batch, linger_s=linger_s
         )
@@ -33,8 +29,4 @@ class CostPublisher:
 
     async def _send(self, _key: str, events: list[CostEvent]) -> None:
         body = encode(CostBatch(events=events))
-        await self.exchange.publish(
-            broker.message(body, correlation_id=events[0].job_id),
-            routing_key="cost",
-            mandatory=True,
-        )
+        await self.broker.cost(body, correlation_id=events[0].job_id)

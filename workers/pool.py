@@ -24,18 +24,12 @@ from typing import Any, Literal
 import aiohttp
 import msgspec
 import structlog
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
-from modelyard import broker
+from modelyard.broker import Broker, Consumer, settle
 from modelyard.config import Config, ConfigError, Deployment
 from modelyard.replies import error_result, reply_batcher, send_reply, timings_for
-from modelyard.topology import (
-    COSTS_EXCHANGE,
-    DISPATCH_EXCHANGE,
-    build_topology,
-    dispatch_key,
-    worker_queue,
-)
+from modelyard.topology import build_topology, worker_queue
 from modelyard.tracing import job_span
 from schemas.codec import InvalidMessage, decode_job, decode_job_batch, encode, encode_job_batch
 from schemas.costs import CostEvent
@@ -43,6 +37,7 @@ from schemas.errors import ErrorKind, JobError, job_error
 from schemas.jobs import JOB_BATCH_TYPE, Attempt, CompletionJob, Lane
 from schemas.results import JobResult, RateLimits, StreamChunk, Usage
 from workers import transport
+from workers.answers import Answers
 from workers.costs import CostPublisher
 from workers.lanes import Slots, SlotsClosed, batch_prefetch
 from workers.pricing import PriceCard, cost_of, price_card
@@ -144,11 +139,23 @@ class Worker:
         self._slots = Slots(self.concurrency)
         self._resizing = self._stopping = False
         self._background: set[asyncio.Future[None]] = set()
-        self._channel: AbstractChannel | None = None
-        self._batch_channel: AbstractChannel | None = None
         self._session: aiohttp.ClientSession | None = None
-        self._consumer = broker.Consumer(self.handle, log)
-        self._batch_consumer = broker.Consumer(self.handle, log)
+        self.broker = Broker(connection)
+        self._answers = Answers()
+        # Interactive jobs come one per message, up to the pool's concurrency.
+        self._consumer = Consumer(
+            connection, worker_queue(pool), self.handle, prefetch=self.concurrency
+        )
+        # Batch jobs come many per message: enough messages to fill every
+        # slot. Full batches are assumed until the sizes seen say otherwise.
+        self._batch_size = float(config.batch_lane.max_jobs)
+        self._batch_prefetch = batch_prefetch(self.concurrency, self._batch_size)
+        self._batch_consumer = Consumer(
+            connection,
+            worker_queue(pool, "batch"),
+            self.handle,
+            prefetch=self._batch_prefetch,
+        )
 
     async def start(self) -> None:
         """Declare the topology and start consuming this pool's two lanes."""
@@ -156,27 +163,14 @@ class Worker:
             if card.source == "unknown":
                 log.warning("no price known; cost events will be flagged", deployment=name)
         self._session = transport.new_session(self.concurrency)
-        # Interactive jobs come one per message, up to the pool's concurrency.
-        self._channel = channel = await broker.open_channel(
-            self.connection, prefetch=self.concurrency
-        )
-        queues = await broker.declare(channel, build_topology(self.config.pool_names()))
-        self._costs = CostPublisher(await channel.get_exchange(COSTS_EXCHANGE))
-        self._dispatch = await channel.get_exchange(DISPATCH_EXCHANGE)
+        await self.broker.declare(build_topology(self.config.pool_names()))
+        self._costs = CostPublisher(self.broker)
         lane = self.config.batch_lane
         self._replies = reply_batcher(
-            channel, max_items=lane.max_jobs, linger_s=lane.linger_ms / 1000
+            self.broker, max_items=lane.max_jobs, linger_s=lane.linger_ms / 1000
         )
-        # Batch jobs come many per message: enough messages to fill every
-        # slot. Full batches are assumed until the sizes seen say otherwise.
-        self._batch_size = float(lane.max_jobs)
-        self._batch_prefetch = batch_prefetch(self.concurrency, self._batch_size)
-        self._batch_channel = await broker.open_channel(
-            self.connection, prefetch=self._batch_prefetch
-        )
-        batch_queue = await self._batch_channel.get_queue(worker_queue(self.pool, "batch"))
-        await self._consumer.start(queues[worker_queue(self.pool)])
-        await self._batch_consumer.start(batch_queue)
+        await self._consumer.start()
+        await self._batch_consumer.start()
         log.info("worker started", pool=self.pool, concurrency=self.concurrency)
 
     async def stop(self) -> None:
@@ -191,9 +185,8 @@ class Worker:
         await asyncio.gather(self._consumer.cancel(), self._batch_consumer.cancel())
         self._slots.close()
         await asyncio.gather(self._consumer.drain(), self._batch_consumer.drain())
-        for channel in (self._batch_channel, self._channel):
-            if channel is not None and not channel.is_closed:
-                await channel.close()
+        await asyncio.gather(self._consumer.close(), self._batch_consumer.close())
+        await self.broker.close()
         if self._session is not None:
             await self._session.close()
 
@@ -211,7 +204,7 @@ class Worker:
         except InvalidMessage as exc:
             # The router validated it: this is corruption, not a producer error.
             log.error("undecodable dispatched message", reason=str(exc))
-            await message.reject(requeue=False)
+            await settle(message, requeue=False)
             return
         if lane == "batch":
             self._observe_batch(len(jobs))
@@ -226,13 +219,18 @@ class Worker:
         refused = [job for job, o in zip(jobs, outcomes, strict=True) if isinstance(o, SlotsClosed)]
         if len(refused) == len(jobs):
             log.info("stopping: message returned to the queue", jobs=len(jobs))
-            await message.reject(requeue=True)
+            await settle(message, requeue=True)
             return
         if refused:
             # The others are answered (and billed): hand back only the jobs
             # that never started, rather than running the answered ones again.
             await self._hand_back(refused, redelivered=redelivered)
-        await message.ack()
+        if await settle(message):
+            self._answers.forget(job.id for job in jobs)
+        else:
+            # The channel went away (a broker restart): the broker will hand
+            # this message out again; its answered jobs are not run again.
+            log.info("ack lost with the channel; answers kept for the redelivery", jobs=len(jobs))
 
     async def _hand_back(self, jobs: list[CompletionJob], *, redelivered: bool) -> None:
         """Put jobs that never started back on the pool's batch queue, as a
@@ -241,11 +239,7 @@ class Worker:
             job.redelivered = job.redelivered or redelivered
         body = encode_job_batch([encode(job) for job in jobs])
         log.info("stopping: jobs not started handed back", jobs=len(jobs))
-        await self._dispatch.publish(
-            broker.message(body, correlation_id=jobs[0].id, type=JOB_BATCH_TYPE),
-            routing_key=dispatch_key(self.pool, "batch"),
-            mandatory=True,
-        )
+        await self.broker.dispatch(self.pool, "batch", body, correlation_id=jobs[0].id, batch=True)
 
     def _observe_batch(self, jobs: int) -> None:
         """Follow the size of arriving batches, and hold more (or fewer) batch
@@ -287,23 +281,29 @@ class Worker:
             # provider billed but the ledger may not hear of (this process
             # dying before the confirm) is then always one of at most
             # `concurrency`, which bounds what a crash can leave unrecorded.
-            async with self._slots.take(lane):
-                result, cost = await self._run_safely(job, redelivered=redelivered)
-                result.timings.received_at = received
-                span.set_attribute("gen_ai.provider.name", result.provider or "")
-                if result.error is not None:
-                    span.set_attribute("error.type", result.error.kind.value)
-                await self._publish(job, lane, result, cost)
+            async with self._answers.once(job.id, repeat=redelivered) as first:
+                if not first:
+                    # This process answered this job already (its message came
+                    # back after a reconnect): not called, not answered again.
+                    log.info("job already answered by this worker; not run again")
+                    return
+                async with self._slots.take(lane):
+                    result, cost = await self._run_safely(job, redelivered=redelivered)
+                    result.timings.received_at = received
+                    span.set_attribute("gen_ai.provider.name", result.provider or "")
+                    if result.error is not None:
+                        span.set_attribute("error.type", result.error.kind.value)
+                    await self._publish(job, lane, result, cost)
 
     async def _publish(
         self, job: CompletionJob, lane: Lane, result: JobResult, cost: CostEvent | None
     ) -> None:
-        """The result to the producer and the cost event to the ledger, both confirmed."""
-        assert self._channel is not None
+        """The result to the producer and the cost event to the ledger, both
+        confirmed (sent again after a reconnect until they are)."""
         if lane == "batch" and job.reply_to is not None:
             publishes = [self._replies.add(job.reply_to, (job.id, encode(result)))]
         else:
-            publishes = [send_reply(self._channel, job.reply_to, result)]
+            publishes = [send_reply(self.broker, job.reply_to, result)]
         if cost is not None:
             publishes.append(self._costs.publish(cost))
         await asyncio.gather(*publishes)
@@ -324,6 +324,8 @@ class Worker:
             return error_result(job, error, redelivered=redelivered), None
         if result.error is not None:
             result.error.message = self._scrub(result.error.message)
+            if result.error.provider_code is not None:
+                result.error.provider_code = self._scrub(result.error.provider_code)
         return result, cost
 
     def _scrub(self, text: str) -> str:
@@ -420,7 +422,6 @@ class Worker:
             return Call(outcome=prepared)
         adapter, request = prepared
         assert self._session is not None
-        assert self._channel is not None
         async with transport.open_stream(self._session, request, deployment.timeout_s) as opened:
             if isinstance(opened, JobError):
                 return Call(outcome=opened)
@@ -445,7 +446,7 @@ class Worker:
                                 finish_reason=delta.finish_reason,
                             )
                             # One at a time: chunks must reach the producer in order.
-                            await send_reply(self._channel, job.reply_to, chunk)
+                            await send_reply(self.broker, job.reply_to, chunk)
                             seq += 1
             except TimeoutError:
                 limit = deployment.stream_timeout_s
