@@ -13,6 +13,63 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
+# The output cap a job may ask for. Far above any model's real limit (the
+# largest are a few hundred thousand tokens), yet small enough that budget
+# reservations (limit times price) stay meaningful and every provider's 32-bit
+# token field can hold it.
+MAX_OUTPUT_TOKENS = 1_000_000
+
+# msgspec decodes any JSON integer of up to 4300 digits into a Python int;
+# providers, Postgres `bigint` and most JSON parsers stop at 64 bits.
+INT64_MIN = -(2**63)
+INT64_MAX = 2**63 - 1
+Int64 = Annotated[int, Meta(ge=INT64_MIN, le=INT64_MAX)]
+
+# How deep the free-form JSON of a job (tool parameters, output schemas) may
+# nest. Real JSON Schemas stay within a dozen levels; without a limit msgspec
+# decodes up to ~1000 levels, and the same value can then fail to encode from
+# a deeper call stack (or in an adapter's recursive translation).
+MAX_JSON_DEPTH = 64
+
+OutputTokens = Annotated[int, Meta(ge=1, le=MAX_OUTPUT_TOKENS)]
+
+
+class FieldFault(ValueError):
+    """Raised by a Struct's `__post_init__` about one of its own fields.
+
+    msgspec reports the Struct's path only; the codec appends `field` so the
+    producer is told the exact JSON path at fault.
+    """
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"`{field}` {message}")
+        self.field = field
+
+
+def json_fault(value: Any) -> str | None:
+    """Why a decoded free-form JSON value cannot travel on (nested deeper than
+    `MAX_JSON_DEPTH`, or an integer outside 64 bits), or `None` if it can.
+
+    Iterative, so it is safe on any value msgspec managed to decode.
+    """
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            if depth > MAX_JSON_DEPTH:
+                return f"nests deeper than {MAX_JSON_DEPTH} levels"
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+        elif isinstance(item, int) and not INT64_MIN <= item <= INT64_MAX:
+            return "holds an integer that does not fit in 64 bits"
+    return None
+
+
+def _check_free_form(field: str, value: dict[str, Any] | None) -> None:
+    fault = None if value is None else json_fault(value)
+    if fault is not None:
+        raise FieldFault(field, fault)
+
 
 class ImageURL(msgspec.Struct, omit_defaults=True):
     """An image by URL or `data:` URI (base64)."""
@@ -82,6 +139,9 @@ class FunctionDef(msgspec.Struct, omit_defaults=True):
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
 
+    def __post_init__(self) -> None:
+        _check_free_form("parameters", self.parameters)
+
 
 class Tool(msgspec.Struct):
     """A tool definition (only functions exist today)."""
@@ -122,6 +182,9 @@ class JsonSchemaSpec(msgspec.Struct, omit_defaults=True):
     description: str | None = None
     strict: bool | None = None
 
+    def __post_init__(self) -> None:
+        _check_free_form("schema", self.schema_)
+
 
 class JsonSchemaFormat(msgspec.Struct, tag_field="type", tag="json_schema"):
     """Output constrained by a JSON Schema."""
@@ -154,10 +217,10 @@ class ChatRequest(msgspec.Struct, kw_only=True, omit_defaults=True):
     response_format: ResponseFormat | None = None
     temperature: Annotated[float, Meta(ge=0, le=2)] | None = None
     top_p: Annotated[float, Meta(ge=0, le=1)] | None = None
-    max_tokens: Annotated[int, Meta(ge=1)] | None = None
-    max_completion_tokens: Annotated[int, Meta(ge=1)] | None = None
+    max_tokens: OutputTokens | None = None
+    max_completion_tokens: OutputTokens | None = None
     stop: str | Annotated[list[str], Meta(max_length=4)] | None = None
-    seed: int | None = None
+    seed: Int64 | None = None
     user: str | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None

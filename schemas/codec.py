@@ -12,9 +12,10 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from schemas.chat import FieldFault
 from schemas.costs import CostBatch
 from schemas.errors import ErrorKind, JobError, job_error
-from schemas.jobs import CompletionJob, JobBatch
+from schemas.jobs import CompletionJob, JobBatch, JobId, ReplyTo
 from schemas.results import Reply
 
 T = TypeVar("T")
@@ -41,6 +42,18 @@ _reply_decoder: msgspec.json.Decoder[Reply] = msgspec.json.Decoder(Reply)
 _cost_decoder = msgspec.json.Decoder(CostBatch)
 
 
+class _Envelope(msgspec.Struct):
+    """The two fields an answer needs, kept raw so each is judged alone."""
+
+    id: msgspec.Raw = msgspec.Raw(b"null")
+    reply_to: msgspec.Raw = msgspec.Raw(b"null")
+
+
+_envelope_decoder = msgspec.json.Decoder(_Envelope)
+_job_id_decoder = msgspec.json.Decoder(JobId)
+_reply_to_decoder = msgspec.json.Decoder(ReplyTo)
+
+
 class InvalidMessage(ValueError):
     """A message that cannot be accepted; `field` is the JSON path at fault."""
 
@@ -64,9 +77,16 @@ def _decode(decoder: msgspec.json.Decoder[T], body: bytes) -> T:
     except msgspec.ValidationError as exc:
         text = str(exc)
         match = _PATH.search(text)
-        raise InvalidMessage(text, match["path"] if match else "$") from exc
+        path = match["path"] if match else "$"
+        if isinstance(exc.__cause__, FieldFault):
+            path = f"{path}.{exc.__cause__.field}"
+        raise InvalidMessage(text, path) from exc
     except msgspec.DecodeError as exc:
         raise InvalidMessage(f"body is not valid JSON: {exc}", "$") from exc
+    except RecursionError as exc:
+        # msgspec recurses once per nesting level (even to skip a value) and
+        # gives up near Python's recursion limit, without saying where.
+        raise InvalidMessage("JSON nested too deeply to decode", "$") from exc
 
 
 def decode_job(body: bytes, max_bytes: int = DEFAULT_MAX_JOB_BYTES) -> CompletionJob:
@@ -78,10 +98,14 @@ def decode_job(body: bytes, max_bytes: int = DEFAULT_MAX_JOB_BYTES) -> Completio
 
 def split_job_batch(body: bytes, max_bytes: int) -> list[bytes]:
     """The raw jobs of a submitted batch, each to be decoded (and answered,
-    if invalid) on its own; only a batch that is not a batch at all raises."""
+    if invalid) on its own; only a batch that is not a batch at all, or holds
+    no job, raises."""
     if len(body) > max_bytes:
         raise InvalidMessage(f"batch is {len(body)} bytes, over the {max_bytes}-byte limit", "$")
-    return [bytes(raw) for raw in _decode(_raw_batch_decoder, body).jobs]
+    jobs = _decode(_raw_batch_decoder, body).jobs
+    if not jobs:
+        raise InvalidMessage("batch holds no jobs", "$.jobs")
+    return [bytes(raw) for raw in jobs]
 
 
 def encode_job_batch(jobs: list[bytes]) -> bytes:
@@ -112,19 +136,22 @@ def decode_costs(body: bytes) -> CostBatch:
 
 
 def salvage_envelope(body: bytes) -> tuple[str | None, str | None]:
-    """Best-effort `(id, reply_to)` from a body that failed to decode.
+    """Best-effort `(id, reply_to)` from a body that failed to decode; never raises.
 
-    Lets the router answer a malformed job instead of silently dropping it;
-    anything that is not a JSON object with string fields yields `None`s.
+    Lets the router answer a malformed job instead of silently dropping it.
+    Each part is returned only if it is valid as `CompletionJob` defines it
+    (a `JobId`, a `ReplyTo`), so the answer itself can be published; anything
+    else, or a body that is not a JSON object, yields `None` for that part.
     """
     try:
-        raw = msgspec.json.decode(body)
-    except msgspec.DecodeError:
+        envelope = _envelope_decoder.decode(body)
+    except (msgspec.DecodeError, RecursionError):
         return None, None
-    if not isinstance(raw, dict):
-        return None, None
-    job_id, reply_to = raw.get("id"), raw.get("reply_to")
-    return (
-        job_id if isinstance(job_id, str) and job_id else None,
-        reply_to if isinstance(reply_to, str) and reply_to else None,
-    )
+    return _salvage(_job_id_decoder, envelope.id), _salvage(_reply_to_decoder, envelope.reply_to)
+
+
+def _salvage(decoder: msgspec.json.Decoder[str], raw: msgspec.Raw) -> str | None:
+    try:
+        return decoder.decode(raw)
+    except (msgspec.DecodeError, RecursionError):
+        return None

@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
-from schemas.chat import ChatRequest
+from schemas.chat import ChatRequest, Int64
 from schemas.errors import ErrorKind
 
 JOB_VERSION = 1
@@ -23,18 +23,36 @@ Lane = Literal["interactive", "batch"]
 # The AMQP `type` of a message holding a `JobBatch` rather than one job.
 JOB_BATCH_TYPE = "modelyard.job-batch"
 
-JobId = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:\-]+$")]
+# `\Z`, not `$`: Python's `$` also matches before a trailing newline.
+JobId = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:\-]+\Z")]
+
+# `reply_to` becomes an AMQP short string (a property, a routing key), which
+# holds at most 255 bytes. Printable ASCII without spaces makes characters
+# and bytes the same, so the length limit is a byte limit; server-named
+# queues (`amq.gen-AbC_d-9w==`) fit it.
+MAX_REPLY_TO_BYTES = 255
+ReplyTo = Annotated[str, Meta(min_length=1, max_length=MAX_REPLY_TO_BYTES, pattern=r"^[!-~]+\Z")]
+
+# Metadata and key ids land in Postgres `text` columns on every cost row,
+# and Postgres refuses the NUL character in text. The lengths keep one
+# producer from bloating the ledger; they are far above any real label.
+MAX_LABEL_CHARS = 256
+MAX_CUSTOM_ID_CHARS = 512
+MAX_TAGS = 64
+_NO_NUL = r"^[^\x00]*$"
+Label = Annotated[str, Meta(max_length=MAX_LABEL_CHARS, pattern=_NO_NUL)]
+CustomId = Annotated[str, Meta(max_length=MAX_CUSTOM_ID_CHARS, pattern=_NO_NUL)]
 
 
 class Metadata(msgspec.Struct, kw_only=True, omit_defaults=True):
     """Who the work is for; copied onto the result and every cost event."""
 
-    team: str | None = None
-    project: str | None = None
-    user: str | None = None
-    batch_id: str | None = None
-    custom_id: str | None = None
-    tags: list[str] = msgspec.field(default_factory=list)
+    team: Label | None = None
+    project: Label | None = None
+    user: Label | None = None
+    batch_id: Label | None = None
+    custom_id: CustomId | None = None
+    tags: Annotated[list[Label], Meta(max_length=MAX_TAGS)] = msgspec.field(default_factory=list)
 
 
 class TraceContext(msgspec.Struct, omit_defaults=True):
@@ -81,10 +99,10 @@ class CompletionJob(msgspec.Struct, kw_only=True, omit_defaults=True):
 
     id: JobId
     request: ChatRequest
-    v: int = JOB_VERSION
-    key_id: str | None = None
+    v: Int64 = JOB_VERSION
+    key_id: Label | None = None
     metadata: Metadata = msgspec.field(default_factory=Metadata)
-    reply_to: str | None = None
+    reply_to: ReplyTo | None = None
     deadline: Annotated[datetime, Meta(tz=True)] | None = None
     submitted_at: float | None = None
     # The lane: interactive jobs travel one per message and get a worker's
@@ -111,4 +129,4 @@ class JobBatch(msgspec.Struct, kw_only=True):
     the others. The router sends batch-lane jobs to workers the same way."""
 
     jobs: list[CompletionJob]
-    v: int = 1
+    v: Int64 = 1
