@@ -1,5 +1,8 @@
 """Structured logs: JSON off a terminal, job and trace ids on every line,
-prompts and secrets redacted by a processor rather than by call-site care."""
+prompts and secrets redacted by a processor rather than by call-site care.
+
+Standard-library records from asyncpg, aio-pika, asyncio and aiohttp go
+through the same processors, so the stream stays one event per line."""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ from collections.abc import MutableMapping
 from typing import Any
 
 import structlog
+from structlog.typing import Processor
 
 REDACTED = "[redacted]"
 
@@ -34,23 +38,69 @@ class Redactor:
 
 
 def configure(level: str = "info", *, log_prompts: bool = False, json: bool | None = None) -> None:
-    """Set up structlog for this process (call once, at start-up)."""
+    """Set up logging for this process (call once, at start-up).
+
+    structlog events and standard-library records (asyncpg, aio-pika, asyncio,
+    aiohttp) leave through one handler on stderr with the same processors, so
+    every line is one rendered event and every record is redacted.
+    """
     as_json = not sys.stderr.isatty() if json is None else json
-    renderer: Any = (
-        structlog.processors.JSONRenderer() if as_json else structlog.dev.ConsoleRenderer()
-    )
+    numeric_level = logging.getLevelNamesMapping()[level.upper()]
+    shared = _shared_processors(as_json=as_json, log_prompts=log_prompts)
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            Redactor(log_prompts),
-            structlog.processors.format_exc_info,
-            renderer,
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(
-            logging.getLevelNamesMapping()[level.upper()]
-        ),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        wrapper_class=structlog.make_filtering_bound_logger(numeric_level),
+        logger_factory=structlog.stdlib.LoggerFactory(),
         cache_logger_on_first_use=True,
     )
+    formatter = structlog.stdlib.ProcessorFormatter(
+        # A foreign record's `extra=` becomes event keys first, so the Redactor sees them.
+        foreign_pre_chain=[structlog.stdlib.ExtraAdder(), *shared],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, _renderer(as_json)],
+    )
+    _route_root_logger(formatter, numeric_level)
+    # `warnings.warn` output would otherwise be raw text lines in the stream.
+    logging.captureWarnings(True)
+
+
+def _shared_processors(*, as_json: bool, log_prompts: bool) -> list[Processor]:
+    """Processors every event runs, whether structlog or the standard library emitted it."""
+    processors: list[Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.StackInfoRenderer(),
+    ]
+    if as_json:
+        # The traceback becomes the `exception` string field of the one JSON object;
+        # on a terminal the console renderer prints it pretty from `exc_info` instead.
+        processors.append(structlog.processors.format_exc_info)
+    # Last, so nothing added above escapes it.
+    processors.append(Redactor(log_prompts))
+    return processors
+
+
+def _renderer(as_json: bool) -> Processor:
+    if as_json:
+        return structlog.processors.JSONRenderer()
+    # Tracebacks without local variables: a frame's locals can hold keys and prompts,
+    # which the Redactor never sees.
+    return structlog.dev.ConsoleRenderer(
+        exception_formatter=structlog.dev.RichTracebackFormatter(show_locals=False)
+    )
+
+
+def _route_root_logger(formatter: logging.Formatter, level: int) -> None:
+    """Make `formatter` on stderr the root logger's only handler.
+
+    Handlers set up earlier (by `basicConfig` or a library) are dropped, not
+    closed: they would print each record a second time, as plain text.
+    """
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level)
