@@ -14,6 +14,7 @@ import asyncpg
 import structlog
 
 from modelyard.broker import without_password
+from modelyard.database import unreachable
 
 log = structlog.get_logger("modelyard.migrate")
 
@@ -30,11 +31,6 @@ def migration_files() -> list[tuple[str, str]]:
     folder = resources.files("ledger") / "migrations"
     files = sorted((p for p in folder.iterdir() if p.name.endswith(".sql")), key=lambda p: p.name)
     return [(p.name, p.read_text(encoding="utf-8")) for p in files]
-
-
-def unreachable(url: str, exc: Exception) -> ConnectionError:
-    """The error for a database that cannot be reached, naming it (password hidden)."""
-    return ConnectionError(f"cannot connect to PostgreSQL at {without_password(url)}: {exc}")
 
 
 async def connect(url: str) -> asyncpg.Connection:

@@ -18,9 +18,9 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from aio_pika.exceptions import ChannelClosed, MessageProcessError
 
 from ledger import store
-from ledger.migrate import unreachable
 from modelyard.broker import LOST, STOP_GRACE_S, Broker, Consumer, settle
 from modelyard.config import Config
+from modelyard.database import BAD_DATA, TRANSIENT, create_pool
 from modelyard.topology import LEDGER_QUEUE, build_topology
 from schemas.codec import InvalidMessage, decode_costs, encode
 from schemas.costs import CostEvent
@@ -28,18 +28,6 @@ from schemas.costs import CostEvent
 log = structlog.get_logger("modelyard.ledger")
 
 MAX_BACKOFF_S = 5.0
-
-# Errors that retrying cannot fix: the event itself is unacceptable.
-BAD_DATA = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
-# Everything else the database or the driver can raise passes: down,
-# restarting, out of connections, a deadlock, a connection the pool lost
-# mid-query (`InternalClientError`).
-TRANSIENT = (
-    OSError,
-    asyncpg.PostgresError,
-    asyncpg.InterfaceError,
-    asyncpg.InternalClientError,
-)
 
 
 class Ledger:
@@ -65,10 +53,7 @@ class Ledger:
 
     async def start(self) -> None:
         """Connect to Postgres and the broker, then start consuming."""
-        try:
-            self._pool = await asyncpg.create_pool(self.config.database_url, min_size=1, max_size=2)
-        except (OSError, asyncpg.PostgresError) as exc:
-            raise unreachable(self.config.database_url, exc) from exc
+        self._pool = await create_pool(self.config.database_url)
         await self._keep_partitions()
         await self.broker.declare(build_topology(self.config.pool_names()))
         self._flusher = asyncio.create_task(self._flush_forever())

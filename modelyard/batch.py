@@ -70,6 +70,9 @@ def parse_line(
         custom_id = line.custom_id
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         return custom_id, _bad_line(batch_id, custom_id, f"line {number}: {exc}", None)
+    except RecursionError:
+        message = f"line {number}: JSON nested too deeply to decode"
+        return custom_id, _bad_line(batch_id, custom_id, message, "$")
     if line.method.upper() != "POST" or line.url != CHAT_URL:
         message = f"line {number}: only POST {CHAT_URL} is supported, got {line.method} {line.url}"
         return custom_id, _bad_line(batch_id, custom_id, message, "$.url")

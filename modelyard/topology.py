@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from schemas.jobs import Lane
+from schemas.jobs import Lane, ReplyTo
 
 JOBS_EXCHANGE = "modelyard.jobs"
 DISPATCH_EXCHANGE = "modelyard.dispatch"
@@ -103,8 +103,10 @@ def reply_target_problem(reply_to: str | None) -> str | None:
     (`amq.gen-...`) are ordinary."""
     if not reply_to:
         return "no reply_to on the job"
-    if len(reply_to.encode()) > MAX_NAME_BYTES:
-        return f"reply_to is over {MAX_NAME_BYTES} bytes"
+    try:
+        msgspec.convert(reply_to, ReplyTo)
+    except msgspec.ValidationError:
+        return f"reply_to is not a queue name of 1 to {MAX_NAME_BYTES} printable ASCII characters"
     if reply_to.startswith("amq.") and not reply_to.startswith("amq.gen-"):
         return f"reply_to {reply_to[:64]!r} is a RabbitMQ special address, not a queue"
     return None

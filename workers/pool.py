@@ -38,6 +38,7 @@ from schemas.jobs import JOB_BATCH_TYPE, Attempt, CompletionJob, Lane
 from schemas.results import JobResult, RateLimits, StreamChunk, Usage
 from workers import transport
 from workers.answers import Answers
+from workers.claims import Claims
 from workers.costs import CostPublisher
 from workers.lanes import Slots, SlotsClosed, batch_prefetch
 from workers.pricing import PriceCard, cost_of, price_card
@@ -142,6 +143,7 @@ class Worker:
         self._session: aiohttp.ClientSession | None = None
         self.broker = Broker(connection)
         self._answers = Answers()
+        self._claims = Claims(config.database_url) if config.database_url else None
         # Interactive jobs come one per message, up to the pool's concurrency.
         self._consumer = Consumer(
             connection, worker_queue(pool), self.handle, prefetch=self.concurrency
@@ -187,6 +189,8 @@ class Worker:
         await asyncio.gather(self._consumer.drain(), self._batch_consumer.drain())
         await asyncio.gather(self._consumer.close(), self._batch_consumer.close())
         await self.broker.close()
+        if self._claims is not None:
+            await self._claims.close()
         if self._session is not None:
             await self._session.close()
 
@@ -206,9 +210,10 @@ class Worker:
             log.error("undecodable dispatched message", reason=str(exc))
             await settle(message, requeue=False)
             return
+        redelivered = bool(message.redelivered)
         if lane == "batch":
             self._observe_batch(len(jobs))
-        redelivered = bool(message.redelivered)
+            jobs = await self._unclaimed(jobs)
         outcomes = await asyncio.gather(
             *(self._process(job, lane, redelivered=redelivered) for job in jobs),
             return_exceptions=True,
@@ -217,7 +222,7 @@ class Worker:
         if errors := [f for f in failures if not isinstance(f, SlotsClosed)]:
             raise errors[0]  # requeued by the consumer's guard; repeats are marked
         refused = [job for job, o in zip(jobs, outcomes, strict=True) if isinstance(o, SlotsClosed)]
-        if len(refused) == len(jobs):
+        if refused and len(refused) == len(jobs):
             log.info("stopping: message returned to the queue", jobs=len(jobs))
             await settle(message, requeue=True)
             return
@@ -231,6 +236,18 @@ class Worker:
             # The channel went away (a broker restart): the broker will hand
             # this message out again; its answered jobs are not run again.
             log.info("ack lost with the channel; answers kept for the redelivery", jobs=len(jobs))
+
+    async def _unclaimed(self, jobs: list[CompletionJob]) -> list[CompletionJob]:
+        """The batch-lane jobs to run: those a restarted router dispatched a
+        second time, and whose first copy is claimed, are left out (that
+        copy answers them; `workers/claims.py`)."""
+        if self._claims is None:
+            return jobs
+        skip = await self._claims.repeats(jobs)
+        if not skip:
+            return jobs
+        log.info("router repeats of claimed jobs not run", jobs=len(skip))
+        return [job for job in jobs if job.id not in skip]
 
     async def _hand_back(self, jobs: list[CompletionJob], *, redelivered: bool) -> None:
         """Put jobs that never started back on the pool's batch queue, as a
