@@ -427,7 +427,9 @@ class Consumer:
 
     async def _open(self) -> None:
         self._channel = channel = await open_channel(self.connection, prefetch=self.prefetch)
-        self._queue = await channel.get_queue(self.queue_name, ensure=False)
+        # Declared (passively), not just looked up: the robust channel then
+        # knows the queue and consumes it again when it reopens.
+        self._queue = await channel.declare_queue(self.queue_name, passive=True)
         self._tag = await self._queue.consume(self._run)
 
     async def resize(self, prefetch: int) -> None:
@@ -474,17 +476,18 @@ class Consumer:
         await self.close()
 
     async def _watch_channel(self) -> None:
-        """Replace the channel when it stays closed while the connection is up."""
+        """Start again on a new channel when, while the connection is up, the
+        channel stays closed or no longer carries this consumer."""
         strikes = 0
         while not self._stopped:
             await asyncio.sleep(WATCH_S)
-            channel = self._channel
             connected = getattr(self.connection, "connected", None)
             up = not isinstance(connected, asyncio.Event) or connected.is_set()
-            strikes = strikes + 1 if up and channel is not None and channel.is_closed else 0
+            strikes = strikes + 1 if up and not await self._consuming() else 0
             if strikes < WATCH_STRIKES or self._stopped:
                 continue
-            log.warning("consumer channel closed; opening a new one", queue=self.queue_name)
+            channel = self._channel
+            log.warning("consumer lost its channel; starting again", queue=self.queue_name)
             try:
                 if channel is not None:
                     await _discard(channel)
@@ -493,6 +496,17 @@ class Consumer:
                 strikes = 0
             except (*LOST, ChannelClosed) as exc:
                 log.warning("consumer channel not reopened yet", error=str(exc))
+
+    async def _consuming(self) -> bool:
+        """Whether the broker is delivering to this consumer right now."""
+        channel = self._channel
+        if channel is None or channel.is_closed:
+            return False
+        try:
+            underlay = await asyncio.wait_for(channel.get_underlay_channel(), WATCH_S)
+        except (TimeoutError, *LOST, ChannelClosed, RuntimeError):
+            return False
+        return self._tag in underlay.consumers
 
     async def _run(self, message: AbstractIncomingMessage) -> None:
         self._in_flight += 1

@@ -16,6 +16,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Generic
 
+import msgspec
 from aiohttp import web
 
 from modelyard.fake.conversation import Reply
@@ -24,6 +25,7 @@ from modelyard.fake.reply import answer, refusal
 from modelyard.fake.requestlog import Exchange
 from modelyard.fake.screen import screen
 from modelyard.fake.state import STATE, FakeState
+from modelyard.fake.text import digest_of
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -58,6 +60,8 @@ class _Call(Generic[P]):
         key = self.state.settings.api_key
         if key is not None and (error := self.dialect.authorize(request, key)) is not None:
             return self.error(error)
+        if self.state.settings.echo_key and key is not None:
+            return self.error(_echoing(key))
         body = await request.read()
         parsed = self.dialect.parse(request, body)
         if isinstance(parsed, WireError):
@@ -65,6 +69,9 @@ class _Call(Generic[P]):
             return self.error(parsed)
         self.exchange.model = parsed.conversation.model
         self.exchange.stream = parsed.stream
+        self.exchange.prompt_digest = digest_of(
+            *(turn.text for turn in parsed.conversation.turns)
+        ).hex()[:32]
         rejection = screen(parsed.conversation, self.state.settings.context_window)
         if rejection is not None and (error := self.dialect.reject(rejection, parsed)) is not None:
             return self.error(error)
@@ -137,3 +144,10 @@ class _Call(Generic[P]):
         return self.dialect.headers(
             self.exchange.request_id, elapsed_ms, self.state.limits, retry_after_s
         )
+
+
+def _echoing(key: str) -> WireError:
+    """A 400 repeating `key` in every field of every provider's error shape."""
+    detail = {"message": key, "type": key, "param": key, "code": key, "status": key}
+    body = {"error": detail, "type": "error", "message": key, "code": key}
+    return WireError(400, msgspec.json.encode(body), None)

@@ -42,12 +42,25 @@ class LogEntry(msgspec.Struct, frozen=True):
     stream: bool
     at: float
     cache_write_tokens: int = 0
+    # Which conversation was asked (a digest of its turns): tests count how
+    # often the same prompt reached the provider.
+    prompt_digest: str = ""
 
 
 class Exchange:
     """What is known so far about one request, filled in as its handler goes."""
 
-    __slots__ = ("fault", "model", "path", "provider", "reply", "request_id", "status", "stream")
+    __slots__ = (
+        "fault",
+        "model",
+        "path",
+        "prompt_digest",
+        "provider",
+        "reply",
+        "request_id",
+        "status",
+        "stream",
+    )
 
     def __init__(self, request_id: str, provider: str, path: str) -> None:
         self.request_id = request_id
@@ -58,6 +71,7 @@ class Exchange:
         self.fault: Fault | None = None
         self.stream = False
         self.reply: Reply | None = None
+        self.prompt_digest = ""
 
     def entry(self) -> LogEntry:
         """The log entry for the exchange as it stands now."""
@@ -76,6 +90,7 @@ class Exchange:
             stream=self.stream,
             at=time.time(),
             cache_write_tokens=reply.cache_write_tokens if reply else 0,
+            prompt_digest=self.prompt_digest,
         )
 
 

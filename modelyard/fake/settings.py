@@ -44,6 +44,9 @@ class FakeSettings(msgspec.Struct, forbid_unknown_fields=True):
     seed: int = 0
     context_window: int = 128_000
     stream_gap_ms: float = 0
+    # A misbehaving proxy: every request fails with a 400 whose body repeats
+    # the API key in every field (for tests that keys never leak onward).
+    echo_key: bool = False
 
     def __post_init__(self) -> None:
         """Reject settings the dice cannot honour (msgspec turns this into a ValidationError)."""

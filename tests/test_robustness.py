@@ -1,0 +1,285 @@
+"""No message can stop the pipeline, and no key leaks out of a worker.
+
+A pipeline of its own (vhost, database, in-process router, worker and
+ledger), so this module can read and empty the dead queue freely.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import aio_pika
+import pytest
+import pytest_asyncio
+import structlog
+
+from ledger.service import Ledger
+from modelyard import broker
+from modelyard.broker import REASON_HEADER, PublishFailed
+from modelyard.client import Client, new_job
+from modelyard.config import Config, parse
+from modelyard.topology import DEAD_QUEUE, JOBS_EXCHANGE
+from router.service import Router
+from schemas.chat import Message
+from schemas.codec import decode_reply, encode
+from schemas.errors import ErrorKind
+from schemas.results import JobResult, unpack
+from tests.conftest import FAKE_KEY, FakeControl
+from tests.pipeline import scalar
+from tests.services import config_document, fresh_database, fresh_vhost
+from workers.pool import Worker
+from workers.providers import PROVIDERS
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+
+@pytest.fixture(scope="module")
+def own_config(fake_port: int) -> Iterator[Config]:
+    with fresh_vhost() as broker_url, fresh_database() as database_url:
+        yield parse(config_document(broker_url, database_url, fake_port), {}, PROVIDERS)
+
+
+class Pipeline:
+    """The components, and a producer's view of the answers and dead letters."""
+
+    def __init__(self, config: Config, router: Router, worker: Worker, client: Client) -> None:
+        self.config, self.router, self.worker, self.client = config, router, worker, client
+        self.connection: aio_pika.abc.AbstractRobustConnection
+
+    async def publish(
+        self, body: bytes, *, reply_to: str | None = None, batch: bool = False
+    ) -> None:
+        """Publish raw bytes to the submit exchange, as any producer could."""
+        channel = await self.connection.channel(publisher_confirms=True)
+        try:
+            exchange = await channel.get_exchange(JOBS_EXCHANGE)
+            message = aio_pika.Message(
+                body, reply_to=reply_to, type="modelyard.job-batch" if batch else None
+            )
+            await exchange.publish(message, routing_key="job")
+        finally:
+            await channel.close()
+
+    async def drain(self, queue: str) -> list[aio_pika.abc.AbstractIncomingMessage]:
+        """Everything waiting in a queue now, acked."""
+        channel = await self.connection.channel()
+        try:
+            source = await channel.get_queue(queue)
+            taken = []
+            while (message := await source.get(fail=False)) is not None:
+                await message.ack()
+                taken.append(message)
+            return taken
+        finally:
+            await channel.close()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def pipe(own_config: Config) -> AsyncIterator[Pipeline]:
+    connection = await broker.connect(own_config.broker_url, "test-robustness")
+    ledger, worker, router = (
+        Ledger(own_config, connection),
+        Worker(own_config, "main", connection),
+        Router(own_config, connection),
+    )
+    for component in (ledger, worker, router):
+        await component.start()
+    client = await Client.connect(own_config.broker_url)
+    pipeline = Pipeline(own_config, router, worker, client)
+    pipeline.connection = connection
+    yield pipeline
+    await client.close()
+    for component in (router, worker, ledger):
+        await component.stop()
+    await connection.close()
+
+
+def raw_job(job_id: str, reply_to: str | None, text: str = "hello") -> bytes:
+    body: dict[str, Any] = {
+        "id": job_id,
+        "request": {"model": "fast", "messages": [{"role": "user", "content": text}]},
+    }
+    if reply_to is not None:
+        body["reply_to"] = reply_to
+    return json.dumps(body).encode()
+
+
+async def served(pipe: Pipeline) -> JobResult:
+    """A good job, answered: the pipeline still serves everyone."""
+    job = new_job("fast", [Message(role="user", content="still there?")])
+    return await pipe.client.complete(job, timeout=20)
+
+
+async def dead_reasons(pipe: Pipeline, token: str, want: int = 1) -> list[str]:
+    """Reasons of dead letters whose body holds `token`, once `want` arrived."""
+    reasons: list[str] = []
+    for _ in range(100):
+        for message in await pipe.drain(DEAD_QUEUE):
+            if token.encode() in message.body:
+                reasons.append(str((message.headers or {}).get(REASON_HEADER, "")))
+        if len(reasons) >= want:
+            break
+        await asyncio.sleep(0.1)
+    return reasons
+
+
+async def test_a_special_reply_address_is_dead_lettered_and_the_router_carries_on(
+    pipe: Pipeline, fake: FakeControl
+) -> None:
+    """RabbitMQ's direct reply-to address closes the publishing channel of
+    whoever publishes to it without its consumer: the job must be parked,
+    never published onward, and the next job served."""
+    job_id = f"special-{uuid.uuid4().hex}"
+    calls_before = len(await fake.requests())
+
+    await pipe.publish(raw_job(job_id, "amq.rabbitmq.reply-to"))
+
+    reasons = await dead_reasons(pipe, job_id)
+    assert len(reasons) == 1
+    assert "special address" in reasons[0]
+    result = await served(pipe)
+    assert result.status == "ok"
+    assert len(await fake.requests()) == calls_before + 1  # only the good job ran
+
+
+async def _ignore(_: aio_pika.abc.AbstractIncomingMessage) -> None:
+    """A consumer that drops what it gets."""
+
+
+async def test_a_direct_reply_to_property_is_refused_too(pipe: Pipeline, fake: FakeControl) -> None:
+    """The same address given as the AMQP property (the broker rewrites it to
+    `amq.rabbitmq.reply-to.<token>` for a producer consuming it)."""
+    job_id = f"direct-{uuid.uuid4().hex}"
+    channel = await pipe.connection.channel(publisher_confirms=True)
+    try:
+        direct = await channel.get_queue("amq.rabbitmq.reply-to", ensure=False)
+        await direct.consume(_ignore, no_ack=True)
+        exchange = await channel.get_exchange(JOBS_EXCHANGE)
+        message = aio_pika.Message(raw_job(job_id, None), reply_to="amq.rabbitmq.reply-to")
+        await exchange.publish(message, routing_key="job")
+        reasons = await dead_reasons(pipe, job_id)
+    finally:
+        await channel.close()
+    assert len(reasons) == 1
+    assert "special address" in reasons[0]
+    assert (await served(pipe)).status == "ok"
+
+
+async def test_a_reply_queue_that_does_not_exist_is_checked_before_the_provider_is_paid(
+    pipe: Pipeline, fake: FakeControl
+) -> None:
+    job_id = f"noqueue-{uuid.uuid4().hex}"
+    calls_before = len(await fake.requests())
+
+    await pipe.publish(raw_job(job_id, f"no-such-queue-{uuid.uuid4().hex}"))
+
+    reasons = await dead_reasons(pipe, job_id)
+    assert len(reasons) == 1
+    assert "does not exist" in reasons[0]
+    assert len(await fake.requests()) == calls_before
+
+
+@pytest.mark.parametrize("role", ["router", "worker"])
+async def test_a_consumer_channel_closed_by_the_broker_is_restored(
+    pipe: Pipeline, role: str
+) -> None:
+    """An ack the broker refuses (an unknown delivery tag) closes the
+    consumer's channel: the consumer must come back, not leave the process
+    alive and idle."""
+    consumer = pipe.router._consumer if role == "router" else pipe.worker._consumer
+    channel = consumer.channel
+    assert channel is not None
+    underlay = await channel.get_underlay_channel()
+    await underlay.basic_ack(delivery_tag=987654)  # the broker closes the channel for this
+
+    result = await served(pipe)
+
+    assert result.status == "ok"
+    assert consumer.channel is not None
+    assert not consumer.channel.is_closed
+
+
+async def test_a_publish_the_broker_keeps_refusing_fails_and_the_next_one_works(
+    pipe: Pipeline,
+) -> None:
+    """Publishing to an exchange that does not exist closes the channel each
+    time: it fails after a few tries instead of looping, and the channel is
+    replaced for the publishes that follow."""
+    with pytest.raises(PublishFailed):
+        await pipe.router.broker.publish("no-such-exchange", "x", broker.message(b"{}"))
+    assert (await served(pipe)).status == "ok"
+
+
+async def test_a_provider_error_repeating_the_key_leaks_it_nowhere(
+    pipe: Pipeline, fake: FakeControl
+) -> None:
+    """A misbehaving proxy echoes the API key in every field of its error."""
+    jobs = [
+        new_job("fast", [Message(role="user", content="leak?")]),
+        new_job("fast", [Message(role="user", content="leak?")], stream=True),
+    ]
+    await fake.set(echo_key=True)
+    try:
+        with structlog.testing.capture_logs() as logs:
+            results = [await pipe.client.complete(job, timeout=20) for job in jobs]
+    finally:
+        await fake.set(echo_key=False)
+
+    for result in results:
+        assert result.error is not None
+        assert result.error.kind == ErrorKind.BAD_REQUEST
+        assert "[redacted]" in result.error.message  # the key was there, and was scrubbed
+        assert FAKE_KEY not in encode(result).decode()
+    assert FAKE_KEY not in json.dumps(logs, default=str)
+    ids = [job.id for job in jobs]
+    leaked = await scalar(
+        pipe.config.database_url,
+        "SELECT count(*) FROM ledger WHERE job_id = ANY($1) OR strpos(ledger::text, $2) > 0",
+        ids,
+        FAKE_KEY,
+    )
+    assert leaked == 0
+    dead = await pipe.drain(DEAD_QUEUE)
+    assert not [m for m in dead if FAKE_KEY.encode() in m.body]
+
+
+async def test_an_empty_batch_is_dead_lettered_with_its_reason(pipe: Pipeline) -> None:
+    token = uuid.uuid4().hex
+    await pipe.publish(json.dumps({"jobs": [], "token": token}).encode(), batch=True)
+    reasons = await dead_reasons(pipe, token)
+    assert len(reasons) == 1
+    assert "no jobs" in reasons[0]
+
+
+async def test_a_batch_item_without_an_id_is_dead_lettered_and_its_neighbours_answered(
+    pipe: Pipeline,
+) -> None:
+    queue = f"answers-{uuid.uuid4().hex}"
+    await pipe.client.declare_results_queue(queue)
+    token = uuid.uuid4().hex
+    good = json.loads(raw_job(f"good-{token}", None))
+    nameless = json.loads(raw_job("x", None, text=token))
+    del nameless["id"]
+    await pipe.publish(json.dumps({"jobs": [nameless, good]}).encode(), reply_to=queue, batch=True)
+
+    reasons = await dead_reasons(pipe, token)
+    answers: list[JobResult] = []
+    for _ in range(100):
+        answers += [
+            r
+            for m in await pipe.drain(queue)
+            for r in unpack(decode_reply(m.body))
+            if isinstance(r, JobResult)
+        ]
+        if answers:
+            break
+        await asyncio.sleep(0.1)
+    await pipe.client.delete_queue(queue)
+
+    assert len(reasons) == 1
+    assert "nobody to tell" in reasons[0]
+    assert [(a.job_id, a.status) for a in answers] == [(f"good-{token}", "ok")]
