@@ -506,7 +506,8 @@ class Consumer:
             underlay = await asyncio.wait_for(channel.get_underlay_channel(), WATCH_S)
         except (TimeoutError, *LOST, ChannelClosed, RuntimeError):
             return False
-        return self._tag in underlay.consumers
+        consumers: dict[str, Any] = getattr(underlay, "consumers", {})
+        return self._tag in consumers
 
     async def _run(self, message: AbstractIncomingMessage) -> None:
         self._in_flight += 1
