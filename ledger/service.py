@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 import asyncpg
 import structlog
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
-from aio_pika.exceptions import ChannelClosed, MessageProcessError
+from aio_pika.exceptions import ChannelClosed, ChannelInvalidStateError, MessageProcessError
 
 from ledger import store
 from modelyard.broker import LOST, STOP_GRACE_S, Broker, Consumer, settle
@@ -122,7 +122,7 @@ class Ledger:
         replaced channel): the broker has put them back and delivers them
         again, and they cannot be acked any more. Acking with `multiple` is
         then exact again: every buffered message is on the current channel."""
-        live = [m for m in self._buffer if not m.channel.is_closed]
+        live = [m for m in self._buffer if not _orphaned(m)]
         if len(live) != len(self._buffer):
             log.info(
                 "events from a closed channel dropped; redelivered",
@@ -193,3 +193,11 @@ class Ledger:
                 log.warning("ledger write failed; retrying", error=str(exc), retry_in_s=backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF_S)
+
+
+def _orphaned(message: AbstractIncomingMessage) -> bool:
+    """Whether the channel a message came on is gone (it cannot be acked)."""
+    try:
+        return message.channel.is_closed
+    except ChannelInvalidStateError:
+        return True

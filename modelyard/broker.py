@@ -57,6 +57,9 @@ PERSISTENT = aio_pika.DeliveryMode.PERSISTENT
 
 # The header that carries why a message was parked on the dead queue.
 REASON_HEADER = "x-modelyard-reason"
+# Set on a message sent again after its confirm was lost (a reconnect): the
+# broker may hold the first try too.
+RESENT_HEADER = "x-modelyard-resent"
 
 log = structlog.get_logger("modelyard.broker")
 
@@ -318,6 +321,9 @@ class Broker:
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, MAX_BACKOFF_S)
             await self._recover()
+            # The broker may have stored the first try before the confirm
+            # was lost: consumers treat a resent message as a possible copy.
+            msg.headers[RESENT_HEADER] = True
 
     async def _exchange(self, name: str) -> AbstractExchange:
         channel = await self._ready_channel()
@@ -406,6 +412,7 @@ class Consumer:
         self._handler = guarded(handler) if guard else handler
         self.prefetch = prefetch
         self._in_flight = 0
+        self._tasks: set[asyncio.Task[None]] = set()
         self._idle = asyncio.Event()
         self._idle.set()
         self._channel: AbstractChannel | None = None
@@ -510,14 +517,29 @@ class Consumer:
         return self._tag in consumers
 
     async def _run(self, message: AbstractIncomingMessage) -> None:
+        """Handle the message in a task of our own. The client library runs
+        each delivery in a task it cancels when the channel closes (a broker
+        restart): a handler cut off there would drop a provider call already
+        billed. Ours runs on; its publishes wait for the broker to be back."""
         self._in_flight += 1
         self._idle.clear()
+        task = asyncio.create_task(self._handle(message))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _handle(self, message: AbstractIncomingMessage) -> None:
         try:
             await self._handler(message)
         finally:
             self._in_flight -= 1
             if self._in_flight == 0:
                 self._idle.set()
+
+
+def resent(message: AbstractIncomingMessage) -> bool:
+    """Whether the message may be a second copy of one the broker already
+    held: delivered again, or sent again after a lost confirm."""
+    return bool(message.redelivered) or bool((message.headers or {}).get(RESENT_HEADER))
 
 
 def guarded(handler: Handler) -> Handler:

@@ -26,7 +26,8 @@ RABBIT = os.environ.get("MODELYARD_TEST_RABBIT", "guest:guest@127.0.0.1:5672")
 PG = os.environ.get("MODELYARD_TEST_PG", "postgres@127.0.0.1:5432")
 
 
-def _rabbitmqctl(*args: str) -> None:
+def rabbitmqctl(*args: str) -> None:
+    """Run `rabbitmqctl` quietly; raises if it fails."""
     ctl = shutil.which("rabbitmqctl") or "/usr/sbin/rabbitmqctl"
     subprocess.run([ctl, "-q", *args], check=True, capture_output=True, timeout=60)
 
@@ -35,12 +36,12 @@ def _rabbitmqctl(*args: str) -> None:
 def fresh_vhost() -> Iterator[str]:
     """A new vhost the guest user may use; yields its AMQP URL, deletes it after."""
     name = f"modelyard-test-{uuid.uuid4().hex[:10]}"
-    _rabbitmqctl("add_vhost", name)
+    rabbitmqctl("add_vhost", name)
     try:
-        _rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+        rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
         yield f"amqp://{RABBIT}/{name}"
     finally:
-        _rabbitmqctl("delete_vhost", name)
+        rabbitmqctl("delete_vhost", name)
 
 
 async def _admin(sql: str) -> None:
@@ -168,7 +169,7 @@ def config_document(
     return {
         "broker_url": broker_url,
         "database_url": database_url,
-        "log_level": "warning",
+        "log_level": os.environ.get("TEST_LOG_LEVEL", "warning"),
         "pools": {
             "main": {"concurrency": 32},
             "providers": {"concurrency": 16},

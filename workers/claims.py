@@ -72,10 +72,12 @@ class Claims:
         if self._pool is not None:
             await self._pool.close()
 
-    async def repeats(self, jobs: list[CompletionJob]) -> set[str]:
-        """Claim the jobs; return the ids of those to skip (repeats whose
-        first copy claimed them). Never raises: on any database trouble
-        nothing is skipped."""
+    async def repeats(self, jobs: list[CompletionJob], *, resent: bool = False) -> set[str]:
+        """Claim the jobs; return the ids of those to skip: repeats whose
+        first copy claimed them, and, when the message itself was `resent`
+        after a lost confirm (not delivered again after a worker failed),
+        every job some copy claimed already. Never raises: on any database
+        trouble nothing is skipped."""
         pool = await self._connected()
         if pool is None or not jobs:
             return set()
@@ -83,7 +85,7 @@ class Claims:
         stamps = [job.route.routed_at if job.route else 0.0 for job in jobs]
         # Only a copy the router marked as a repeat can be skipped, so only
         # then is the table read back: a fresh message costs one INSERT.
-        check = any(job.redelivered for job in jobs)
+        check = resent or any(job.redelivered for job in jobs)
         try:
             async with asyncio.timeout(CLAIM_TIMEOUT_S), pool.acquire() as conn:
                 if not check:
@@ -98,7 +100,7 @@ class Claims:
         skip = {
             job.id
             for job, stamp in zip(jobs, stamps, strict=True)
-            if job.redelivered and job.id in earlier and earlier[job.id] != stamp
+            if job.id in earlier and (resent or (job.redelivered and earlier[job.id] != stamp))
         }
         self.skipped += len(skip)
         return skip

@@ -26,7 +26,7 @@ import msgspec
 import structlog
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
-from modelyard.broker import Broker, Consumer, settle
+from modelyard.broker import Broker, Consumer, resent, settle
 from modelyard.config import Config, ConfigError, Deployment
 from modelyard.replies import error_result, reply_batcher, send_reply, timings_for
 from modelyard.topology import build_topology, worker_queue
@@ -213,7 +213,7 @@ class Worker:
         redelivered = bool(message.redelivered)
         if lane == "batch":
             self._observe_batch(len(jobs))
-            jobs = await self._unclaimed(jobs)
+            jobs = await self._unclaimed(jobs, resent_copy=resent(message) and not redelivered)
         outcomes = await asyncio.gather(
             *(self._process(job, lane, redelivered=redelivered) for job in jobs),
             return_exceptions=True,
@@ -237,13 +237,16 @@ class Worker:
             # this message out again; its answered jobs are not run again.
             log.info("ack lost with the channel; answers kept for the redelivery", jobs=len(jobs))
 
-    async def _unclaimed(self, jobs: list[CompletionJob]) -> list[CompletionJob]:
+    async def _unclaimed(
+        self, jobs: list[CompletionJob], *, resent_copy: bool
+    ) -> list[CompletionJob]:
         """The batch-lane jobs to run: those a restarted router dispatched a
-        second time, and whose first copy is claimed, are left out (that
-        copy answers them; `workers/claims.py`)."""
+        second time, or a message sent again after a lost confirm, are left
+        out when another copy claimed them (that copy answers them;
+        `workers/claims.py`)."""
         if self._claims is None:
             return jobs
-        skip = await self._claims.repeats(jobs)
+        skip = await self._claims.repeats(jobs, resent=resent_copy)
         if not skip:
             return jobs
         log.info("router repeats of claimed jobs not run", jobs=len(skip))
