@@ -172,6 +172,7 @@ class Broker:
         self._channel: AbstractChannel | None = None
         self._exchanges: dict[str, AbstractExchange] = {}
         self._known_queues: dict[str, float] = {}
+        self._checking: dict[str, asyncio.Future[bool]] = {}
         self._lock = asyncio.Lock()
 
     async def declare(self, topology: Topology) -> None:
@@ -249,12 +250,18 @@ class Broker:
             return problem
         if self.reply_queue_known(reply_to, ttl_s):
             return None
-        now = time.monotonic()
-        if not await self._queue_exists(reply_to):
+        # Jobs of one batch arrive together: they share a single check.
+        checking = self._checking.get(reply_to)
+        if checking is None:
+            checking = self._checking[reply_to] = asyncio.ensure_future(
+                self._queue_exists(reply_to)
+            )
+            checking.add_done_callback(lambda _: self._checking.pop(reply_to, None))
+        if not await asyncio.shield(checking):
             return f"reply queue {reply_to!r} does not exist"
         if len(self._known_queues) > 10_000:  # a bound, not a cache policy
             self._known_queues.clear()
-        self._known_queues[reply_to] = now
+        self._known_queues[reply_to] = time.monotonic()
         return None
 
     async def _queue_exists(self, name: str) -> bool:

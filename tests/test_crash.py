@@ -8,6 +8,7 @@ database's: exactly what production relies on.
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import subprocess
 from collections import Counter
@@ -279,3 +280,62 @@ async def test_ledger_sigkill_counts_every_event_once(stack: Stack, slow_fake: F
     ledger_cost = await scalar(stack.database_url, "SELECT sum(cost) FROM ledger")
     rollup_cost = await scalar(stack.database_url, "SELECT sum(cost) FROM ledger_daily")
     assert ledger_cost == rollup_cost
+
+
+MANY = 20_000
+
+
+@pytest.fixture
+def mixing_router_stack(tmp_path: Path, fake_port: int) -> Iterator[Stack]:
+    """A router whose outgoing batches mix jobs of many incoming messages, so
+    that at any moment some messages are partly dispatched: a kill then
+    always leaves jobs that were dispatched already to be routed again."""
+    with isolated_stack(tmp_path, fake_port, batch_lane={"max_jobs": 500, "linger_ms": 50}) as s:
+        yield s
+
+
+async def test_router_killed_twice_sends_no_batch_job_to_the_provider_twice(
+    mixing_router_stack: Stack, fake: FakeControl
+) -> None:
+    """Each kill leaves the router's unacked messages to the next router,
+    which dispatches their jobs again (marked); the workers' claims keep the
+    repeats of jobs already dispatched from reaching the provider."""
+    stack = mixing_router_stack
+    await fake.clear()
+    for role in ("ledger", "worker"):
+        stack.start(role)
+    async with await Client.connect(stack.broker_url) as client:
+        await client.declare_results_queue(RESULTS)
+        jobs = [
+            new_job("crash", [Message(role="user", content=f"twice {i}")], priority="batch")
+            for i in range(MANY)
+        ]
+        await client.submit_many(jobs, RESULTS)  # all queued before any router runs
+    ids = {job.id for job in jobs}
+    mid_routing = 0
+    for _ in range(2):
+        stack.start("router")
+        await eventually(lambda: waiting_in(stack, "router.jobs"), lambda n: n < MANY // 64 - 8)
+        await asyncio.sleep(0.5)
+        mid_routing += await waiting_in(stack, "router.jobs") > 0
+        stack.kill("router")
+    stack.start("router")
+
+    results = await collect(stack, ids, lambda _: None, timeout=300)
+
+    assert mid_routing == 2  # both kills landed with messages still to route
+    assert {r.job_id for r in results} == ids
+    unmarked = Counter(r.job_id for r in results if not r.redelivered)
+    assert max(unmarked.values()) == 1
+    calls = [e for e in await fake.requests() if e["status"] == 200]
+    prompts = Counter(call["prompt_digest"] for call in calls)
+    assert len(prompts) == MANY
+    assert prompts.most_common(1)[0][1] == 1  # no job reached the provider twice
+    assert await scalar(stack.database_url, "SELECT count(*) FROM job_claims") == MANY
+    # The kills did make repeats, and the workers left them out.
+    skipped = [
+        json.loads(line)["jobs"]
+        for line in (stack.logs / "worker.log").read_text().splitlines()
+        if "router repeats of claimed jobs not run" in line or "not run again" in line
+    ]
+    assert sum(skipped) > 0

@@ -63,6 +63,7 @@ class Claims:
     def __init__(self, database_url: str) -> None:
         self.database_url = database_url
         self._pool: asyncpg.Pool | None = None
+        self._connecting = asyncio.Lock()
         self._next_connect = 0.0
         self._next_prune = 0.0
         self.skipped = 0
@@ -106,18 +107,22 @@ class Claims:
         return skip
 
     async def _connected(self) -> asyncpg.Pool | None:
-        if self._pool is not None:
+        """The pool; None while the database cannot be reached (tried again
+        every `RECONNECT_EVERY_S`). Messages arriving together wait for the
+        same attempt."""
+        async with self._connecting:
+            if self._pool is not None:
+                return self._pool
+            now = time.monotonic()
+            if now < self._next_connect:
+                return None
+            self._next_connect = now + RECONNECT_EVERY_S
+            try:
+                async with asyncio.timeout(CLAIM_TIMEOUT_S):
+                    self._pool = await create_pool(self.database_url)
+            except (ConnectionError, TimeoutError) as exc:
+                log.warning("job claims unavailable; jobs run unchecked", error=str(exc))
             return self._pool
-        now = time.monotonic()
-        if now < self._next_connect:
-            return None
-        self._next_connect = now + RECONNECT_EVERY_S
-        try:
-            async with asyncio.timeout(CLAIM_TIMEOUT_S):
-                self._pool = await create_pool(self.database_url)
-        except (ConnectionError, TimeoutError) as exc:
-            log.warning("job claims unavailable; jobs run unchecked", error=str(exc))
-        return self._pool
 
     async def _maybe_prune(self, conn: asyncpg.pool.PoolConnectionProxy) -> None:
         now = time.monotonic()

@@ -211,13 +211,16 @@ class Worker:
             await settle(message, requeue=False)
             return
         redelivered = bool(message.redelivered)
+        copy = resent(message)
         if lane == "batch":
             self._observe_batch(len(jobs))
-            jobs = await self._unclaimed(jobs, resent_copy=resent(message) and not redelivered)
+            jobs = await self._unclaimed(jobs, resent_copy=copy and not redelivered)
         outcomes = await asyncio.gather(
-            *(self._process(job, lane, redelivered=redelivered) for job in jobs),
+            *(self._process(job, lane, redelivered=redelivered, copy=copy) for job in jobs),
             return_exceptions=True,
         )
+        if repeats := outcomes.count(False):
+            log.warning("repeats of jobs this worker answered not run again", jobs=repeats)
         failures = [o for o in outcomes if isinstance(o, BaseException)]
         if errors := [f for f in failures if not isinstance(f, SlotsClosed)]:
             raise errors[0]  # requeued by the consumer's guard; repeats are marked
@@ -249,7 +252,7 @@ class Worker:
         skip = await self._claims.repeats(jobs, resent=resent_copy)
         if not skip:
             return jobs
-        log.info("router repeats of claimed jobs not run", jobs=len(skip))
+        log.warning("router repeats of claimed jobs not run", jobs=len(skip))
         return [job for job in jobs if job.id not in skip]
 
     async def _hand_back(self, jobs: list[CompletionJob], *, redelivered: bool) -> None:
@@ -286,9 +289,12 @@ class Worker:
         self._batch_prefetch = prefetch
         log.debug("batch prefetch changed", prefetch=prefetch)
 
-    async def _process(self, job: CompletionJob, lane: Lane, *, redelivered: bool) -> None:
+    async def _process(
+        self, job: CompletionJob, lane: Lane, *, redelivered: bool, copy: bool
+    ) -> bool:
         """Call the provider in one of the pool's slots; return once the
-        result (and the cost event, if billed) are confirmed."""
+        result (and the cost event, if billed) are confirmed. False when the
+        job was not run: a possible `copy` of one this process answered."""
         redelivered = redelivered or job.redelivered
         received = time.time()
         with (
@@ -301,12 +307,11 @@ class Worker:
             # provider billed but the ledger may not hear of (this process
             # dying before the confirm) is then always one of at most
             # `concurrency`, which bounds what a crash can leave unrecorded.
-            async with self._answers.once(job.id, repeat=redelivered) as first:
+            async with self._answers.once(job.id, repeat=copy or job.redelivered) as first:
                 if not first:
                     # This process answered this job already (its message came
                     # back after a reconnect): not called, not answered again.
-                    log.info("job already answered by this worker; not run again")
-                    return
+                    return False
                 async with self._slots.take(lane):
                     result, cost = await self._run_safely(job, redelivered=redelivered)
                     result.timings.received_at = received
@@ -314,6 +319,7 @@ class Worker:
                     if result.error is not None:
                         span.set_attribute("error.type", result.error.kind.value)
                     await self._publish(job, lane, result, cost)
+                    return True
 
     async def _publish(
         self, job: CompletionJob, lane: Lane, result: JobResult, cost: CostEvent | None

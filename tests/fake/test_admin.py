@@ -99,6 +99,7 @@ async def test_settings_can_be_read_and_partly_replaced(server: FakeServer) -> N
         "seed": 0,
         "context_window": 128_000,
         "stream_gap_ms": 0.0,
+        "echo_key": False,
     }
     assert (await server.chat(REQUEST)).status == 401
 

@@ -1,0 +1,85 @@
+"""Batch-lane job claims against the real database: which copies are skipped."""
+
+from __future__ import annotations
+
+import uuid
+
+import msgspec
+import pytest
+
+from modelyard.client import new_job
+from schemas.chat import Message
+from schemas.jobs import CompletionJob, Route
+from workers.claims import Claims
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+
+def routed(job: CompletionJob, at: float, *, repeat: bool = False) -> CompletionJob:
+    """A copy of `job` as a router that routed it at `at` sends it."""
+    return msgspec.structs.replace(
+        job, route=Route(deployment="mini", pool="main", routed_at=at), redelivered=repeat
+    )
+
+
+def fresh(count: int) -> list[CompletionJob]:
+    return [
+        new_job("fast", [Message(role="user", content=f"claim {i}")], job_id=uuid.uuid4().hex)
+        for i in range(count)
+    ]
+
+
+async def test_a_router_repeat_of_a_claimed_job_is_skipped(database_url: str) -> None:
+    claims = Claims(database_url)
+    try:
+        jobs = fresh(3)
+        first = [routed(job, 1.0) for job in jobs]
+        assert await claims.repeats(first) == set()
+        # The next router routes the first two again (marked), and a third
+        # job it never saw before.
+        extra = fresh(1)
+        again = [routed(job, 2.0, repeat=True) for job in [*jobs[:2], *extra]]
+        assert await claims.repeats(again) == {jobs[0].id, jobs[1].id}
+    finally:
+        await claims.close()
+
+
+async def test_the_same_routing_delivered_again_runs(database_url: str) -> None:
+    """A copy from the routing that claimed the job (a worker died holding
+    it, or handed it back unstarted) must run: it may never have finished."""
+    claims = Claims(database_url)
+    try:
+        jobs = [routed(job, 1.0) for job in fresh(2)]
+        await claims.repeats(jobs)
+        same = [routed(job, 1.0, repeat=True) for job in jobs]
+        assert await claims.repeats(same) == set()
+    finally:
+        await claims.close()
+
+
+async def test_a_producer_reusing_an_id_is_not_skipped(database_url: str) -> None:
+    claims = Claims(database_url)
+    try:
+        jobs = fresh(1)
+        await claims.repeats([routed(jobs[0], 1.0)])
+        assert await claims.repeats([routed(jobs[0], 5.0)]) == set()
+    finally:
+        await claims.close()
+
+
+async def test_a_resent_message_skips_only_jobs_another_copy_claimed(database_url: str) -> None:
+    claims = Claims(database_url)
+    try:
+        jobs = fresh(2)
+        await claims.repeats([routed(jobs[0], 1.0)])
+        copy = [routed(job, 1.0) for job in jobs]
+        assert await claims.repeats(copy, resent=True) == {jobs[0].id}
+    finally:
+        await claims.close()
+
+
+async def test_an_unreachable_database_skips_nothing_and_never_raises() -> None:
+    claims = Claims("postgresql://postgres@127.0.0.1:1/nowhere")
+    jobs = [routed(job, 2.0, repeat=True) for job in fresh(2)]
+    assert await claims.repeats(jobs) == set()
+    await claims.close()
