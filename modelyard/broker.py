@@ -90,7 +90,9 @@ def without_password(url: str) -> str:
 async def open_channel(
     connection: AbstractRobustConnection, prefetch: int | None = None
 ) -> AbstractChannel:
-    """A channel with publisher confirms; unroutable mandatory publishes raise."""
+    """A channel with publisher confirms; unroutable mandatory publishes
+    raise. While the connection is away, this waits for it."""
+    await wait_connected(connection)
     channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
     if prefetch is not None:
         await channel.set_qos(prefetch_count=prefetch)
