@@ -447,3 +447,27 @@ def test_message_names_and_image_detail_are_reported_where_unmapped() -> None:
     assert PROVIDERS["anthropic"].ignored(job, deployment("anthropic")) == expected
     assert PROVIDERS["gemini"].ignored(job, deployment("gemini")) == expected
     assert OPENAI.ignored(job, deployment()) == []
+
+
+@pytest.mark.parametrize(("finish", "ok"), [("error", False), ("stop", True)])
+def test_a_mistral_stream_ending_in_error_is_a_failure_not_an_answer(finish: str, ok: bool) -> None:
+    decoder = MISTRAL.stream_decoder("req-m")
+    base = {"id": "m1", "model": "mistral-small", "created": 1}
+    for event in (
+        {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": "par"}}]},
+        {
+            **base,
+            "choices": [{"index": 0, "delta": {}, "finish_reason": finish}],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
+        },
+    ):
+        decoder.feed(None, sse(event))
+    decoder.feed(None, "[DONE]")
+    outcome = decoder.finish()
+
+    assert isinstance(outcome, ProviderReply) is ok
+    if not ok:
+        assert not isinstance(outcome, ProviderReply)
+        assert (outcome.kind, outcome.retryable) == (ErrorKind.SERVER_ERROR, True)
+        # What the provider counted is still known, so the ledger records it.
+        assert decoder.usage_so_far() is not None

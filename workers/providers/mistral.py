@@ -18,7 +18,7 @@ import msgspec
 from modelyard.config import Deployment
 from schemas.errors import JobError
 from workers.providers.base import HttpResponse, ProviderReply, error_for_status, malformed
-from workers.providers.openai import OpenAIAdapter, Quirks
+from workers.providers.openai import OpenAIAdapter, OpenAIStreamDecoder, Quirks
 
 DEFAULT_API_BASE = "https://api.mistral.ai/v1"
 
@@ -71,7 +71,25 @@ class MistralAdapter(OpenAIAdapter):
 
     def parse_response(self, response: HttpResponse) -> ProviderReply | JobError:
         """As OpenAI, except that finish reason `error` is a failure."""
-        reply = super().parse_response(response)
-        if isinstance(reply, ProviderReply) and reply.completion.provider_finish_reason == "error":
-            return malformed(200, "Mistral ended the answer with finish_reason `error`")
-        return reply
+        return _ended_in_error(super().parse_response(response))
+
+    def stream_decoder(self, request_id: str | None) -> OpenAIStreamDecoder:
+        """OpenAI's chunks, with Mistral's finish reason `error` a failure, as
+        in a whole response."""
+        return MistralStreamDecoder(request_id)
+
+
+class MistralStreamDecoder(OpenAIStreamDecoder):
+    """OpenAI's stream decoder for Mistral's dialect."""
+
+    def finish(self) -> ProviderReply | JobError:
+        """The completion, unless Mistral ended it with finish reason `error`."""
+        return _ended_in_error(super().finish())
+
+
+def _ended_in_error(reply: ProviderReply | JobError) -> ProviderReply | JobError:
+    """Mistral reports a generation that failed midway as a 200 whose finish
+    reason is `error`: a retryable provider fault, not an answer."""
+    if isinstance(reply, ProviderReply) and reply.completion.provider_finish_reason == "error":
+        return malformed(200, "Mistral ended the answer with finish_reason `error`")
+    return reply
