@@ -48,6 +48,7 @@ from modelyard.topology import (
     DISPATCH_EXCHANGE,
     JOBS_EXCHANGE,
     Topology,
+    delay_exchange,
     dispatch_key,
     reply_target_problem,
 )
@@ -210,6 +211,13 @@ class Broker:
         and RabbitMQ refuses some `reply_to` values on publish."""
         msg = message(body, correlation_id=correlation_id, type=JOB_BATCH_TYPE if batch else None)
         await self.publish(DISPATCH_EXCHANGE, dispatch_key(pool, lane), msg)
+
+    async def defer(self, step_ms: int, body: bytes, *, correlation_id: str) -> None:
+        """A job to wait `step_ms` (a step of the retry ladder) in the broker,
+        then go back to the router, confirmed. Nothing waits in a process."""
+        await self.publish(
+            delay_exchange(step_ms), "", message(body, correlation_id=correlation_id)
+        )
 
     async def cost(self, body: bytes, *, correlation_id: str) -> None:
         """Cost events to the ledger, confirmed."""

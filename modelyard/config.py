@@ -70,11 +70,38 @@ class Target(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     weight: Annotated[float, Meta(gt=0)] = 1.0
 
 
+def _default_retries() -> dict[str, int]:
+    return {"rate_limited": 2, "overloaded": 2, "timeout": 1, "server_error": 2}
+
+
+class RetryPolicy(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """How a model group's retryable failures are tried again on the same
+    deployment before the job falls back: `retries` per error kind, waiting
+    `backoff_s`, doubling each time up to `max_backoff_s`, give or take
+    `jitter` (a share), and never less than the provider's retry-after."""
+
+    retries: dict[str, Annotated[int, Meta(ge=0, le=20)]] = msgspec.field(
+        default_factory=_default_retries
+    )
+    backoff_s: Annotated[float, Meta(gt=0, le=300)] = 1.0
+    max_backoff_s: Annotated[float, Meta(gt=0, le=300)] = 30.0
+    jitter: Annotated[float, Meta(ge=0, le=1)] = 0.2
+
+
 class ModelGroup(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """A public model name producers ask for, and where it may run."""
+    """A public model name producers ask for, and where it may run.
+
+    When a deployment's retries are used up, the job moves to another
+    deployment of the group, then along `fallbacks` (model names, each
+    followed by its own fallbacks). A context window or content policy
+    refusal follows its own chain instead, and other refusals end the job."""
 
     deployments: Annotated[list[Target], Meta(min_length=1)]
     aliases: list[Name] = msgspec.field(default_factory=list)
+    retry: RetryPolicy = msgspec.field(default_factory=RetryPolicy)
+    fallbacks: list[Name] = msgspec.field(default_factory=list)
+    context_window_fallbacks: list[Name] = msgspec.field(default_factory=list)
+    content_policy_fallbacks: list[Name] = msgspec.field(default_factory=list)
     name: str = ""
 
 
@@ -125,6 +152,9 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     router: RouterSettings = msgspec.field(default_factory=RouterSettings)
     batch_lane: BatchLaneSettings = msgspec.field(default_factory=BatchLaneSettings)
     ledger: LedgerSettings = msgspec.field(default_factory=LedgerSettings)
+    # Whether a job's own `fallbacks` list is followed (instead of its
+    # model's chain); false makes the chains the platform's alone.
+    allow_job_fallbacks: bool = True
 
     def pool(self, name: str) -> Pool:
         """A pool's settings; pools used by deployments need no explicit entry."""
@@ -222,6 +252,56 @@ def _link(config: Config, known_providers: Mapping[str, ProviderCheck]) -> None:
             if label in seen:
                 raise ConfigError(f"models.{name}: name {label!r} is already used by {seen[label]}")
             seen[label] = f"models.{name}"
+        _check_retries(f"models.{name}.retry", group.retry)
+    _check_chains(config)
+
+
+# Kinds a retry on the same deployment can help with (schemas.errors.RETRYABLE).
+RETRYABLE_KINDS = frozenset({"rate_limited", "overloaded", "timeout", "server_error"})
+CHAINS = ("fallbacks", "context_window_fallbacks", "content_policy_fallbacks")
+
+
+def _check_retries(path: str, policy: RetryPolicy) -> None:
+    for kind in policy.retries:
+        if kind not in RETRYABLE_KINDS:
+            kinds = ", ".join(sorted(RETRYABLE_KINDS))
+            raise ConfigError(
+                f"{path}.retries.{kind}: only these kinds are retried: {kinds} "
+                "(others are never retried on the same deployment)"
+            )
+    if policy.max_backoff_s < policy.backoff_s:
+        raise ConfigError(f"{path}.max_backoff_s: must be at least backoff_s")
+
+
+def group_named(config: Config, label: str) -> ModelGroup | None:
+    """The model group a name or alias stands for."""
+    for group in config.models.values():
+        if label == group.name or label in group.aliases:
+            return group
+    return None
+
+
+def _check_chains(config: Config) -> None:
+    """Every fallback names a model, and no chain can loop back on itself."""
+    for name, group in config.models.items():
+        for chain in CHAINS:
+            for i, label in enumerate(getattr(group, chain)):
+                if group_named(config, label) is None:
+                    raise ConfigError(f"models.{name}.{chain}[{i}]: no model named {label!r}")
+    for name in config.models:
+        for chain in CHAINS:
+            _walk(config, chain, [name])
+
+
+def _walk(config: Config, chain: str, path: list[str]) -> None:
+    group = config.models[path[-1]]
+    for label in getattr(group, chain):
+        target = group_named(config, label)
+        assert target is not None  # checked above
+        if target.name in path:
+            loop = " -> ".join([*path, target.name])
+            raise ConfigError(f"models.{path[0]}.{chain}: the chain loops: {loop}")
+        _walk(config, chain, [*path, target.name])
 
 
 def _check_price(path: str, price: PriceOverride | None) -> None:

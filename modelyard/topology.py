@@ -19,6 +19,19 @@ DISPATCH_EXCHANGE = "modelyard.dispatch"
 COSTS_EXCHANGE = "modelyard.costs"
 DEAD_EXCHANGE = "modelyard.dead"
 
+DELAY_EXCHANGE_PREFIX = "modelyard.delay."
+RETRY_QUEUE_PREFIX = "retry."
+
+# Retry delays are held by the broker: one queue per step of this ladder,
+# each with a fixed message TTL, dead-lettering back to the router when it
+# expires. A fixed TTL per queue keeps each queue in expiry order, so no
+# message waits behind a longer one; a delay is rounded up to the next step
+# (at most half again as long). No process holds a waiting job.
+RETRY_DELAYS_MS: tuple[int, ...] = (
+    250, 500, 750, 1000, 1500, 2000, 3000, 4000, 6000, 8000,
+    12000, 16000, 24000, 32000, 48000, 64000, 96000, 128000, 192000, 300000,
+)  # fmt: skip
+
 ROUTER_QUEUE = "router.jobs"
 LEDGER_QUEUE = "ledger.costs"
 DEAD_QUEUE = "dead.jobs"
@@ -71,6 +84,30 @@ def worker_queue(pool: str, lane: Lane = "interactive") -> str:
 def dispatch_key(pool: str, lane: Lane) -> str:
     """The routing key on `modelyard.dispatch` for a pool's lane."""
     return pool if lane == "interactive" else f"{pool}.batch"
+
+
+def delay_step_ms(delay_s: float) -> int | None:
+    """The ladder step a delay of `delay_s` waits in (the shortest at least
+    as long), or None when it is longer than the ladder."""
+    wanted = delay_s * 1000
+    return next((step for step in RETRY_DELAYS_MS if step >= wanted), None)
+
+
+def delay_exchange(step_ms: int) -> str:
+    """The exchange a job is published to, to wait `step_ms` in the broker."""
+    return f"{DELAY_EXCHANGE_PREFIX}{step_ms}"
+
+
+def _retry_queue_arguments(step_ms: int) -> dict[str, Any]:
+    """Quorum, expiring after the step into the router's queue, at least once."""
+    return {
+        "x-queue-type": "quorum",
+        "x-message-ttl": step_ms,
+        "x-dead-letter-exchange": JOBS_EXCHANGE,
+        "x-dead-letter-routing-key": "job",
+        "x-dead-letter-strategy": "at-least-once",
+        "x-overflow": "reject-publish",
+    }
 
 
 def results_queue_arguments() -> dict[str, Any]:
@@ -138,11 +175,20 @@ def build_topology(pools: list[str]) -> Topology:
             for lane in LANES
         ),
     ]
+    queues += [
+        QueueSpec(
+            f"{RETRY_QUEUE_PREFIX}{step}",
+            ((delay_exchange(step), ""),),
+            _retry_queue_arguments(step),
+        )
+        for step in RETRY_DELAYS_MS
+    ]
     exchanges = (
         ExchangeSpec(JOBS_EXCHANGE),
         ExchangeSpec(DISPATCH_EXCHANGE),
         ExchangeSpec(COSTS_EXCHANGE),
         ExchangeSpec(DEAD_EXCHANGE, "fanout"),
+        *(ExchangeSpec(delay_exchange(step), "fanout") for step in RETRY_DELAYS_MS),
     )
     return Topology(exchanges=exchanges, queues=tuple(queues))
 

@@ -23,7 +23,7 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
 from modelyard.batching import Batcher, Encoded, encoded_size, settle_all
 from modelyard.broker import Broker, Consumer, settle
-from modelyard.config import Config
+from modelyard.config import Config, Deployment
 from modelyard.replies import error_result, reply_batcher, send_reply
 from modelyard.topology import ROUTER_QUEUE, build_topology
 from modelyard.tracing import job_span
@@ -36,8 +36,8 @@ from schemas.codec import (
     salvage_envelope,
     split_job_batch,
 )
-from schemas.errors import ErrorKind, job_error
-from schemas.jobs import JOB_BATCH_TYPE, CompletionJob, Route
+from schemas.errors import ErrorKind, JobError, job_error
+from schemas.jobs import JOB_BATCH_TYPE, CompletionJob, NextHop, Route
 from schemas.results import JobResult, Timings
 
 log = structlog.get_logger("modelyard.router")
@@ -161,11 +161,45 @@ class Router:
                 field="$.request.model",
             )
             return self._answer(job, error_result(job, error))
-        deployment = self.routes.choose(group, self.rng)
+        if (refusal := self._check_fallbacks(job)) is not None:
+            return self._answer(job, error_result(job, refusal))
+        if job.next_hop is None:
+            deployment = self.routes.choose(group, self.rng)
+        elif (chosen := self._next(job, job.next_hop)) is not None:
+            deployment, job.next_hop = chosen, None
+        else:
+            return self._answer(job, error_result(job, _exhausted(job.next_hop)))
         job.route = Route(deployment=deployment.name, pool=deployment.pool, routed_at=now)
         if not self.broker.reply_queue_known(job.reply_to):
             return self._check_reply_queue(job, deployment.pool)
         return self._dispatch(job, deployment.pool)
+
+    def _next(self, job: CompletionJob, hop: NextHop) -> Deployment | None:
+        own = job.fallbacks if self.config.allow_job_fallbacks else None
+        chosen = self.routes.next_hop(job, hop, self.rng, own)
+        if chosen is not None:
+            kind = "retry" if not hop.fallback else "fallback"
+            log.info(kind, deployment=chosen.name, reason=hop.reason, attempts=len(job.attempts))
+        return chosen
+
+    def _check_fallbacks(self, job: CompletionJob) -> JobError | None:
+        """A job's own fallback list: allowed by the config, naming models."""
+        if not job.fallbacks:
+            return None
+        if not self.config.allow_job_fallbacks:
+            return job_error(
+                ErrorKind.INVALID_JOB,
+                "this gateway does not accept a job's own fallbacks (allow_job_fallbacks: false)",
+                field="$.fallbacks",
+            )
+        for i, label in enumerate(job.fallbacks):
+            if self.routes.resolve(label) is None:
+                return job_error(
+                    ErrorKind.INVALID_JOB,
+                    f"no model or alias named {label!r}",
+                    field=f"$.fallbacks[{i}]",
+                )
+        return None
 
     def _dispatch(self, job: CompletionJob, pool: str) -> Awaitable[None]:
         log.debug("routed", deployment=job.route.deployment if job.route else None, pool=pool)
@@ -217,6 +251,15 @@ class Router:
 def _shielded(wait: Awaitable[None]) -> Awaitable[None]:
     """A batch's shared future must not be cancelled by one waiter giving up."""
     return asyncio.shield(wait) if isinstance(wait, asyncio.Future) else wait
+
+
+def _exhausted(hop: NextHop) -> JobError:
+    """The answer when nothing is left to try: the last failure, said so."""
+    return job_error(
+        hop.reason,
+        f"every deployment this job may use failed; the last: {hop.message}",
+        retryable=False,
+    )
 
 
 def invalid_result(job_id: str, exc: InvalidMessage, redelivered: bool) -> JobResult:

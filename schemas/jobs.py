@@ -8,6 +8,7 @@ ignore.
 from __future__ import annotations
 
 from datetime import datetime
+from decimal import Decimal
 from typing import Annotated, Literal
 
 import msgspec
@@ -85,6 +86,22 @@ class Attempt(msgspec.Struct, kw_only=True, omit_defaults=True):
     outcome: Literal["ok", "error"]
     error: ErrorKind | None = None
     provider_request_id: str | None = None
+    # Whether the provider billed the call (a cost event carries it, with
+    # the job's id), and what it cost.
+    billed: bool = False
+    cost: Decimal | None = None
+
+
+class NextHop(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """Where a failed job goes next, decided by the worker, carried out by
+    the router: the same `deployment` again (a retry, after a delay held by
+    the broker), or a deployment of the fallback chain not tried yet."""
+
+    reason: ErrorKind
+    deployment: str | None = None
+    fallback: bool = False
+    # The error that sent the job on, answered if nothing is left to try.
+    message: str = ""
 
 
 class CompletionJob(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -115,6 +132,10 @@ class CompletionJob(msgspec.Struct, kw_only=True, omit_defaults=True):
     # Set by the router when it routed this job before (it died before its
     # ack): the job may run twice, and its result is marked `redelivered`.
     redelivered: bool = False
+    # The producer's own fallback chain (model names), tried in order after
+    # the requested model; the config may forbid it (`allow_job_fallbacks`).
+    fallbacks: Annotated[list[Label], Meta(max_length=16)] | None = None
+    next_hop: NextHop | None = None
 
     def deadline_passed(self, now: float) -> bool:
         """True when the job's absolute deadline is behind `now` (unix seconds)."""

@@ -7,7 +7,8 @@ twice on a pool's queue: the first copy, and a repeat the router marked
 statement per message, before calling the provider, recording which routing
 (`route.routed_at`) the copy came from. A copy is skipped, unanswered and
 unbilled, when the router marked it a repeat and another routing of the same
-job claimed it first: that copy answers the job.
+attempt of the job claimed it first: that copy answers the job. (A job
+retried or fallen back is claimed again for its next attempt.)
 
 What still runs: a copy the broker hands out again after a worker died or
 was stopped (same routing: it may not have finished), a job a producer
@@ -57,6 +58,13 @@ ON CONFLICT (job_id) DO NOTHING
 _PRUNE = f"DELETE FROM job_claims WHERE claimed_at < now() - interval '{KEEP}'"
 
 
+def attempt_key(job: CompletionJob) -> str:
+    """What a claim is taken on: a job's next attempt. A job retried or
+    fallen back comes back with one more attempt in its history, and is a
+    new claim, not a repeat of the first."""
+    return f"{job.id}#{len(job.attempts)}"
+
+
 class Claims:
     """The claim table, as seen by one worker process."""
 
@@ -82,7 +90,7 @@ class Claims:
         pool = await self._connected()
         if pool is None or not jobs:
             return set()
-        ids = [job.id for job in jobs]
+        ids = [attempt_key(job) for job in jobs]
         stamps = [job.route.routed_at if job.route else 0.0 for job in jobs]
         # Only a copy the router marked as a repeat can be skipped, so only
         # then is the table read back: a fresh message costs one INSERT.
@@ -100,8 +108,8 @@ class Claims:
         earlier = {row["job_id"]: row["routed_at"] for row in rows}
         skip = {
             job.id
-            for job, stamp in zip(jobs, stamps, strict=True)
-            if job.id in earlier and (resent or (job.redelivered and earlier[job.id] != stamp))
+            for job, key, stamp in zip(jobs, ids, stamps, strict=True)
+            if key in earlier and (resent or (job.redelivered and earlier[key] != stamp))
         }
         self.skipped += len(skip)
         return skip

@@ -31,14 +31,15 @@ from modelyard.config import Config, ConfigError, Deployment
 from modelyard.replies import error_result, reply_batcher, send_reply, timings_for
 from modelyard.topology import build_topology, worker_queue
 from modelyard.tracing import job_span
+from router.routing import build_route_table
 from schemas.codec import InvalidMessage, decode_job, decode_job_batch, encode, encode_job_batch
 from schemas.costs import CostEvent
 from schemas.errors import ErrorKind, JobError, job_error
-from schemas.jobs import JOB_BATCH_TYPE, Attempt, CompletionJob, Lane
+from schemas.jobs import JOB_BATCH_TYPE, Attempt, CompletionJob, Lane, NextHop
 from schemas.results import JobResult, RateLimits, StreamChunk, Usage
 from workers import transport
 from workers.answers import Answers
-from workers.claims import Claims
+from workers.claims import Claims, attempt_key
 from workers.costs import CostPublisher
 from workers.lanes import Slots, SlotsClosed, batch_prefetch
 from workers.pricing import PriceCard, cost_of, price_card
@@ -50,6 +51,7 @@ from workers.providers import (
     HttpResponse,
     ProviderReply,
 )
+from workers.retry import GiveUp, Retry, decide
 
 log = structlog.get_logger("modelyard.worker")
 
@@ -133,6 +135,7 @@ class Worker:
         self.connection = connection
         self.concurrency = config.pool(pool).concurrency
         self.deployments = {n: d for n, d in config.deployments.items() if d.pool == pool}
+        self.routes = build_route_table(config)
         env = os.environ if env is None else env
         # Keys are read once, from this process's environment, and kept here.
         self._keys = {n: _key(d, env) for n, d in self.deployments.items()}
@@ -215,8 +218,14 @@ class Worker:
         if lane == "batch":
             self._observe_batch(len(jobs))
             jobs = await self._unclaimed(jobs, resent_copy=copy and not redelivered)
+        # Which attempt of each job this message carries (a retried job comes
+        # back with its history): the key of a repeat of this very attempt.
+        keys = [attempt_key(job) for job in jobs]
         outcomes = await asyncio.gather(
-            *(self._process(job, lane, redelivered=redelivered, copy=copy) for job in jobs),
+            *(
+                self._process(job, key, lane, redelivered=redelivered, copy=copy)
+                for job, key in zip(jobs, keys, strict=True)
+            ),
             return_exceptions=True,
         )
         if repeats := outcomes.count(False):
@@ -234,7 +243,7 @@ class Worker:
             # that never started, rather than running the answered ones again.
             await self._hand_back(refused, redelivered=redelivered)
         if await settle(message):
-            self._answers.forget(job.id for job in jobs)
+            self._answers.forget(keys)
         else:
             # The channel went away (a broker restart): the broker will hand
             # this message out again; its answered jobs are not run again.
@@ -290,7 +299,7 @@ class Worker:
         log.debug("batch prefetch changed", prefetch=prefetch)
 
     async def _process(
-        self, job: CompletionJob, lane: Lane, *, redelivered: bool, copy: bool
+        self, job: CompletionJob, key: str, lane: Lane, *, redelivered: bool, copy: bool
     ) -> bool:
         """Call the provider in one of the pool's slots; return once the
         result (and the cost event, if billed) are confirmed. False when the
@@ -307,26 +316,38 @@ class Worker:
             # provider billed but the ledger may not hear of (this process
             # dying before the confirm) is then always one of at most
             # `concurrency`, which bounds what a crash can leave unrecorded.
-            async with self._answers.once(job.id, repeat=copy or job.redelivered) as first:
+            async with self._answers.once(key, repeat=copy or job.redelivered) as first:
                 if not first:
                     # This process answered this job already (its message came
                     # back after a reconnect): not called, not answered again.
                     return False
                 async with self._slots.take(lane):
                     result, cost = await self._run_safely(job, redelivered=redelivered)
-                    result.timings.received_at = received
-                    span.set_attribute("gen_ai.provider.name", result.provider or "")
-                    if result.error is not None:
-                        span.set_attribute("error.type", result.error.kind.value)
+                    if isinstance(result, JobResult):
+                        result.timings.received_at = received
+                        span.set_attribute("gen_ai.provider.name", result.provider or "")
+                        if result.error is not None:
+                            span.set_attribute("error.type", result.error.kind.value)
                     await self._publish(job, lane, result, cost)
                     return True
 
+    async def _hand_on(self, handoff: Handoff) -> None:
+        """A job to wait in the broker's retry ladder, or straight back to the
+        router to fall back; alone, whatever message it came in."""
+        body = encode(handoff.job)
+        if handoff.step_ms is None:
+            await self.broker.submit(body, correlation_id=handoff.job.id, reply_to=None)
+        else:
+            await self.broker.defer(handoff.step_ms, body, correlation_id=handoff.job.id)
+
     async def _publish(
-        self, job: CompletionJob, lane: Lane, result: JobResult, cost: CostEvent | None
+        self, job: CompletionJob, lane: Lane, result: JobResult | Handoff, cost: CostEvent | None
     ) -> None:
         """The result to the producer and the cost event to the ledger, both
         confirmed (sent again after a reconnect until they are)."""
-        if lane == "batch" and job.reply_to is not None:
+        if isinstance(result, Handoff):
+            publishes = [self._hand_on(result)]
+        elif lane == "batch" and job.reply_to is not None:
             publishes = [self._replies.add(job.reply_to, (job.id, encode(result)))]
         else:
             publishes = [send_reply(self.broker, job.reply_to, result)]
@@ -336,7 +357,7 @@ class Worker:
 
     async def _run_safely(
         self, job: CompletionJob, *, redelivered: bool
-    ) -> tuple[JobResult, CostEvent | None]:
+    ) -> tuple[JobResult | Handoff, CostEvent | None]:
         """`_run`, with a bug in translation or transport answered as a
         `server_error` result instead of requeueing the job to fail (and
         maybe bill) again and again until it is dead-lettered unanswered."""
@@ -348,11 +369,14 @@ class Worker:
                 ErrorKind.SERVER_ERROR, f"modelyard worker error: {type(exc).__name__}"
             )
             return error_result(job, error, redelivered=redelivered), None
-        if result.error is not None:
-            result.error.message = self._scrub(result.error.message)
-            if result.error.provider_code is not None:
-                result.error.provider_code = self._scrub(result.error.provider_code)
         return result, cost
+
+    def _scrubbed(self, error: JobError) -> JobError:
+        """The error with this pool's keys removed from every string a provider supplied."""
+        error.message = self._scrub(error.message)
+        if error.provider_code is not None:
+            error.provider_code = self._scrub(error.provider_code)
+        return error
 
     def _scrub(self, text: str) -> str:
         """Remove this pool's API keys from provider-supplied text: a proxy or
@@ -364,8 +388,9 @@ class Worker:
 
     async def _run(
         self, job: CompletionJob, *, redelivered: bool
-    ) -> tuple[JobResult, CostEvent | None]:
-        """Call the provider for `job`; the result, and a cost event if billed."""
+    ) -> tuple[JobResult | Handoff, CostEvent | None]:
+        """Call the provider for `job`; the result (or, after a failure worth
+        another try, where the job goes next), and a cost event if billed."""
         deployment = self.deployments.get(job.route.deployment if job.route else "")
         if deployment is None:
             error = job_error(
@@ -384,12 +409,17 @@ class Worker:
             call = await self._call(job, deployment)
         finished = time.time()
         outcome, billed = call.outcome, call.billed
-        job.attempts.append(_attempt(deployment, started, finished, outcome, billed))
         card = self._prices[deployment.name]
         latency_ms = (finished - started) * 1000
         event = None if billed is None else cost_event(job, deployment, billed, card, latency_ms)
+        attempt = _attempt(deployment, started, finished, outcome, billed)
+        attempt.cost = event.cost if event is not None else None
+        job.attempts.append(attempt)
         if isinstance(outcome, JobError):
+            outcome = self._scrubbed(outcome)
             log.info("provider call failed", deployment=deployment.name, error=outcome.kind)
+            if (handoff := self._next_step(job, outcome, streamed=call.streamed)) is not None:
+                return handoff, event
             result = error_result(job, outcome, redelivered=redelivered)
             result.rate_limits = call.rate_limits
             if billed is not None and event is not None:  # a stream that failed midway
@@ -416,6 +446,40 @@ class Worker:
             ],
         )
         return result, event
+
+    def _next_step(self, job: CompletionJob, error: JobError, *, streamed: bool) -> Handoff | None:
+        """Where a failed job goes next (`workers/retry.py` decides): back
+        to the router after a delay in the broker, or at once to fall back;
+        None to answer it with its error, which the decision may have
+        replaced (a retry that would pass the deadline)."""
+        group = self.routes.resolve(job.request.model)
+        if group is None:
+            return None
+        own = job.fallbacks if self.config.allow_job_fallbacks else None
+        decision = decide(
+            error,
+            job.attempts,
+            group.retry,
+            deadline=job.deadline,
+            now=time.time(),
+            targets_left=bool(self.routes.untried(job, error.kind, own)),
+            streamed=streamed,
+        )
+        if isinstance(decision, GiveUp):
+            if decision.error is not error:
+                error.kind, error.message = decision.error.kind, decision.error.message
+                error.retryable = decision.error.retryable
+            return None
+        retry = isinstance(decision, Retry)
+        job.next_hop = NextHop(
+            reason=error.kind,
+            deployment=job.attempts[-1].deployment,
+            fallback=not retry,
+            message=f"{error.kind.value}: {error.message}",
+        )
+        step = decision.step_ms if isinstance(decision, Retry) else None
+        log.info("job sent on", retry_in_ms=step, fallback=not retry, reason=error.kind)
+        return Handoff(job=job, step_ms=step)
 
     def _prepare(
         self, job: CompletionJob, deployment: Deployment
@@ -493,7 +557,7 @@ class Worker:
                 request_id=request_id,
                 status="error",
             )
-        return Call(outcome=outcome, billed=billed, rate_limits=limits)
+        return Call(outcome=outcome, billed=billed, rate_limits=limits, streamed=seq > 0)
 
 
 class Call(msgspec.Struct, kw_only=True):
@@ -503,6 +567,15 @@ class Call(msgspec.Struct, kw_only=True):
     outcome: ProviderReply | JobError
     billed: Billed | None = None
     rate_limits: RateLimits | None = None
+    streamed: bool = False  # chunks reached the producer: never run again
+
+
+class Handoff(msgspec.Struct, kw_only=True):
+    """A failed job sent on rather than answered: after `step_ms` in the
+    broker's retry ladder, or (None) straight back to the router."""
+
+    job: CompletionJob
+    step_ms: int | None
 
 
 def answered(adapter: Adapter, response: HttpResponse, deployment: Deployment) -> Call:
@@ -528,4 +601,5 @@ def _attempt(
         outcome="error" if isinstance(outcome, JobError) else "ok",
         error=outcome.kind if isinstance(outcome, JobError) else None,
         provider_request_id=billed.request_id if billed else None,
+        billed=billed is not None,
     )

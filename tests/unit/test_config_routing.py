@@ -208,3 +208,61 @@ def test_worker_refuses_to_start_without_its_key() -> None:
     with pytest.raises(Error, match=r"deployments\.a\.api_key_env: K is not set"):
         Worker(config, "p", connection=None, env={})  # type: ignore[arg-type]
     assert Worker(config, "p", connection=None, env={"K": "sk"})._keys == {"a": "sk"}  # type: ignore[arg-type]
+
+
+def chains_doc(**groups: dict[str, Any]) -> dict[str, Any]:
+    """Three single-deployment models with the given extra settings."""
+    models = {name: {"deployments": [{"deployment": name}]} for name in ("x", "y", "z")}
+    for name, extra in groups.items():
+        models[name].update(extra)
+    return doc(
+        deployments={
+            name: {"provider": "openai", "model": "gpt-4o-mini", "pool": "p"}
+            for name in ("x", "y", "z")
+        },
+        models=models,
+    )
+
+
+@pytest.mark.parametrize(
+    ("groups", "message"),
+    [
+        ({"x": {"fallbacks": ["x"]}}, "models.x.fallbacks: the chain loops: x -> x"),
+        (
+            {"x": {"fallbacks": ["y"]}, "y": {"fallbacks": ["z"]}, "z": {"fallbacks": ["x"]}},
+            "models.x.fallbacks: the chain loops: x -> y -> z -> x",
+        ),
+        (
+            {"x": {"context_window_fallbacks": ["y"]}, "y": {"context_window_fallbacks": ["x"]}},
+            "models.x.context_window_fallbacks: the chain loops: x -> y -> x",
+        ),
+        ({"x": {"fallbacks": ["nope"]}}, "models.x.fallbacks[0]: no model named 'nope'"),
+        ({"x": {"retry": {"retries": {"bad_request": 2}}}}, "models.x.retry.retries.bad_request"),
+    ],
+)
+def test_fallback_chains_that_loop_or_name_nothing_are_refused(
+    groups: dict[str, dict[str, Any]], message: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse(chains_doc(**groups), {}, PROVIDERS)
+    assert str(caught.value).startswith(message)
+
+
+def test_a_chain_lists_the_group_then_its_fallbacks_depth_first() -> None:
+    from schemas.errors import ErrorKind  # noqa: PLC0415
+
+    config = parse(
+        chains_doc(
+            x={"fallbacks": ["y"], "content_policy_fallbacks": ["z"]},
+            y={"fallbacks": ["z"]},
+        ),
+        {},
+        PROVIDERS,
+    )
+    routes = build_route_table(config)
+    x = config.models["x"]
+
+    assert [g.name for g in routes.chain(x, ErrorKind.SERVER_ERROR)] == ["x", "y", "z"]
+    assert [g.name for g in routes.chain(x, ErrorKind.CONTENT_POLICY)] == ["z"]
+    assert [g.name for g in routes.chain(x, ErrorKind.CONTEXT_WINDOW_EXCEEDED)] == []
+    assert [g.name for g in routes.chain(x, ErrorKind.SERVER_ERROR, ["z"])] == ["x", "z"]

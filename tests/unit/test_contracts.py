@@ -14,7 +14,14 @@ from modelyard.batch import BatchInputError, batch_id_for, parse_line, read_prog
 from modelyard.logs import REDACTED, Redactor
 from modelyard.openai_format import batch_output_line
 from modelyard.report import ReportError, exact, report_sql
-from modelyard.topology import DEAD_EXCHANGE, build_topology, definitions, worker_queue
+from modelyard.topology import (
+    DEAD_EXCHANGE,
+    RETRY_DELAYS_MS,
+    build_topology,
+    definitions,
+    delay_step_ms,
+    worker_queue,
+)
 from schemas.codec import InvalidMessage, decode_job, decode_reply, encode, salvage_envelope
 from schemas.errors import ErrorKind
 from schemas.jobs import CompletionJob
@@ -139,6 +146,7 @@ def test_topology_is_quorum_with_dead_lettering() -> None:
         worker_queue("openai", "batch"),
         worker_queue("anthropic"),
         worker_queue("anthropic", "batch"),
+        *(f"retry.{step}" for step in RETRY_DELAYS_MS),
     }
     for name in ("router.jobs", "ledger.costs", "worker.openai", "worker.openai.batch"):
         assert queues[name]["arguments"]["x-queue-type"] == "quorum"
@@ -150,6 +158,25 @@ def test_topology_is_quorum_with_dead_lettering() -> None:
         ("modelyard.jobs", "job", "router.jobs"),
     }
     assert all(q["vhost"] == "prod" for q in exported["queues"])
+    # A retry waits its step in the broker, then goes back to the router.
+    retry = queues["retry.2000"]["arguments"]
+    assert (retry["x-message-ttl"], retry["x-dead-letter-exchange"]) == (2000, "modelyard.jobs")
+    assert retry["x-dead-letter-routing-key"] == "job"
+    assert ("modelyard.delay.2000", "", "retry.2000") in {
+        (b["source"], b["routing_key"], b["destination"]) for b in exported["bindings"]
+    }
+
+
+def test_a_delay_waits_the_shortest_ladder_step_at_least_as_long() -> None:
+    assert [delay_step_ms(s) for s in (0, 0.25, 0.3, 1.0, 1.01, 300, 301)] == [
+        250,
+        250,
+        500,
+        1000,
+        1500,
+        300000,
+        None,
+    ]
 
 
 def test_batch_lines() -> None:
