@@ -1,0 +1,288 @@
+"""Retries held by the broker, and fallback chains, end to end.
+
+Two fake providers: `flaky` (faults injected per test) and the session's
+well-behaved one. Deployments on the flaky one fall back to deployments on
+the other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime, timedelta
+from itertools import pairwise
+from typing import Any
+
+import aiohttp
+import pytest
+import pytest_asyncio
+
+from ledger.service import Ledger
+from modelyard import broker
+from modelyard.client import Client, new_job
+from modelyard.config import Config, parse
+from router.service import Router
+from schemas.chat import Message
+from schemas.errors import ErrorKind
+from schemas.jobs import CompletionJob
+from schemas.results import JobResult
+from tests.conftest import FAKE_KEY, FakeControl
+from tests.pipeline import eventually, ledger_rows
+from tests.services import (
+    free_port,
+    fresh_database,
+    fresh_vhost,
+    modelyard,
+    wait_for_port,
+)
+from workers.pool import Worker
+from workers.providers import PROVIDERS
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+CALM = {"rate_429": 0, "rate_500": 0, "retry_after_s": 1.0, "context_window": 128_000}
+
+
+@pytest.fixture(scope="module")
+def flaky_port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    port = free_port()
+    log = tmp_path_factory.mktemp("flaky") / "flaky.log"
+    process = modelyard("fake-provider", "--port", str(port), "--api-key", FAKE_KEY, log=log)
+    try:
+        wait_for_port(port)
+        yield port
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def flaky(flaky_port: int) -> AsyncIterator[FakeControl]:
+    async with aiohttp.ClientSession() as session:
+        control = FakeControl(session, flaky_port)
+        await control.clear()
+        yield control
+        await control.set(**CALM)
+
+
+def deployment(port: int, model: str = "gpt-4o-mini") -> dict[str, Any]:
+    return {
+        "provider": "openai",
+        "model": model,
+        "api_base": f"http://127.0.0.1:{port}/v1",
+        "pool": "main",
+        "timeout_s": 5,
+        "api_key_env": "TEST_FAKE_KEY",
+    }
+
+
+def one(name: str, **extra: Any) -> dict[str, Any]:
+    return {"deployments": [{"deployment": name}], **extra}
+
+
+QUICK = {"retries": {"rate_limited": 2, "server_error": 0}, "backoff_s": 0.25, "jitter": 0}
+
+
+@pytest.fixture(scope="module")
+def retry_config(fake_port: int, flaky_port: int) -> Iterator[Config]:
+    with fresh_vhost() as broker_url, fresh_database() as database_url:
+        doc = {
+            "broker_url": broker_url,
+            "database_url": database_url,
+            "log_level": "warning",
+            "pools": {"main": {"concurrency": 16}},
+            "ledger": {"batch_size": 50, "flush_ms": 10},
+            "deployments": {
+                "flaky": deployment(flaky_port),
+                "steady": deployment(fake_port),
+                "second-opinion": deployment(fake_port),
+                "reasoner": deployment(flaky_port, "o3-mini"),
+            },
+            "models": {
+                "chain": one(
+                    "flaky",
+                    fallbacks=["steady-model"],
+                    context_window_fallbacks=["steady-model"],
+                    content_policy_fallbacks=["second-model"],
+                    retry=QUICK,
+                ),
+                "steady-model": one("steady"),
+                "second-model": one("second-opinion"),
+                "picky": one("reasoner", fallbacks=["steady-model"], retry=QUICK),
+            },
+        }
+        yield parse(doc, {}, PROVIDERS)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def retry_client(retry_config: Config) -> AsyncIterator[Client]:
+    connection = await broker.connect(retry_config.broker_url, "test-retries")
+    components = [
+        Ledger(retry_config, connection),
+        Worker(retry_config, "main", connection),
+        Router(retry_config, connection),
+    ]
+    for component in components:
+        await component.start()
+    client = await Client.connect(retry_config.broker_url)
+    yield client
+    await client.close()
+    for component in reversed(components):
+        await component.stop()
+    await connection.close()
+
+
+def ask(model: str, text: str = "Tell me about retries.", **kwargs: Any) -> CompletionJob:
+    return new_job(model, [Message(role="user", content=text)], **kwargs)
+
+
+def path(result: JobResult) -> list[tuple[str, str]]:
+    """Each attempt: the deployment and how it went."""
+    return [(a.deployment, a.error.value if a.error else a.outcome) for a in result.attempts]
+
+
+async def billed_rows(config: Config, job_id: str, count: int) -> list[dict[str, Any]]:
+    await eventually(
+        lambda: ledger_rows(config.database_url, "job_id = $1", job_id), lambda r: len(r) >= count
+    )
+    await asyncio.sleep(0.3)  # a second row would be a double count
+    return await ledger_rows(config.database_url, "job_id = $1", job_id)
+
+
+async def test_a_429_storm_is_retried_no_sooner_than_asked_then_falls_back(
+    retry_client: Client, retry_config: Config, flaky: FakeControl
+) -> None:
+    await flaky.set(rate_429=1.0, retry_after_s=1.0)
+    result = await retry_client.complete(ask("chain"), timeout=60)
+
+    assert result.status == "ok"
+    assert path(result) == [
+        ("flaky", "rate_limited"),
+        ("flaky", "rate_limited"),
+        ("flaky", "rate_limited"),
+        ("steady", "ok"),
+    ]
+    tries = sorted(e["at"] for e in await flaky.requests())
+    assert len(tries) == 3
+    assert min(b - a for a, b in pairwise(tries)) >= 1.0
+    assert [a.billed for a in result.attempts] == [False, False, False, True]
+    rows = await billed_rows(retry_config, result.job_id, 1)
+    assert [r["deployment"] for r in rows] == ["steady"]
+
+
+async def test_a_500_is_served_by_the_next_deployment(
+    retry_client: Client, retry_config: Config, flaky: FakeControl
+) -> None:
+    await flaky.set(rate_500=1.0)
+    result = await retry_client.complete(ask("chain"), timeout=30)
+
+    assert result.status == "ok"
+    assert path(result) == [("flaky", "server_error"), ("steady", "ok")]
+    rows = await billed_rows(retry_config, result.job_id, 1)
+    assert [(r["deployment"], r["cost"] == result.cost) for r in rows] == [("steady", True)]
+
+
+async def test_a_prompt_too_long_moves_to_the_larger_model(
+    retry_client: Client, flaky: FakeControl
+) -> None:
+    await flaky.set(context_window=20)
+    result = await retry_client.complete(ask("chain", "word " * 200), timeout=30)
+
+    assert result.status == "ok"
+    assert path(result) == [("flaky", "context_window_exceeded"), ("steady", "ok")]
+
+
+async def test_a_content_policy_refusal_follows_its_own_chain(
+    retry_client: Client, flaky: FakeControl
+) -> None:
+    result = await retry_client.complete(ask("chain", "say forbidden-content"), timeout=30)
+
+    assert result.status == "error"
+    assert result.error is not None
+    assert result.error.kind == ErrorKind.CONTENT_POLICY
+    # Its own chain, never the ordinary fallback (`steady`), and then the answer.
+    assert path(result) == [("flaky", "content_policy"), ("second-opinion", "content_policy")]
+
+
+async def test_a_bad_request_is_neither_retried_nor_moved(
+    retry_client: Client, flaky: FakeControl
+) -> None:
+    await flaky.clear()
+    result = await retry_client.complete(ask("picky", max_tokens=10), timeout=30)
+
+    assert result.error is not None
+    assert result.error.kind == ErrorKind.BAD_REQUEST
+    assert path(result) == [("reasoner", "bad_request")]
+    assert len(await flaky.requests()) == 1
+
+
+async def test_a_retry_that_would_pass_the_deadline_is_answered_at_once(
+    retry_client: Client, flaky: FakeControl
+) -> None:
+    await flaky.set(rate_429=1.0, retry_after_s=5.0)
+    deadline = datetime.now(UTC) + timedelta(seconds=3)
+    result = await retry_client.complete(ask("chain", deadline=deadline), timeout=30)
+
+    assert result.error is not None
+    assert result.error.kind == ErrorKind.DEADLINE_EXCEEDED
+    assert "rate_limited" in result.error.message
+    assert len(await flaky.requests()) == 1  # and nothing later: it was never sent again
+    await asyncio.sleep(1)
+    assert len(await flaky.requests()) == 1
+
+
+async def test_a_job_past_its_deadline_while_waiting_is_never_sent(
+    retry_client: Client, flaky: FakeControl
+) -> None:
+    """A retry in the broker outlives the job's deadline when the provider's
+    own answer took long: the router answers it, the provider sees nothing."""
+    await flaky.set(rate_429=1.0, retry_after_s=0.25, latency_ms=1500)
+    deadline = datetime.now(UTC) + timedelta(seconds=1.7)
+    result = await retry_client.complete(ask("chain", deadline=deadline), timeout=30)
+    await flaky.set(latency_ms=0)
+
+    assert result.error is not None
+    assert result.error.kind == ErrorKind.DEADLINE_EXCEEDED
+    assert len(await flaky.requests()) == 1
+
+
+async def test_on_the_batch_lane_one_jobs_retry_never_reruns_its_neighbours(
+    retry_client: Client, retry_config: Config, flaky: FakeControl, fake: FakeControl
+) -> None:
+    await fake.clear()
+    await flaky.set(rate_500=0.5, seed=3)
+    queue = f"retries-{time.time_ns()}"
+    await retry_client.declare_results_queue(queue)
+    jobs = [ask("chain", f"batch job {i}", priority="batch") for i in range(40)]
+    await retry_client.submit_many(jobs, queue)
+    results: dict[str, JobResult] = {}
+    async with asyncio.timeout(60):
+        async for result in retry_client.results(queue):
+            results[result.job_id] = result
+            if len(results) == len(jobs):
+                break
+    await retry_client.delete_queue(queue)
+
+    assert all(r.status == "ok" for r in results.values())
+    moved = [r for r in results.values() if len(r.attempts) == 2]
+    assert 0 < len(moved) < len(jobs)  # some failed over, most did not
+    answered = [
+        e["prompt_digest"]
+        for e in [*await flaky.requests(), *await fake.requests()]
+        if e["status"] == 200
+    ]
+    assert len(answered) == len(jobs)
+    assert Counter(answered).most_common(1)[0][1] == 1  # each job answered by one call
+    events = await billed_rows_for(retry_config, [j.id for j in jobs])
+    assert len(events) == len(jobs)
+
+
+async def billed_rows_for(config: Config, ids: list[str]) -> list[dict[str, Any]]:
+    await eventually(
+        lambda: ledger_rows(config.database_url, "job_id = ANY($1)", ids),
+        lambda r: len(r) >= len(ids),
+    )
+    await asyncio.sleep(0.3)  # a second row for a job would be a double count
+    return await ledger_rows(config.database_url, "job_id = ANY($1)", ids)
