@@ -18,17 +18,27 @@ from pathlib import Path
 from typing import Any
 
 import aio_pika
+import aiohttp
 import pytest
 import pytest_asyncio
+import yaml
 
 from modelyard.client import Client, new_job
 from schemas.chat import Message
 from schemas.codec import decode_reply
 from schemas.jobs import Lane
 from schemas.results import JobResult, unpack
-from tests.conftest import FakeControl
+from tests.conftest import FAKE_KEY, FakeControl
 from tests.pipeline import eventually, scalar
-from tests.services import config_document, fresh_database, fresh_vhost, modelyard, write_config
+from tests.services import (
+    config_document,
+    free_port,
+    fresh_database,
+    fresh_vhost,
+    modelyard,
+    wait_for_port,
+    write_config,
+)
 
 pytestmark = pytest.mark.asyncio
 
@@ -339,3 +349,83 @@ async def test_router_killed_twice_sends_no_batch_job_to_the_provider_twice(
         if "router repeats of claimed jobs not run" in line or "not run again" in line
     ]
     assert sum(skipped) > 0
+
+
+@pytest.fixture
+def flaky_fake_port(tmp_path: Path) -> Iterator[int]:
+    """A fake provider of this test's own, to inject faults into."""
+    port = free_port()
+    process = modelyard("fake-provider", "--port", str(port), "--api-key", FAKE_KEY)
+    try:
+        wait_for_port(port)
+        yield port
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+WAITING = 300
+RETRY_AFTER_S = 4.0
+
+
+@pytest.fixture
+def retrying_stack(tmp_path: Path, flaky_fake_port: int) -> Iterator[Stack]:
+    """The crash pool on a fake of its own; one retry for a 429."""
+    with isolated_stack(tmp_path, flaky_fake_port) as stack:
+        doc = yaml.safe_load(stack.config.read_text())
+        doc["models"]["crash"]["retry"] = {"retries": {"rate_limited": 1}}
+        write_config(stack.config, doc)
+        yield stack
+
+
+async def test_jobs_waiting_in_retry_delays_survive_router_and_worker_kills(
+    retrying_stack: Stack, flaky_fake_port: int
+) -> None:
+    """Every job gets a 429 asking for a 4 s wait; while they wait in the
+    broker's retry ladder the router and the worker are SIGKILLed and
+    restarted. Every job is then answered once, and no retry reached the
+    provider before its 4 s were up."""
+    stack = retrying_stack
+    async with aiohttp.ClientSession() as session:
+        flaky = FakeControl(session, flaky_fake_port)
+        await flaky.set(rate_429=1.0, retry_after_s=RETRY_AFTER_S)
+        for role in ("ledger", "worker", "router"):
+            stack.start(role)
+        async with await Client.connect(stack.broker_url) as client:
+            await client.declare_results_queue(RESULTS)
+            jobs = [
+                new_job("crash", [Message(role="user", content=f"wait {i}")], priority="batch")
+                for i in range(WAITING)
+            ]
+            await client.submit_many(jobs, RESULTS)
+        ids = {job.id for job in jobs}
+        waiting = await eventually(
+            lambda: waiting_in(stack, "retry.4000"), lambda n: n >= WAITING, timeout=60
+        )
+        await flaky.set(rate_429=0.0)  # the provider recovers while they wait
+        stack.kill("router")
+        stack.kill("worker")
+        await asyncio.sleep(0.5)
+        stack.start("worker")
+        stack.start("router")
+
+        results = await collect(stack, ids, lambda _: None, timeout=120)
+        calls = await flaky.requests()
+
+    assert waiting == WAITING  # every job was in the broker's delay when the kills came
+    assert {r.job_id for r in results} == ids
+    assert all(r.status == "ok" for r in results)
+    unmarked = Counter(r.job_id for r in results if not r.redelivered)
+    assert max(unmarked.values()) == 1
+    by_prompt: dict[str, list[dict[str, Any]]] = {}
+    for call in calls:
+        by_prompt.setdefault(call["prompt_digest"], []).append(call)
+    assert len(by_prompt) == WAITING
+    for tries in by_prompt.values():
+        tries.sort(key=lambda c: c["at"])
+        assert [c["status"] for c in tries] == [429, 200]  # none lost, none twice
+        assert tries[1]["at"] - tries[0]["at"] >= RETRY_AFTER_S  # none early
+    rows = await eventually(
+        lambda: ledger_request_ids(stack.database_url), lambda r: len(r) >= WAITING
+    )
+    assert sorted(rows) == sorted(c["request_id"] for c in calls if c["status"] == 200)
