@@ -39,6 +39,7 @@ format: install
 bench: install services
 	$(BIN)/python bench/pipeline.py
 	$(BIN)/python bench/floor.py
+	$(BIN)/python bench/faults.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache demo-out
