@@ -55,14 +55,13 @@ pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 # How long every token of an example may take to reach its outcome, and how
 # long a second outcome (a duplicate, a requeued copy) is then waited for.
-SETTLE_S = 20.0
+SETTLE_S = 10.0
 STRAGGLERS_S = 0.5
 
 # Above `router.max_job_bytes` (8 MiB by default).
 OVERSIZED_CHARS = 8 * 1024 * 1024 + 1
 
 Expect = Literal["answer", "dead", "either"]
-OURS = "<the test's reply queue>"  # resolved to the real name when built
 
 
 # What a job document goes through: a draft and its mutations.
@@ -83,6 +82,7 @@ class Draft:
     id_is_token: bool = True
     readable: bool = True
     marked_redelivered: bool = False
+    reply_to: object = None  # the job's own `reply_to`, as written
     splices: dict[str, bytes] = field(default_factory=dict)
     byte_edits: list[Callable[[bytes], bytes]] = field(default_factory=list)
 
@@ -93,6 +93,7 @@ class Draft:
         return placeholder
 
     def body(self) -> bytes:
+        """The message body: the document, spliced, then byte edits in order."""
         text = json.dumps(self.doc, ensure_ascii=False)
         for placeholder, raw in self.splices.items():
             text = text.replace(placeholder, raw.decode("utf-8", "surrogateescape"))
@@ -103,6 +104,7 @@ class Draft:
 
 
 def base_job(token: str) -> dict[str, Any]:
+    """A valid job for the fake provider; the token is its id and its `note`."""
     return {
         "id": token,
         "note": token,
@@ -161,17 +163,22 @@ def deep(where: str, depth: int, shape: str) -> Mutation:
         else:
             _message(d)["content"] = value
         # msgspec recurses per level even to skip a value, and gives up near
-        # Python's recursion limit: past a few hundred, parsing may fail whole.
+        # Python's recursion limit (which Hypothesis raises while an example
+        # runs): past a few hundred levels, parsing may fail whole, or not.
         d.readable = d.readable and depth <= 500
 
     return Mutation(f"{shape} nested {depth} deep in {where}", apply)
 
 
 def _set(path: tuple[str, ...], value: Any) -> Callable[[Draft], None]:
+    """Set a field, unless a mutation before replaced what holds it."""
+
     def apply(d: Draft) -> None:
-        target = d.doc
+        target: Any = d.doc
         for key in path[:-1]:
             target = target.setdefault(key, {})
+            if not isinstance(target, dict):
+                return
         target[path[-1]] = value
 
     return apply
@@ -192,8 +199,18 @@ def _id(value: Callable[[str], Any]) -> Callable[[Draft], None]:
     return apply
 
 
+def _raw_id(literal: bytes) -> Callable[[Draft], None]:
+    """An id Python's `json` will not write (it refuses ints over 4300 digits)."""
+
+    def apply(d: Draft) -> None:
+        d.doc["id"] = d.splice(literal)
+        d.id_is_token = False
+
+    return apply
+
+
 def _drop_id(d: Draft) -> None:
-    del d.doc["id"]
+    d.doc.pop("id", None)
     d.id_is_token = False
 
 
@@ -224,11 +241,16 @@ def _oversized(d: Draft) -> None:
     d.readable = False  # the router does not look inside a body over its limit
 
 
+def _drop_model(d: Draft) -> None:
+    if isinstance(request := d.doc.get("request"), dict):
+        request.pop("model", None)
+
+
 def _many_messages(d: Draft) -> None:
     turns = [
         {"role": "user" if i % 2 == 0 else "assistant", "content": f"turn {i}"} for i in range(2000)
     ]
-    _request(d)["messages"] = [*turns, {"role": "user", "content": "last"}]
+    _set(("request", "messages"), [*turns, {"role": "user", "content": "last"}])(d)
 
 
 def _replace_body_with_list(raw: bytes) -> bytes:
@@ -257,7 +279,7 @@ ID_MUTATIONS = [
     Mutation("id with unicode", _id(lambda t: t + "-é")),
     Mutation("empty id", _id(lambda t: "")),
     Mutation("numeric id", _id(lambda t: 12345)),
-    Mutation("id of 5000 digits", _id(lambda t: 10**4999)),
+    Mutation("id of 5000 digits", _raw_id(b"9" * 5_000)),
     Mutation("null id", _id(lambda t: None)),
     Mutation("no id", _drop_id),
 ]
@@ -323,7 +345,7 @@ SHAPE_MUTATIONS = [
     Mutation("2000 messages", _many_messages, late=True),
     Mutation("empty messages", _set(("request", "messages"), []), late=True),
     Mutation("messages as a string", _set(("request", "messages"), "hi"), late=True),
-    Mutation("no model", lambda d: _request(d).pop("model", None), late=True),
+    Mutation("no model", _drop_model, late=True),
     Mutation("request as a string", _set(("request",), "x"), late=True),
     Mutation("no request", lambda d: d.doc.pop("request", None), late=True),
 ]
@@ -421,22 +443,25 @@ CORRELATIONS = [
 
 @dataclass(frozen=True)
 class JobRecipe:
+    """A valid job, a few mutations, and its own `reply_to`."""
+
     mutations: tuple[Mutation, ...]
     reply: Reply
 
     def draft(self, queue: str) -> Draft:
+        """The job document, with a fresh token."""
         d = Draft(uuid.uuid4().hex, {})
         d.doc = base_job(d.token)
         for mutation in sorted(self.mutations, key=lambda m: m.late):
             mutation.apply(d)
-        value = self.reply.value(queue)
-        if value is not ABSENT:
-            d.doc["reply_to"] = value
+        d.reply_to = self.reply.value(queue)
+        if d.reply_to is not ABSENT:
+            d.doc["reply_to"] = d.reply_to
         return d
 
-    def replies(self, d: Draft, queue: str, amqp: str | None) -> set[object]:
-        """Where the router may send the answer (two places when unsure)."""
-        own = self.reply.value(queue) if self.reply.salvaged else amqp
+    def replies(self, d: Draft, amqp: str | None) -> set[object]:
+        """Where the router may send the answer (either place when unsure)."""
+        own = d.reply_to if self.reply.salvaged else amqp
         return {own} if d.readable else {own, amqp}
 
 
@@ -473,7 +498,7 @@ BatchShape = Literal[
     "jobs an object",
     "truncated",
     "trailing garbage",
-    "jobs nested 1100 deep",
+    "jobs nested 20000 deep",
     "garbage in front",
     "sent without the batch type",
     "one job, batch type",
@@ -490,6 +515,7 @@ class Batch:
 
 
 Recipe = Single | Garbage | Batch
+
 
 def mostly(common: list[Any], every: list[Any]) -> st.SearchStrategy[Any]:
     """Half the time one of `common`, else anything in `every`: most poison
@@ -561,6 +587,7 @@ def verdict(replies: set[object], ids: set[str | None], queue: str) -> Expect:
 
 
 def build(recipe: Recipe, queue: str) -> Unit:
+    """The message a recipe makes, with fresh tokens, and what each may come to."""
     if isinstance(recipe, Single):
         return _build_single(recipe, queue)
     if isinstance(recipe, Garbage):
@@ -574,7 +601,7 @@ def _build_single(recipe: Single, queue: str) -> Unit:
     correlation = recipe.correlation.value(d.token)
     read_id = d.token if d.id_is_token else correlation
     ids = {read_id} if d.readable else {read_id, correlation}
-    expect = verdict(recipe.job.replies(d, queue, amqp), ids, queue)
+    expect = verdict(recipe.job.replies(d, amqp), ids, queue)
     unit = Unit(d.body(), amqp, correlation, expect={d.token: expect})
     if d.marked_redelivered:
         unit.may_be_marked.add(d.token)
@@ -601,7 +628,7 @@ _WITH_ITEMS = {
     "jobs an object",
     "truncated",
     "trailing garbage",
-    "jobs nested 1100 deep",
+    "jobs nested 20000 deep",
     "garbage in front",
     "sent without the batch type",
 }
@@ -633,7 +660,7 @@ def _build_batch(recipe: Batch, queue: str) -> Unit:
         unit.anonymous_required = unit.anonymous_allowed = anonymous
         for item, d in drafts:
             ids = {d.token if d.id_is_token else None}
-            unit.expect[d.token] = verdict(item.replies(d, queue, amqp), ids, queue)
+            unit.expect[d.token] = verdict(item.replies(d, amqp), ids, queue)
     else:
         # A body the router may fail to split (one item too deep, too big,
         # broken bytes) is parked whole: any job may end either way.
@@ -648,8 +675,11 @@ def _batch_body(shape: str, raws: list[bytes], note: str) -> bytes:
     jobs = b"[" + b",".join(raws) + b"]"
     if shape == "jobs an object":
         jobs = b"{" + b",".join(b'"%d":%s' % (i, raw) for i, raw in enumerate(raws)) + b"}"
-    elif shape == "jobs nested 1100 deep":
-        jobs = b"[" + b",".join([nested(1_100, "list"), *raws]) + b"]"
+    elif shape == "jobs nested 20000 deep":
+        # Deeper than any recursion limit: Hypothesis raises the limit while an
+        # example runs (the in-process router with it), so ~1,100 levels that a
+        # router process refuses may be decoded here.
+        jobs = b"[" + b",".join([nested(20_000, "list"), *raws]) + b"]"
     elif shape == "empty list":
         jobs = b"[]"
     elif shape == "jobs null":
@@ -678,6 +708,8 @@ def tokens_in(data: bytes, known: set[str]) -> set[str]:
 
 @dataclass
 class Outcome:
+    """An answer or a dead letter that carried a token."""
+
     kind: Literal["answer", "dead"]
     detail: str
     requeued: str | None = None  # a sign the message was requeued first
@@ -729,21 +761,24 @@ def _dlx_reason(headers: dict[str, Any]) -> str:
 
 
 def _requeue_sign(headers: dict[str, Any]) -> str | None:
-    """Why a dead letter looks like it went round the queue before: a quorum
-    queue counts returns in `x-delivery-count`, and `x-death` counts deaths
-    (a message parked by the broker itself must have been rejected, once,
-    not dropped for its delivery limit)."""
-    if int(headers.get("x-delivery-count") or 0) > 0:
-        return f"x-delivery-count {headers['x-delivery-count']}"
+    """Why a dead letter parked by the broker itself went round the queue
+    first: it must have been rejected, once, not dropped at its delivery
+    limit. (Its `x-delivery-count` says nothing: RabbitMQ gives the dead
+    copy a count of its own. `Noted` deliveries catch the other requeues.)"""
     for death in headers.get("x-death") or []:
         if int(death.get("count", 1)) > 1 or death.get("reason") != "rejected":
             return f"x-death {death.get('reason')} count {death.get('count')}"
     return None
 
 
-def judge(units: list[Unit], outcomes: Outcomes, logs: Sequence[Mapping[str, Any]]) -> list[str]:
+def judge(
+    units: list[Unit],
+    outcomes: Outcomes,
+    logs: Sequence[Mapping[str, Any]],
+    redelivered: Sequence[str],
+) -> list[str]:
     """Every way the example broke the property, in words."""
-    problems = list(outcomes.stray)
+    problems = [*outcomes.stray, *(f"delivered again: {seen}" for seen in redelivered)]
     expected = {token: (unit, want) for unit in units for token, want in unit.expect.items()}
     for token, got in outcomes.by_token.items():
         if token not in expected:
@@ -782,6 +817,33 @@ def own_config(fake_port: int) -> Iterator[Config]:
         yield parse(config_document(broker_url, database_url, fake_port), {}, PROVIDERS)
 
 
+def _noted(queue: str, message: aio_pika.abc.AbstractIncomingMessage) -> str:
+    return f"{queue}: {message.body[:160]!r}"
+
+
+class NotedRouter(Router):
+    """The router, noting each message the broker hands it a second time:
+    nothing in this test may be requeued (whatever the dead copy's headers)."""
+
+    redelivered: list[str]
+
+    async def handle(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        if message.redelivered:
+            self.redelivered.append(_noted("router", message))
+        await super().handle(message)
+
+
+class NotedWorker(Worker):
+    """The worker, noting each job message the broker hands it a second time."""
+
+    redelivered: list[str]
+
+    async def handle(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        if message.redelivered:
+            self.redelivered.append(_noted(f"worker.{self.pool}", message))
+        await super().handle(message)
+
+
 class Pipeline:
     """The components, a reply queue of the test's own, and a producer's
     view of what reaches that queue and the dead queue."""
@@ -789,6 +851,7 @@ class Pipeline:
     def __init__(self, config: Config, client: Client, connection: Any, queue: str) -> None:
         self.config, self.client, self.connection, self.queue = config, client, connection, queue
         self.tokens: set[str] = set()  # every token published so far
+        self.redelivered: list[str] = []  # noted by the router and the worker
 
     async def publish(self, units: list[Unit]) -> None:
         """Each unit to the submit exchange, as any producer could send it."""
@@ -840,17 +903,19 @@ class Pipeline:
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def pipe(own_config: Config) -> AsyncIterator[Pipeline]:
     connection = await broker.connect(own_config.broker_url, "test-poison-property")
-    components: list[Ledger | Worker | Router] = [
-        Ledger(own_config, connection),
-        Worker(own_config, "main", connection),
-        Router(own_config, connection),
-    ]
-    for component in components:
-        await component.start()
     client = await Client.connect(own_config.broker_url)
     queue = f"poison-answers-{uuid.uuid4().hex}"
+    pipeline = Pipeline(own_config, client, connection, queue)
+    worker, router = (
+        NotedWorker(own_config, "main", connection),
+        NotedRouter(own_config, connection),
+    )
+    worker.redelivered = router.redelivered = pipeline.redelivered
+    components: list[Ledger | Worker | Router] = [Ledger(own_config, connection), worker, router]
+    for component in components:
+        await component.start()
     await client.declare_results_queue(queue)
-    yield Pipeline(own_config, client, connection, queue)
+    yield pipeline
     await client.close()
     for component in reversed(components):
         await component.stop()
@@ -888,7 +953,7 @@ def rabbitmqctl() -> str:
 
 
 @settings(
-    max_examples=25,
+    max_examples=40,
     deadline=None,
     database=None,  # no `.hypothesis/` in the work tree; failures print their reproduction
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
@@ -900,16 +965,11 @@ async def test_every_message_is_answered_or_dead_lettered_once(
     units = [build(recipe, pipe.queue) for recipe in recipes]
     for unit in units:
         pipe.tokens.update(unit.expect)
+    already = len(pipe.redelivered)
     with structlog.testing.capture_logs() as logs:
         await pipe.publish(units)
         outcomes = await pipe.outcomes_of(units)
-    problems = judge(units, outcomes, logs)
-    import os  # TEMP
-    with open("/tmp/poison_tally.txt", "a") as f:  # TEMP
-        for u in units:  # TEMP
-            for t, w in u.expect.items():  # TEMP
-                got = outcomes.by_token.get(t, [])  # TEMP
-                f.write(f"{'B' if u.batch else 'S'}\t{w}\t{[(o.kind, o.detail, o.requeued) for o in got]}\t{u.body[:100]!r}\n")  # TEMP
+    problems = judge(units, outcomes, logs, pipe.redelivered[already:])
     assert not problems, "\n".join(problems)
 
 
