@@ -237,6 +237,10 @@ class Broker:
         except Unroutable:
             log.warning("reply queue missing, result dead-lettered", reply_to=reply_to)
             await self.dead_letter(body, f"reply queue {reply_to!r} does not exist")
+        except PublishFailed as exc:
+            # The answer is paid for: kept on the dead queue, never recomputed.
+            log.warning("reply refused by the broker, result dead-lettered", reply_to=reply_to)
+            await self.dead_letter(body, f"reply queue {reply_to!r} refused the answer: {exc}")
 
     async def dead_letter(self, body: bytes, reason: str) -> None:
         """Park a message on the dead queue with the reason, for inspection and replay."""

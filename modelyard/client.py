@@ -23,7 +23,7 @@ from typing import Any, Self
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
 from aio_pika.exceptions import ChannelClosed
-from aiormq.exceptions import ChannelAccessRefused
+from aiormq.exceptions import ChannelAccessRefused, ChannelNotFoundEntity
 
 from modelyard import broker
 from modelyard.broker import LOST, Broker, settle
@@ -73,6 +73,10 @@ log = structlog.get_logger("modelyard.client")
 
 class ResultsBusyError(RuntimeError):
     """Another process holds the results queue exclusively."""
+
+
+class ResultsQueueMissingError(LookupError):
+    """The results queue does not exist (never declared, or deleted)."""
 
 
 class ResultTimeoutError(TimeoutError):
@@ -222,10 +226,17 @@ class Client:
             try:
                 async for item in self._read_results(queue, prefetch, exclusive, seen):
                     yield item
-                return
+                if self.connection.is_closed:
+                    return
+                # The library ends a consumer quietly when its channel stays
+                # down for a minute: that is an outage to wait out, not the end.
+                log.warning("results consumer ended with the connection up; resuming", queue=queue)
+                await asyncio.sleep(0.2)
             except (*LOST, ChannelClosed) as exc:
                 if isinstance(exc, ChannelAccessRefused):
                     raise ResultsBusyError(f"another process is reading {queue}") from exc
+                if isinstance(exc, ChannelNotFoundEntity):
+                    raise ResultsQueueMissingError(f"no results queue named {queue!r}") from exc
                 log.warning("results consumer lost; resuming", queue=queue, error=str(exc))
                 await asyncio.sleep(0.2)
                 await broker.wait_connected(self.connection)

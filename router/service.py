@@ -22,7 +22,7 @@ import structlog
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
 from modelyard.batching import Batcher, Encoded, encoded_size, settle_all
-from modelyard.broker import Broker, Consumer, settle
+from modelyard.broker import Broker, Consumer, resent, settle
 from modelyard.config import Config, Deployment
 from modelyard.replies import error_result, reply_batcher, send_reply
 from modelyard.topology import ROUTER_QUEUE, build_topology
@@ -90,7 +90,7 @@ class Router:
             return
         if job.reply_to is None and message.reply_to:
             job.reply_to = message.reply_to
-        await self._admit(job, redelivered=bool(message.redelivered))
+        await self._admit(job, redelivered=resent(message))
         await settle(message)
 
     async def _handle_batch(self, message: AbstractIncomingMessage) -> None:
@@ -106,7 +106,7 @@ class Router:
             await self.broker.dead_letter(message.body, f"undecodable job batch: {exc}")
             await settle(message)
             return
-        redelivered = bool(message.redelivered)
+        redelivered = resent(message)
         # Jobs share the few outgoing batches they join: wait on each once.
         waits: dict[int, Awaitable[None]] = {}
         for raw in raws:
@@ -203,8 +203,10 @@ class Router:
 
     def _dispatch(self, job: CompletionJob, pool: str) -> Awaitable[None]:
         log.debug("routed", deployment=job.route.deployment if job.route else None, pool=pool)
-        if job.priority == "batch":
+        if job.priority == "batch" and not job.attempts:
             return self._batches.put(pool, (job.id, encode(job)))
+        # A retried or fallen-back batch job has waited its turn once: it
+        # goes ahead of the batch backlog, one message on the pool's queue.
         return self._send_job(job, pool)
 
     async def _check_reply_queue(self, job: CompletionJob, pool: str) -> None:

@@ -9,7 +9,8 @@ import pytest
 
 from modelyard.client import new_job
 from schemas.chat import Message
-from schemas.jobs import CompletionJob, Route
+from schemas.errors import ErrorKind
+from schemas.jobs import Attempt, CompletionJob, Route
 from workers.claims import Claims
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -83,3 +84,49 @@ async def test_an_unreachable_database_skips_nothing_and_never_raises() -> None:
     jobs = [routed(job, 2.0, repeat=True) for job in fresh(2)]
     assert await claims.repeats(jobs) == set()
     await claims.close()
+
+
+async def test_a_first_copy_arriving_after_its_repeat_ran_is_skipped(database_url: str) -> None:
+    """The repeat went to another pool and was claimed first: the first copy,
+    arriving later, must not run the job again."""
+    claims = Claims(database_url)
+    try:
+        jobs = fresh(1)
+        assert await claims.repeats([routed(jobs[0], 2.0, repeat=True)]) == set()
+        assert await claims.repeats([routed(jobs[0], 1.0)]) == {jobs[0].id}
+    finally:
+        await claims.close()
+
+
+async def test_jobs_handed_back_unstarted_are_released(database_url: str) -> None:
+    """A stopping worker hands back jobs it claimed but never started; even
+    if that hand-back is resent after a lost confirm, the copy runs."""
+    claims = Claims(database_url)
+    try:
+        jobs = [routed(job, 1.0) for job in fresh(2)]
+        await claims.repeats(jobs)
+        await claims.release(jobs[:1])
+        assert await claims.repeats(jobs, resent=True) == {jobs[1].id}
+    finally:
+        await claims.close()
+
+
+async def test_a_retried_job_is_a_new_claim(database_url: str) -> None:
+    claims = Claims(database_url)
+    try:
+        job = routed(fresh(1)[0], 1.0)
+        await claims.repeats([job])
+        retried = routed(job, 5.0, repeat=True)
+        retried.attempts.append(
+            Attempt(
+                deployment="mini",
+                provider="openai",
+                started_at=1.0,
+                finished_at=2.0,
+                outcome="error",
+                error=ErrorKind.RATE_LIMITED,
+            )
+        )
+        assert await claims.repeats([retried]) == set()
+    finally:
+        await claims.close()

@@ -41,19 +41,16 @@ KEEP = "1 day"
 PRUNE_EVERY_S = 3600.0
 
 _CLAIM = """
-WITH claimed AS (
-    INSERT INTO job_claims (job_id, routed_at)
-    SELECT * FROM unnest($1::text[], $2::float8[])
-    ON CONFLICT (job_id) DO NOTHING
-)
-SELECT job_id, routed_at FROM job_claims WHERE job_id = ANY($1::text[])
-"""
-# The statement's snapshot predates its own inserts: the SELECT sees only
-# claims made before this one.
-_CLAIM_ONLY = """
-INSERT INTO job_claims (job_id, routed_at)
-SELECT * FROM unnest($1::text[], $2::float8[])
+INSERT INTO job_claims (job_id, routed_at, repeat)
+SELECT * FROM unnest($1::text[], $2::float8[], $3::bool[])
 ON CONFLICT (job_id) DO NOTHING
+RETURNING job_id
+"""
+_EARLIER = "SELECT job_id, routed_at, repeat FROM job_claims WHERE job_id = ANY($1::text[])"
+_RELEASE = """
+DELETE FROM job_claims AS c
+USING unnest($1::text[], $2::float8[]) AS r(job_id, routed_at)
+WHERE c.job_id = r.job_id AND c.routed_at = r.routed_at
 """
 _PRUNE = f"DELETE FROM job_claims WHERE claimed_at < now() - interval '{KEEP}'"
 
@@ -82,37 +79,54 @@ class Claims:
             await self._pool.close()
 
     async def repeats(self, jobs: list[CompletionJob], *, resent: bool = False) -> set[str]:
-        """Claim the jobs; return the ids of those to skip: repeats whose
-        first copy claimed them, and, when the message itself was `resent`
-        after a lost confirm (not delivered again after a worker failed),
-        every job some copy claimed already. Never raises: on any database
-        trouble nothing is skipped."""
+        """Claim the jobs; return the ids of those to skip because another
+        copy of the same attempt claimed it first and will answer it:
+
+        - a copy the router marked a repeat, claimed by another routing;
+        - a copy the router did not mark, claimed by a marked repeat of
+          another routing (the repeat reached a worker first);
+        - any copy of a message `resent` after a lost confirm.
+
+        One INSERT per message; the earlier claims are read only when some
+        were taken. Never raises: on any database trouble nothing is skipped."""
         pool = await self._connected()
         if pool is None or not jobs:
             return set()
-        ids = [attempt_key(job) for job in jobs]
-        stamps = [job.route.routed_at if job.route else 0.0 for job in jobs]
-        # Only a copy the router marked as a repeat can be skipped, so only
-        # then is the table read back: a fresh message costs one INSERT.
-        check = resent or any(job.redelivered for job in jobs)
+        keys = [attempt_key(job) for job in jobs]
+        stamps = [_stamp(job) for job in jobs]
+        marks = [job.redelivered for job in jobs]
         try:
             async with asyncio.timeout(CLAIM_TIMEOUT_S), pool.acquire() as conn:
-                if not check:
-                    await conn.execute(_CLAIM_ONLY, ids, stamps)
+                taken = {row["job_id"] for row in await conn.fetch(_CLAIM, keys, stamps, marks)}
+                clashes = [key for key in keys if key not in taken]
+                rows = await conn.fetch(_EARLIER, clashes) if clashes else []
+                if not clashes:
                     await self._maybe_prune(conn)
-                    return set()
-                rows = await conn.fetch(_CLAIM, ids, stamps)
-        except TRANSIENT as exc:
+        except (*TRANSIENT, ValueError) as exc:
             log.warning("job claims unavailable; jobs run unchecked", error=str(exc))
             return set()
-        earlier = {row["job_id"]: row["routed_at"] for row in rows}
+        earlier = {row["job_id"]: (row["routed_at"], row["repeat"]) for row in rows}
         skip = {
             job.id
-            for job, key, stamp in zip(jobs, ids, stamps, strict=True)
-            if key in earlier and (resent or (job.redelivered and earlier[key] != stamp))
+            for job, key, stamp in zip(jobs, keys, stamps, strict=True)
+            if key in earlier and _answered_elsewhere(job, stamp, *earlier[key], resent=resent)
         }
         self.skipped += len(skip)
         return skip
+
+    async def release(self, jobs: list[CompletionJob]) -> None:
+        """Give up the claims of jobs handed back unstarted, so the copy that
+        carries them on is never taken for a repeat. Best effort."""
+        pool = await self._connected()
+        if pool is None or not jobs:
+            return
+        try:
+            async with asyncio.timeout(CLAIM_TIMEOUT_S), pool.acquire() as conn:
+                await conn.execute(
+                    _RELEASE, [attempt_key(job) for job in jobs], [_stamp(job) for job in jobs]
+                )
+        except (*TRANSIENT, ValueError) as exc:
+            log.warning("job claims not released", error=str(exc))
 
     async def _connected(self) -> asyncpg.Pool | None:
         """The pool; None while the database cannot be reached (tried again
@@ -128,7 +142,7 @@ class Claims:
             try:
                 async with asyncio.timeout(CLAIM_TIMEOUT_S):
                     self._pool = await create_pool(self.database_url)
-            except (ConnectionError, TimeoutError) as exc:
+            except (*TRANSIENT, ValueError) as exc:  # down, restarting, or a bad URL
                 log.warning("job claims unavailable; jobs run unchecked", error=str(exc))
             return self._pool
 
@@ -137,3 +151,20 @@ class Claims:
         if now >= self._next_prune:
             self._next_prune = now + PRUNE_EVERY_S
             await conn.execute(_PRUNE)
+
+
+def _stamp(job: CompletionJob) -> float:
+    """Which routing this copy came from."""
+    return job.route.routed_at if job.route else 0.0
+
+
+def _answered_elsewhere(
+    job: CompletionJob, stamp: float, routed_at: float, repeat: bool, *, resent: bool
+) -> bool:
+    """Whether the copy that claimed this attempt first answers it, so
+    this one must not run."""
+    if resent:
+        return True
+    if routed_at == stamp:  # the same routing, delivered again: it may not have finished
+        return False
+    return job.redelivered or repeat

@@ -241,6 +241,8 @@ class Worker:
         if refused:
             # The others are answered (and billed): hand back only the jobs
             # that never started, rather than running the answered ones again.
+            if self._claims is not None and lane == "batch":
+                await self._claims.release(refused)
             await self._hand_back(refused, redelivered=redelivered)
         if await settle(message):
             self._answers.forget(keys)
