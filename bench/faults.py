@@ -28,6 +28,7 @@ import asyncpg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.pipeline import cpu_seconds
 from modelyard.client import Client, new_job
 from schemas.chat import Message
 from schemas.results import JobResult
@@ -160,9 +161,13 @@ def main() -> int:
             wait_for_port(good)
             wait_for_port(bad)
             asyncio.run(run(broker_url, "healthy-pair", 200, "warm"))
+            pids = {name: p.pid for name, p in procs.items()}
+            before = cpu_seconds(pids)
             healthy_s, _ = asyncio.run(run(broker_url, "healthy-pair", args.jobs, "healthy"))
+            middle = cpu_seconds(pids)
             asyncio.run(configure(bad, FAULTS))
             faulty_s, results = asyncio.run(run(broker_url, "faulty-pair", args.jobs, "faulty"))
+            after = cpu_seconds(pids)
             calls = asyncio.run(billed([good, bad]))
             rows = asyncio.run(ledger_rows(database_url, calls))
         finally:
@@ -195,6 +200,10 @@ def main() -> int:
         if spans:
             mid, tail = spans[len(spans) // 2], spans[int(len(spans) * 0.99)]
             print(f"  submit -> answer, {label:10}: p50 {mid:6.2f} s, p99 {tail:6.2f} s")
+    for label, start, end in (("healthy", before, middle), ("faulty", middle, after)):
+        spent = {n: (end[n] - start.get(n, 0.0)) * 1000 / args.jobs for n in end}
+        ranked = sorted(spent.items(), key=lambda kv: -kv[1])
+        print(f"  CPU per job, {label:8}: " + ", ".join(f"{n} {ms:.2f}" for n, ms in ranked))
     verdict = "equal" if rows == calls else "DIFFERENT"
     print(f"  ledger rows / billed calls   : {rows} / {calls} ({verdict})")
     return 0

@@ -256,6 +256,8 @@ def _link(config: Config, known_providers: Mapping[str, ProviderCheck]) -> None:
     _check_chains(config)
 
 
+# The longest step of the broker's retry ladder (modelyard.topology).
+MAX_RETRY_DELAY_S = 300.0
 # Kinds a retry on the same deployment can help with (schemas.errors.RETRYABLE).
 RETRYABLE_KINDS = frozenset({"rate_limited", "overloaded", "timeout", "server_error"})
 CHAINS = ("fallbacks", "context_window_fallbacks", "content_policy_fallbacks")
@@ -271,6 +273,13 @@ def _check_retries(path: str, policy: RetryPolicy) -> None:
             )
     if policy.max_backoff_s < policy.backoff_s:
         raise ConfigError(f"{path}.max_backoff_s: must be at least backoff_s")
+    if policy.max_backoff_s * (1 + policy.jitter) > MAX_RETRY_DELAY_S:
+        raise ConfigError(
+            f"{path}.max_backoff_s: with its jitter it must stay within "
+            f"{MAX_RETRY_DELAY_S:g}s, the longest delay the broker holds a retry for"
+        )
+    # Kinds left out keep their default; an explicit 0 turns a kind's retries off.
+    policy.retries = {**_default_retries(), **policy.retries}
 
 
 def group_named(config: Config, label: str) -> ModelGroup | None:

@@ -266,3 +266,18 @@ def test_a_chain_lists_the_group_then_its_fallbacks_depth_first() -> None:
     assert [g.name for g in routes.chain(x, ErrorKind.CONTENT_POLICY)] == ["z"]
     assert [g.name for g in routes.chain(x, ErrorKind.CONTEXT_WINDOW_EXCEEDED)] == []
     assert [g.name for g in routes.chain(x, ErrorKind.SERVER_ERROR, ["z"])] == ["x", "z"]
+
+
+def test_retry_settings_left_out_keep_their_defaults() -> None:
+    config = parse(chains_doc(x={"retry": {"retries": {"timeout": 0}}}), {}, PROVIDERS)
+    assert config.models["x"].retry.retries == {
+        "rate_limited": 2,
+        "overloaded": 2,
+        "timeout": 0,
+        "server_error": 2,
+    }
+
+
+def test_a_backoff_longer_than_the_broker_holds_retries_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"models.x.retry.max_backoff_s: with its jitter"):
+        parse(chains_doc(x={"retry": {"max_backoff_s": 290, "jitter": 0.2}}), {}, PROVIDERS)

@@ -107,3 +107,10 @@ def test_backoff_is_capped_and_jittered_within_bounds() -> None:
     assert min(waits) >= 0.75
     assert max(waits) <= 10.0
     assert len({round(w, 3) for w in waits}) > 10  # jitter spreads them
+
+
+def test_the_config_knows_the_longest_delay_the_broker_holds() -> None:
+    from modelyard.config import MAX_RETRY_DELAY_S  # noqa: PLC0415
+    from modelyard.topology import RETRY_DELAYS_MS  # noqa: PLC0415
+
+    assert RETRY_DELAYS_MS[-1] == MAX_RETRY_DELAY_S * 1000
