@@ -176,9 +176,24 @@ def main() -> int:
             for p in procs.values():
                 p.wait(30)
 
+    report(args.jobs, healthy_s, faulty_s, results, (before, middle, after), rows, calls)
+    return 0
+
+
+def report(
+    n: int,
+    healthy_s: float,
+    faulty_s: float,
+    results: list[JobResult],
+    cpu: tuple[dict[str, float], dict[str, float], dict[str, float]],
+    rows: int,
+    calls: int,
+) -> None:
+    """Print the figures of both runs."""
+    before, middle, after = cpu
     ok = sum(1 for r in results if r.status == "ok")
     attempts = Counter(len(r.attempts) for r in results)
-    print(f"\nmodelyard under provider faults ({args.jobs} batch-lane jobs per run)")
+    print(f"\nmodelyard under provider faults ({n} batch-lane jobs per run)")
     print(f"  healthy deployments          : {healthy_s:8.0f} jobs/s")
     print(
         f"  one deployment faulty        : {faulty_s:8.0f} jobs/s "
@@ -201,12 +216,11 @@ def main() -> int:
             mid, tail = spans[len(spans) // 2], spans[int(len(spans) * 0.99)]
             print(f"  submit -> answer, {label:10}: p50 {mid:6.2f} s, p99 {tail:6.2f} s")
     for label, start, end in (("healthy", before, middle), ("faulty", middle, after)):
-        spent = {n: (end[n] - start.get(n, 0.0)) * 1000 / args.jobs for n in end}
+        spent = {n: (end[n] - start.get(n, 0.0)) * 1000 / n for n in end}
         ranked = sorted(spent.items(), key=lambda kv: -kv[1])
         print(f"  CPU per job, {label:8}: " + ", ".join(f"{n} {ms:.2f}" for n, ms in ranked))
     verdict = "equal" if rows == calls else "DIFFERENT"
     print(f"  ledger rows / billed calls   : {rows} / {calls} ({verdict})")
-    return 0
 
 
 def args_for(role: str) -> list[str]:
