@@ -176,12 +176,21 @@ def main() -> int:
             for p in procs.values():
                 p.wait(30)
 
-    report(args.jobs, healthy_s, faulty_s, results, (before, middle, after), rows, calls)
+    report(
+        args.jobs,
+        healthy_s=healthy_s,
+        faulty_s=faulty_s,
+        results=results,
+        cpu=(before, middle, after),
+        rows=rows,
+        calls=calls,
+    )
     return 0
 
 
 def report(
     n: int,
+    *,
     healthy_s: float,
     faulty_s: float,
     results: list[JobResult],
