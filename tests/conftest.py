@@ -22,11 +22,9 @@ from modelyard.config import Config, parse
 from router.service import Router
 from tests.services import (
     config_document,
-    free_port,
+    fake_provider,
     fresh_database,
     fresh_vhost,
-    modelyard,
-    wait_for_port,
 )
 from workers.pool import Worker
 from workers.providers import PROVIDERS
@@ -51,15 +49,8 @@ def database_url() -> Iterator[str]:
 @pytest.fixture(scope="session")
 def fake_port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
     """The fake provider, in its own process like a real provider."""
-    port = free_port()
-    log = tmp_path_factory.mktemp("fake") / "fake.log"
-    process = modelyard("fake-provider", "--port", str(port), "--api-key", FAKE_KEY, log=log)
-    try:
-        wait_for_port(port)
+    with fake_provider(FAKE_KEY, tmp_path_factory.mktemp("fake") / "fake.log") as port:
         yield port
-    finally:
-        process.terminate()
-        process.wait(10)
 
 
 @pytest.fixture(scope="session")

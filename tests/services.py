@@ -210,3 +210,17 @@ def write_config(path: Path, document: dict[str, Any]) -> Path:
     """Write a config document as YAML."""
     path.write_text(yaml.safe_dump(document), encoding="utf-8")
     return path
+
+
+@contextmanager
+def fake_provider(api_key: str, log: Path | None = None) -> Iterator[int]:
+    """The project's fake provider in a process of its own, like a real
+    provider; yields its port, stops it after."""
+    port = free_port()
+    process = modelyard("fake-provider", "--port", str(port), "--api-key", api_key, log=log)
+    try:
+        wait_for_port(port)
+        yield port
+    finally:
+        process.terminate()
+        process.wait(10)

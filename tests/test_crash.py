@@ -32,11 +32,10 @@ from tests.conftest import FAKE_KEY, FakeControl
 from tests.pipeline import eventually, scalar
 from tests.services import (
     config_document,
-    free_port,
+    fake_provider,
     fresh_database,
     fresh_vhost,
     modelyard,
-    wait_for_port,
     write_config,
 )
 
@@ -354,14 +353,8 @@ async def test_router_killed_twice_sends_no_batch_job_to_the_provider_twice(
 @pytest.fixture
 def flaky_fake_port(tmp_path: Path) -> Iterator[int]:
     """A fake provider of this test's own, to inject faults into."""
-    port = free_port()
-    process = modelyard("fake-provider", "--port", str(port), "--api-key", FAKE_KEY)
-    try:
-        wait_for_port(port)
+    with fake_provider(FAKE_KEY, tmp_path / "flaky.log") as port:
         yield port
-    finally:
-        process.terminate()
-        process.wait(10)
 
 
 WAITING = 300

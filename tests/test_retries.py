@@ -31,11 +31,9 @@ from schemas.results import JobResult
 from tests.conftest import FAKE_KEY, FakeControl
 from tests.pipeline import eventually, ledger_rows
 from tests.services import (
-    free_port,
+    fake_provider,
     fresh_database,
     fresh_vhost,
-    modelyard,
-    wait_for_port,
 )
 from workers.pool import Worker
 from workers.providers import PROVIDERS
@@ -47,15 +45,8 @@ CALM = {"rate_429": 0, "rate_500": 0, "retry_after_s": 1.0, "context_window": 12
 
 @pytest.fixture(scope="module")
 def flaky_port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
-    port = free_port()
-    log = tmp_path_factory.mktemp("flaky") / "flaky.log"
-    process = modelyard("fake-provider", "--port", str(port), "--api-key", FAKE_KEY, log=log)
-    try:
-        wait_for_port(port)
+    with fake_provider(FAKE_KEY, tmp_path_factory.mktemp("flaky") / "flaky.log") as port:
         yield port
-    finally:
-        process.terminate()
-        process.wait(10)
 
 
 @pytest_asyncio.fixture(loop_scope="session")
