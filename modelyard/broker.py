@@ -487,9 +487,17 @@ class Consumer:
                 await self._queue.cancel(self._tag)
 
     async def drain(self, grace_s: float = STOP_GRACE_S) -> None:
-        """Wait up to `grace_s` for the messages in flight to finish."""
+        """Wait up to `grace_s` for the messages in flight to finish; then
+        cancel what is left, so nothing is published for a message whose
+        channel is about to close (the broker hands it to another consumer,
+        which answers it once)."""
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._idle.wait(), grace_s)
+        if self._tasks:
+            log.warning("stopping: handlers still running cancelled", count=len(self._tasks))
+            for task in self._tasks:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def close(self) -> None:
         """Close the channel (unacked messages go back to the queue)."""
