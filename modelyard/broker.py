@@ -160,6 +160,10 @@ MAX_BACKOFF_S = 2.0
 # How long a reply queue seen to exist is trusted to exist: a batch's jobs
 # cost one check, and a queue deleted meanwhile still ends on the dead queue.
 KNOWN_QUEUE_TTL_S = 30.0
+# A reply queue check that takes longer (a half-open connection) is given
+# up: the queue is assumed to exist, and a missing one still ends on the
+# dead queue.
+QUEUE_CHECK_TIMEOUT_S = 5.0
 # How long a reconnecting channel may take before it is replaced by a new one.
 RESTORE_WAIT_S = 5.0
 
@@ -286,11 +290,13 @@ class Broker:
         if transport is None:
             return True
         try:
-            channel = await transport.connection.channel(publisher_confirms=False)
+            async with asyncio.timeout(QUEUE_CHECK_TIMEOUT_S):
+                channel = await transport.connection.channel(publisher_confirms=False)
         except (*LOST, aiormq.exceptions.AMQPError):
             return True
         try:
-            await channel.queue_declare(name, passive=True)
+            async with asyncio.timeout(QUEUE_CHECK_TIMEOUT_S):
+                await channel.queue_declare(name, passive=True)
             return True
         except aiormq.exceptions.ChannelNotFoundEntity:
             return False
