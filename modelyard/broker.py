@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -124,6 +125,7 @@ def message(
     headers: dict[str, Any] | None = None,
     priority: int | None = None,
     type: str | None = None,
+    timestamp: datetime | None = None,
 ) -> aio_pika.Message:
     """A persistent JSON message; `type` names a body that is not the queue's usual one."""
     return aio_pika.Message(
@@ -135,6 +137,7 @@ def message(
         headers=headers,
         priority=priority,
         type=type,
+        timestamp=timestamp,
     )
 
 
@@ -248,7 +251,7 @@ class Broker:
 
     async def dead_letter(self, body: bytes, reason: str) -> None:
         """Park a message on the dead queue with the reason, for inspection and replay."""
-        msg = message(body, headers={REASON_HEADER: reason[:4096]})
+        msg = message(body, headers={REASON_HEADER: reason[:4096]}, timestamp=datetime.now(UTC))
         await self.publish(DEAD_EXCHANGE, "", msg)
 
     def reply_queue_known(self, reply_to: str | None, ttl_s: float = KNOWN_QUEUE_TTL_S) -> bool:

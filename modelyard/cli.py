@@ -203,6 +203,78 @@ def cmd_topology(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dead(args: argparse.Namespace) -> int:
+    """List, replay or purge what the dead queue holds."""
+    from rich.console import Console  # noqa: PLC0415
+    from rich.table import Table  # noqa: PLC0415
+
+    from modelyard import broker, deadletters  # noqa: PLC0415
+
+    config = _config(args)
+    wanted = _dead_selection(args)
+
+    async def main() -> Any:
+        connection = await broker.connect(config.broker_url, f"modelyard-dead-{args.action}")
+        try:
+            if args.action == "list":
+                return await deadletters.list_dead(connection, args.limit)
+            if args.action == "replay":
+                publisher = broker.Broker(connection)
+                return await deadletters.replay(connection, publisher, wanted)
+            return await deadletters.purge(connection, wanted)
+        finally:
+            await connection.close()
+
+    outcome = _run(main())
+    if args.action == "list":
+        if args.format == "json":
+            print(msgspec.json.encode(outcome).decode())
+            return 0
+        table = Table(title=f"{len(outcome)} message(s) on the dead queue")
+        for column in ("id", "kind", "jobs", "parked at", "reason"):
+            table.add_column(column)
+        for letter in outcome:
+            when = letter.dead_at.isoformat(timespec="seconds") if letter.dead_at else "?"
+            table.add_row(letter.key, letter.kind, str(letter.jobs), when, letter.reason)
+        Console(width=None if sys.stdout.isatty() else 200).print(table)
+        return 0
+    if args.action == "replay":
+        replayed, refused = outcome
+        print(f"replayed {len(replayed)} message(s) through the router")
+        if refused:
+            print(f"not replayable (not a job): {', '.join(refused)}", file=sys.stderr)
+            return 1
+        return 0
+    print(f"purged {len(outcome)} message(s)")
+    return 0
+
+
+def _dead_selection(args: argparse.Namespace) -> Callable[[Any], bool]:
+    """Which parked messages `replay` or `purge` act on; refuses to guess."""
+    if args.action == "list":
+        return lambda _: True
+    ids = set(args.id or [])
+    if getattr(args, "older_than", None) is not None:
+        from modelyard.deadletters import older_than  # noqa: PLC0415
+
+        age = older_than(args.older_than)
+        return lambda letter: age(letter) and (not ids or letter.key in ids)
+    if ids:
+        return lambda letter: letter.key in ids
+    if args.all:
+        return lambda _: True
+    raise UsageError(f"dead {args.action}: say which messages: --id ID ..., or --all")
+
+
+def _duration(value: str) -> float:
+    """`90s`, `15m`, `12h` or `7d` in seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        return float(value[:-1]) * units[value[-1]]
+    except (KeyError, ValueError, IndexError) as exc:
+        raise argparse.ArgumentTypeError(f"not a duration like 7d, 12h, 15m: {value!r}") from exc
+
+
 def _day(value: str) -> date:
     try:
         return date.fromisoformat(value)
@@ -259,6 +331,19 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--until", type=_day, help="last day (default: today, UTC)")
     rep.add_argument("--format", choices=["table", "csv", "json"], default="table")
     rep.set_defaults(func=cmd_report)
+
+    dead = sub.add_parser("dead", help="list, replay or purge the dead queue")
+    actions = dead.add_subparsers(dest="action", required=True)
+    listing = actions.add_parser("list", help="what is parked, and why")
+    listing.add_argument("--format", choices=["table", "json"], default="table")
+    listing.add_argument("--limit", type=int, default=1000)
+    again = actions.add_parser("replay", help="send parked jobs back through the router")
+    gone = actions.add_parser("purge", help="remove parked messages")
+    for action in (again, gone):
+        action.add_argument("--id", action="append", help="a job id (repeatable)")
+        action.add_argument("--all", action="store_true", help="every parked message")
+    gone.add_argument("--older-than", type=_duration, help="only those parked longer ago (7d)")
+    dead.set_defaults(func=cmd_dead)
 
     topo = sub.add_parser("topology", help="print the RabbitMQ definitions for this config")
     topo.add_argument("--export", help="write to this file instead of stdout")

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import aio_pika
@@ -30,7 +33,7 @@ from schemas.errors import ErrorKind
 from schemas.results import JobResult, unpack
 from tests.conftest import FAKE_KEY, FakeControl
 from tests.pipeline import scalar
-from tests.services import config_document, fresh_database, fresh_vhost
+from tests.services import config_document, fresh_database, fresh_vhost, write_config
 from workers.pool import Worker
 from workers.providers import PROVIDERS
 
@@ -283,3 +286,70 @@ async def test_a_batch_item_without_an_id_is_dead_lettered_and_its_neighbours_an
     assert len(reasons) == 1
     assert "nobody to tell" in reasons[0]
     assert [(a.job_id, a.status) for a in answers] == [(f"good-{token}", "ok")]
+
+
+def cli(config_file: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run `modelyard` as an operator would."""
+    return subprocess.run(
+        [sys.executable, "-m", "modelyard.cli", "--config", str(config_file), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+async def test_dead_letters_are_listed_replayed_once_fixed_and_purged(
+    pipe: Pipeline, tmp_path: Path, fake_port: int
+) -> None:
+    config_file = write_config(
+        tmp_path / "modelyard.yaml",
+        config_document(pipe.config.broker_url, pipe.config.database_url, fake_port),
+    )
+    await pipe.drain(DEAD_QUEUE)
+    job_id = f"parked-{uuid.uuid4().hex}"
+    queue = f"created-later-{uuid.uuid4().hex}"
+    await pipe.publish(raw_job(job_id, queue))  # its reply queue does not exist yet
+    await pipe.publish(b"\x00 no id, nobody to tell")  # rejected by the router's queue
+    for _ in range(100):
+        listed = await asyncio.to_thread(cli, config_file, "dead", "list", "--format", "json")
+        letters = json.loads(listed.stdout or "[]")
+        if len(letters) >= 2:
+            break
+        await asyncio.sleep(0.1)
+
+    parked = [letter for letter in letters if letter["key"] == job_id]
+    assert [(p["kind"], "does not exist" in p["reason"]) for p in parked] == [("job", True)]
+    assert any("rejected by queue router.jobs" in letter["reason"] for letter in letters)
+    refused = await asyncio.to_thread(cli, config_file, "dead", "replay")
+    assert (refused.returncode, "--id ID" in refused.stderr) == (2, True)
+
+    await pipe.client.declare_results_queue(queue)  # the fix
+    replayed = await asyncio.to_thread(cli, config_file, "dead", "replay", "--id", job_id)
+    answers: list[JobResult] = []
+    for _ in range(100):
+        answers += [
+            r
+            for m in await pipe.drain(queue)
+            for r in unpack(decode_reply(m.body))
+            if isinstance(r, JobResult)
+        ]
+        if answers:
+            break
+        await asyncio.sleep(0.1)
+    await pipe.client.delete_queue(queue)
+    after = await dead_list(config_file)
+
+    assert replayed.returncode == 0, replayed.stderr
+    assert [(a.job_id, a.status) for a in answers] == [(job_id, "ok")]
+    assert job_id not in {letter["key"] for letter in after}
+    purged = await asyncio.to_thread(cli, config_file, "dead", "purge", "--all")
+    assert purged.returncode == 0
+    assert await dead_list(config_file) == []
+
+
+async def dead_list(config_file: Path) -> list[dict[str, Any]]:
+    """`modelyard dead list --format json`, parsed."""
+    listed = await asyncio.to_thread(cli, config_file, "dead", "list", "--format", "json")
+    letters: list[dict[str, Any]] = json.loads(listed.stdout)
+    return letters

@@ -1,0 +1,159 @@
+"""The dead queue, for an operator: list what is parked there and why, send
+jobs back through the router once a fix is deployed, purge the rest.
+
+Messages are read with manual acks on a channel of their own: a message is
+removed only once what replaces it (a replayed job) is confirmed, or when
+it is purged; everything else goes back to the queue when the channel
+closes. A replayed job keeps its id and its attempt history, so the ledger
+cannot bill it twice for the same attempt and the producer can tell it apart
+by id.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import msgspec
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
+
+from modelyard.broker import REASON_HEADER, Broker, open_channel
+from modelyard.topology import DEAD_QUEUE
+from schemas.codec import InvalidMessage, decode_job, split_job_batch
+from schemas.jobs import JOB_BATCH_TYPE
+
+Kind = Literal["job", "job batch", "other"]
+
+
+class DeadLetter(msgspec.Struct, kw_only=True):
+    """One parked message, as `modelyard dead list` shows it."""
+
+    key: str  # the job id, or a digest-free position for bodies without one
+    kind: Kind
+    reason: str
+    dead_at: datetime | None
+    size: int
+    jobs: int = 0
+
+
+def describe(message: AbstractIncomingMessage, position: int) -> DeadLetter:
+    """What a parked message is, why it is there and since when."""
+    headers = message.headers or {}
+    kind, key, jobs = _identify(message)
+    return DeadLetter(
+        key=key or f"#{position}",
+        kind=kind,
+        reason=str(headers.get(REASON_HEADER) or _death_reason(headers)),
+        dead_at=_dead_at(message),
+        size=len(message.body),
+        jobs=jobs,
+    )
+
+
+def _identify(message: AbstractIncomingMessage) -> tuple[Kind, str | None, int]:
+    """A job (with its id), a batch of jobs, or something else."""
+    body = message.body
+    if message.type == JOB_BATCH_TYPE:
+        with contextlib.suppress(InvalidMessage, RecursionError):
+            return "job batch", message.correlation_id, len(split_job_batch(body, len(body)))
+        return "other", message.correlation_id, 0
+    with contextlib.suppress(InvalidMessage, RecursionError):
+        return "job", decode_job(body, len(body)).id, 1
+    return "other", message.correlation_id, 0
+
+
+def _death_reason(headers: dict[str, Any]) -> str:
+    """Why the broker itself dead-lettered a message (rejected, delivery limit)."""
+    deaths = headers.get("x-death")
+    if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict):
+        death = deaths[0]
+        return f"{death.get('reason', 'dead-lettered')} by queue {death.get('queue', '?')}"
+    return "unknown"
+
+
+def _dead_at(message: AbstractIncomingMessage) -> datetime | None:
+    """When it was parked: the message's timestamp, or the broker's record."""
+    if message.timestamp is not None:
+        stamp = message.timestamp
+        return stamp if stamp.tzinfo else stamp.replace(tzinfo=UTC)
+    deaths = (message.headers or {}).get("x-death")
+    if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict):
+        when = deaths[0].get("time")
+        if isinstance(when, datetime):
+            return when if when.tzinfo else when.replace(tzinfo=UTC)
+    return None
+
+
+@contextlib.asynccontextmanager
+async def _parked(
+    connection: AbstractRobustConnection, limit: int
+) -> AsyncIterator[list[AbstractIncomingMessage]]:
+    """Up to `limit` parked messages, unacked; those not settled go back."""
+    channel = await open_channel(connection, prefetch=0)
+    queue = await channel.get_queue(DEAD_QUEUE)
+    taken: list[AbstractIncomingMessage] = []
+    try:
+        while len(taken) < limit and (message := await queue.get(fail=False)) is not None:
+            taken.append(message)
+        yield taken
+    finally:
+        await channel.close()  # whatever was not acked is put back
+
+
+async def list_dead(connection: AbstractRobustConnection, limit: int = 1000) -> list[DeadLetter]:
+    """What the dead queue holds (the first `limit` messages), left in place."""
+    async with _parked(connection, limit) as messages:
+        return [describe(message, i) for i, message in enumerate(messages)]
+
+
+async def replay(
+    connection: AbstractRobustConnection,
+    broker: Broker,
+    wanted: Callable[[DeadLetter], bool],
+    limit: int = 100_000,
+) -> tuple[list[str], list[str]]:
+    """Send the parked jobs `wanted` picks back to the router. Returns the
+    keys replayed and those picked but not replayable (not a job)."""
+    replayed, refused = [], []
+    async with _parked(connection, limit) as messages:
+        for i, message in enumerate(messages):
+            letter = describe(message, i)
+            if not wanted(letter):
+                continue
+            if letter.kind == "other":
+                refused.append(letter.key)
+                continue
+            await broker.submit(
+                message.body,
+                correlation_id=letter.key,
+                reply_to=message.reply_to,
+                batch=letter.kind == "job batch",
+            )
+            await message.ack()
+            replayed.append(letter.key)
+    return replayed, refused
+
+
+async def purge(
+    connection: AbstractRobustConnection,
+    wanted: Callable[[DeadLetter], bool],
+    limit: int = 100_000,
+) -> list[str]:
+    """Remove the parked messages `wanted` picks; returns their keys."""
+    removed = []
+    async with _parked(connection, limit) as messages:
+        for i, message in enumerate(messages):
+            letter = describe(message, i)
+            if wanted(letter):
+                await message.ack()
+                removed.append(letter.key)
+    return removed
+
+
+def older_than(seconds: float, now: float | None = None) -> Callable[[DeadLetter], bool]:
+    """Pick letters parked more than `seconds` ago (those of unknown age too)."""
+    cutoff = (time.time() if now is None else now) - seconds
+    return lambda letter: letter.dead_at is None or letter.dead_at.timestamp() < cutoff
