@@ -23,6 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from modelyard.client import Client, new_trace
 from modelyard.openai_format import batch_output_line
+from modelyard.topology import batch_results_queue
 from schemas.chat import ChatRequest
 from schemas.errors import ErrorKind, job_error
 from schemas.jobs import CompletionJob, Metadata
@@ -178,7 +179,7 @@ async def run_batch(
     """
     data = await asyncio.to_thread(input_path.read_bytes)
     batch_id = batch_id_for(data)
-    queue = f"batch.{batch_id}"
+    queue = batch_results_queue(batch_id)
     sidecar = output_path.with_name(output_path.name + ".submitted")
     parsed = [parse_line(raw, n, batch_id, owner) for n, raw in _lines(data)]
     _check_unique([cid for cid, _ in parsed])
