@@ -435,11 +435,10 @@ class Consumer:
         handler: Handler,
         *,
         prefetch: int,
-        guard: bool = True,
     ) -> None:
         self.connection = connection
         self.queue_name = queue
-        self._handler = guarded(handler) if guard else handler
+        self._handler = guarded(handler)
         self.prefetch = prefetch
         self._in_flight = 0
         self._tasks: set[asyncio.Task[None]] = set()
@@ -450,7 +449,6 @@ class Consumer:
         self._tag: str | None = None
         self._stopped = False
         self._watch: asyncio.Task[None] | None = None
-        self.reopened = 0
 
     @property
     def channel(self) -> AbstractChannel | None:
@@ -537,7 +535,6 @@ class Consumer:
                 if channel is not None:
                     await _discard(channel)
                 await self._open()
-                self.reopened += 1
                 strikes = 0
             except (*LOST, ChannelClosed) as exc:
                 log.warning("consumer channel not reopened yet", error=str(exc))

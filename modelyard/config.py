@@ -20,6 +20,9 @@ import msgspec
 import yaml
 from msgspec import Meta
 
+from modelyard.topology import RETRY_DELAYS_MS
+from schemas.errors import RETRYABLE
+
 DEFAULT_BROKER_URL = "amqp://guest:guest@127.0.0.1:5672/"
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/modelyard"
 
@@ -256,10 +259,10 @@ def _link(config: Config, known_providers: Mapping[str, ProviderCheck]) -> None:
     _check_chains(config)
 
 
-# The longest step of the broker's retry ladder (modelyard.topology).
-MAX_RETRY_DELAY_S = 300.0
-# Kinds a retry on the same deployment can help with (schemas.errors.RETRYABLE).
-RETRYABLE_KINDS = frozenset({"rate_limited", "overloaded", "timeout", "server_error"})
+# The longest a retry can wait: the last step of the broker's retry ladder.
+MAX_RETRY_DELAY_S = RETRY_DELAYS_MS[-1] / 1000
+# Kinds a retry on the same deployment can help with.
+RETRYABLE_KINDS = frozenset(kind.value for kind, retryable in RETRYABLE.items() if retryable)
 CHAINS = ("fallbacks", "context_window_fallbacks", "content_policy_fallbacks")
 
 

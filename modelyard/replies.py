@@ -4,16 +4,12 @@ from __future__ import annotations
 
 import time
 
-import structlog
-
 from modelyard.batching import Batcher, Encoded, encoded_size
 from modelyard.broker import Broker
 from schemas.codec import encode, encode_result_batch
 from schemas.errors import JobError
 from schemas.jobs import CompletionJob
 from schemas.results import JobResult, Reply, ResultBatch, Timings
-
-log = structlog.get_logger("modelyard.replies")
 
 
 def timings_for(job: CompletionJob, started_at: float | None = None) -> Timings:

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from schemas.jobs import Lane, ReplyTo
+from schemas.jobs import MAX_REPLY_TO_BYTES, Lane, ReplyTo
 
 JOBS_EXCHANGE = "modelyard.jobs"
 DISPATCH_EXCHANGE = "modelyard.dispatch"
@@ -41,9 +41,6 @@ DEAD_QUEUE = "dead.jobs"
 DELIVERY_LIMIT = 10
 
 LANES: tuple[Lane, ...] = ("interactive", "batch")
-
-# AMQP short strings (queue names, routing keys, correlation ids) hold 255 bytes.
-MAX_NAME_BYTES = 255
 
 # A client's private reply queue outlives a dropped connection (replies sent
 # while it reconnects wait there) and is removed this long after its client
@@ -143,7 +140,9 @@ def reply_target_problem(reply_to: str | None) -> str | None:
     try:
         msgspec.convert(reply_to, ReplyTo)
     except msgspec.ValidationError:
-        return f"reply_to is not a queue name of 1 to {MAX_NAME_BYTES} printable ASCII characters"
+        return (
+            f"reply_to is not a queue name of 1 to {MAX_REPLY_TO_BYTES} printable ASCII characters"
+        )
     if reply_to.startswith("amq.") and not reply_to.startswith("amq.gen-"):
         return f"reply_to {reply_to[:64]!r} is a RabbitMQ special address, not a queue"
     return None

@@ -59,9 +59,6 @@ class Answers:
         for job_id in job_ids:
             self._done.pop(job_id, None)
 
-    def __len__(self) -> int:
-        return len(self._done)
-
     def _remember(self, job_id: str) -> None:
         now = time.monotonic()
         self._done[job_id] = now

@@ -71,7 +71,6 @@ class Claims:
         self._connecting = asyncio.Lock()
         self._next_connect = 0.0
         self._next_prune = 0.0
-        self.skipped = 0
 
     async def close(self) -> None:
         """Close the pool."""
@@ -106,13 +105,11 @@ class Claims:
             log.warning("job claims unavailable; jobs run unchecked", error=str(exc))
             return set()
         earlier = {row["job_id"]: (row["routed_at"], row["repeat"]) for row in rows}
-        skip = {
+        return {
             job.id
             for job, key, stamp in zip(jobs, keys, stamps, strict=True)
             if key in earlier and _answered_elsewhere(job, stamp, *earlier[key], resent=resent)
         }
-        self.skipped += len(skip)
-        return skip
 
     async def release(self, jobs: list[CompletionJob]) -> None:
         """Give up the claims of jobs handed back unstarted, so the copy that
