@@ -26,7 +26,7 @@ import yaml
 from modelyard.client import Client, new_job
 from schemas.chat import Message
 from schemas.codec import decode_reply
-from schemas.jobs import Lane
+from schemas.jobs import CompletionJob, Lane
 from schemas.results import JobResult, unpack
 from tests.conftest import FAKE_KEY, FakeControl
 from tests.pipeline import eventually, scalar
@@ -126,13 +126,21 @@ async def slow_fake(fake: FakeControl) -> AsyncIterator[FakeControl]:
     await fake.set(latency_ms=0)
 
 
-async def submit_batch(stack: Stack, lane: Lane = "batch") -> list[str]:
+def crash_jobs(count: int, label: str, lane: Lane = "batch") -> list[CompletionJob]:
+    """Jobs for the crash pool, each with a prompt of its own."""
+    return [
+        new_job("crash", [Message(role="user", content=f"{label} {i}")], priority=lane)
+        for i in range(count)
+    ]
+
+
+async def submit_batch(
+    stack: Stack, lane: Lane = "batch", count: int = JOBS, label: str = "crash job"
+) -> list[str]:
+    """Queue `count` jobs for the results queue; their ids."""
+    jobs = crash_jobs(count, label, lane)
     async with await Client.connect(stack.broker_url) as client:
         await client.declare_results_queue(RESULTS)
-        jobs = [
-            new_job("crash", [Message(role="user", content=f"crash job {i}")], priority=lane)
-            for i in range(JOBS)
-        ]
         await client.submit_many(jobs, RESULTS)
     return [j.id for j in jobs]
 
@@ -313,14 +321,8 @@ async def test_router_killed_twice_sends_no_batch_job_to_the_provider_twice(
     await fake.clear()
     for role in ("ledger", "worker"):
         stack.start(role)
-    async with await Client.connect(stack.broker_url) as client:
-        await client.declare_results_queue(RESULTS)
-        jobs = [
-            new_job("crash", [Message(role="user", content=f"twice {i}")], priority="batch")
-            for i in range(MANY)
-        ]
-        await client.submit_many(jobs, RESULTS)  # all queued before any router runs
-    ids = {job.id for job in jobs}
+    # All queued before any router runs.
+    ids = set(await submit_batch(stack, count=MANY, label="twice"))
     # At least two kills, each with messages still to route; more (up to
     # six) only while no kill has yet caught a job already dispatched, which
     # depends on where in its cycle the router was.
@@ -397,14 +399,7 @@ async def test_jobs_waiting_in_retry_delays_survive_router_and_worker_kills(
         await flaky.set(rate_429=1.0, retry_after_s=RETRY_AFTER_S)
         for role in ("ledger", "worker", "router"):
             stack.start(role)
-        async with await Client.connect(stack.broker_url) as client:
-            await client.declare_results_queue(RESULTS)
-            jobs = [
-                new_job("crash", [Message(role="user", content=f"wait {i}")], priority="batch")
-                for i in range(WAITING)
-            ]
-            await client.submit_many(jobs, RESULTS)
-        ids = {job.id for job in jobs}
+        ids = set(await submit_batch(stack, count=WAITING, label="wait"))
         waiting = await eventually(
             lambda: waiting_in(stack, "retry.4000"), lambda n: n >= WAITING, timeout=60
         )

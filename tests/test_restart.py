@@ -23,7 +23,13 @@ from schemas.results import JobResult
 from tests.conftest import FakeControl
 from tests.pipeline import eventually
 from tests.services import rabbitmqctl
-from tests.test_crash import Stack, billed_calls, isolated_stack, ledger_request_ids
+from tests.test_crash import (
+    Stack,
+    billed_calls,
+    crash_jobs,
+    isolated_stack,
+    ledger_request_ids,
+)
 
 pytestmark = pytest.mark.asyncio
 
@@ -68,10 +74,7 @@ async def test_a_broker_restart_mid_batch_loses_no_answer_and_no_billed_call(
 
     async with await Client.connect(stack.broker_url, "test-restart") as client:
         await client.declare_results_queue(RESULTS)
-        jobs = [
-            new_job("crash", [Message(role="user", content=f"restart {i}")], priority="batch")
-            for i in range(JOBS)
-        ]
+        jobs = crash_jobs(JOBS, "restart")
         await client.submit_many(jobs, RESULTS)
         ids = {job.id for job in jobs}
 

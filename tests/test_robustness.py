@@ -250,6 +250,24 @@ async def test_a_provider_error_repeating_the_key_leaks_it_nowhere(
     assert not [m for m in dead if FAKE_KEY.encode() in m.body]
 
 
+async def answers_on(pipe: Pipeline, queue: str) -> list[JobResult]:
+    """The results that arrive on a results queue (waiting for the first),
+    then the queue is removed."""
+    answers: list[JobResult] = []
+    for _ in range(100):
+        answers += [
+            r
+            for m in await pipe.drain(queue)
+            for r in unpack(decode_reply(m.body))
+            if isinstance(r, JobResult)
+        ]
+        if answers:
+            break
+        await asyncio.sleep(0.1)
+    await pipe.client.delete_queue(queue)
+    return answers
+
+
 async def test_an_empty_batch_is_dead_lettered_with_its_reason(pipe: Pipeline) -> None:
     token = uuid.uuid4().hex
     await pipe.publish(json.dumps({"jobs": [], "token": token}).encode(), batch=True)
@@ -270,18 +288,7 @@ async def test_a_batch_item_without_an_id_is_dead_lettered_and_its_neighbours_an
     await pipe.publish(json.dumps({"jobs": [nameless, good]}).encode(), reply_to=queue, batch=True)
 
     reasons = await dead_reasons(pipe, token)
-    answers: list[JobResult] = []
-    for _ in range(100):
-        answers += [
-            r
-            for m in await pipe.drain(queue)
-            for r in unpack(decode_reply(m.body))
-            if isinstance(r, JobResult)
-        ]
-        if answers:
-            break
-        await asyncio.sleep(0.1)
-    await pipe.client.delete_queue(queue)
+    answers = await answers_on(pipe, queue)
 
     assert len(reasons) == 1
     assert "nobody to tell" in reasons[0]
@@ -312,8 +319,7 @@ async def test_dead_letters_are_listed_replayed_once_fixed_and_purged(
     await pipe.publish(raw_job(job_id, queue))  # its reply queue does not exist yet
     await pipe.publish(b"\x00 no id, nobody to tell")  # rejected by the router's queue
     for _ in range(100):
-        listed = await asyncio.to_thread(cli, config_file, "dead", "list", "--format", "json")
-        letters = json.loads(listed.stdout or "[]")
+        letters = await dead_list(config_file)
         if len(letters) >= 2:
             break
         await asyncio.sleep(0.1)
@@ -326,18 +332,7 @@ async def test_dead_letters_are_listed_replayed_once_fixed_and_purged(
 
     await pipe.client.declare_results_queue(queue)  # the fix
     replayed = await asyncio.to_thread(cli, config_file, "dead", "replay", "--id", job_id)
-    answers: list[JobResult] = []
-    for _ in range(100):
-        answers += [
-            r
-            for m in await pipe.drain(queue)
-            for r in unpack(decode_reply(m.body))
-            if isinstance(r, JobResult)
-        ]
-        if answers:
-            break
-        await asyncio.sleep(0.1)
-    await pipe.client.delete_queue(queue)
+    answers = await answers_on(pipe, queue)
     after = await dead_list(config_file)
 
     assert replayed.returncode == 0, replayed.stderr
