@@ -225,7 +225,7 @@ def report(
             mid, tail = spans[len(spans) // 2], spans[int(len(spans) * 0.99)]
             print(f"  submit -> answer, {label:10}: p50 {mid:6.2f} s, p99 {tail:6.2f} s")
     for label, start, end in (("healthy", before, middle), ("faulty", middle, after)):
-        spent = {n: (end[n] - start.get(n, 0.0)) * 1000 / n for n in end}
+        spent = {p: (end[p] - start.get(p, 0.0)) * 1000 / n for p in end}
         ranked = sorted(spent.items(), key=lambda kv: -kv[1])
         print(f"  CPU per job, {label:8}: " + ", ".join(f"{n} {ms:.2f}" for n, ms in ranked))
     verdict = "equal" if rows == calls else "DIFFERENT"

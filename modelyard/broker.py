@@ -47,6 +47,7 @@ from modelyard.topology import (
     COSTS_EXCHANGE,
     DEAD_EXCHANGE,
     DISPATCH_EXCHANGE,
+    HEALTH_EXCHANGE,
     JOBS_EXCHANGE,
     Topology,
     delay_exchange,
@@ -126,12 +127,14 @@ def message(
     priority: int | None = None,
     type: str | None = None,
     timestamp: datetime | None = None,
+    persistent: bool = True,
 ) -> aio_pika.Message:
-    """A persistent JSON message; `type` names a body that is not the queue's usual one."""
+    """A JSON message, persistent unless it is worth nothing after a broker
+    restart; `type` names a body that is not the queue's usual one."""
     return aio_pika.Message(
         body,
         content_type="application/json",
-        delivery_mode=PERSISTENT,
+        delivery_mode=PERSISTENT if persistent else aio_pika.DeliveryMode.NOT_PERSISTENT,
         correlation_id=correlation_id,
         reply_to=reply_to,
         headers=headers,
@@ -219,12 +222,21 @@ class Broker:
         msg = message(body, correlation_id=correlation_id, type=JOB_BATCH_TYPE if batch else None)
         await self.publish(DISPATCH_EXCHANGE, dispatch_key(pool, lane), msg)
 
-    async def defer(self, step_ms: int, body: bytes, *, correlation_id: str) -> None:
-        """A job to wait `step_ms` (a step of the retry ladder) in the broker,
-        then go back to the router, confirmed. Nothing waits in a process."""
-        await self.publish(
-            delay_exchange(step_ms), "", message(body, correlation_id=correlation_id)
-        )
+    async def defer(
+        self, step_ms: int, body: bytes, *, correlation_id: str, batch: bool = False
+    ) -> None:
+        """A job (or a `JobBatch` when `batch`) to wait `step_ms` (a step of
+        the retry ladder) in the broker, then go back to the router,
+        confirmed. Nothing waits in a process."""
+        msg = message(body, correlation_id=correlation_id, type=JOB_BATCH_TYPE if batch else None)
+        await self.publish(delay_exchange(step_ms), "", msg)
+
+    async def health(self, body: bytes) -> None:
+        """A worker's health report to every router, confirmed; dropped when
+        no router is listening (the next report says the same, and more)."""
+        msg = message(body, persistent=False)
+        with contextlib.suppress(Unroutable):
+            await self.publish(HEALTH_EXCHANGE, "", msg)
 
     async def cost(self, body: bytes, *, correlation_id: str) -> None:
         """Cost events to the ledger, confirmed."""
@@ -309,6 +321,27 @@ class Broker:
             if not channel.is_closed:
                 with contextlib.suppress(*LOST, aiormq.exceptions.AMQPError):
                     await channel.close()
+
+    async def waiting(self, queues: list[str]) -> int | None:
+        """Messages ready on these queues (a passive declare each, on a
+        throwaway channel); None when the broker cannot say right now."""
+        transport = getattr(self.connection, "transport", None)
+        if transport is None:
+            return None
+        try:
+            async with asyncio.timeout(QUEUE_CHECK_TIMEOUT_S):
+                channel = await transport.connection.channel(publisher_confirms=False)
+                try:
+                    total = 0
+                    for name in queues:
+                        declared = await channel.queue_declare(name, passive=True)
+                        total += declared.message_count or 0
+                    return total
+                finally:
+                    if not channel.is_closed:
+                        await channel.close()
+        except (TimeoutError, *LOST, aiormq.exceptions.AMQPError):
+            return None
 
     # The one publish path.
 

@@ -35,7 +35,7 @@ from modelyard.topology import (
 )
 from schemas.chat import ChatRequest, Message
 from schemas.codec import InvalidMessage, decode_reply, encode, encode_job_batch
-from schemas.jobs import CompletionJob, Lane, Metadata, TraceContext
+from schemas.jobs import CompletionJob, Constraints, Lane, Metadata, TraceContext
 from schemas.results import JobResult, Reply, StreamChunk, unpack
 
 
@@ -52,12 +52,14 @@ def new_job(
     metadata: Metadata | None = None,
     deadline: datetime | None = None,
     priority: Lane = "interactive",
+    constraints: Constraints | None = None,
     **params: Any,
 ) -> CompletionJob:
     """A job for `model` with a fresh id and trace; `params` are ChatRequest fields.
 
     `priority="batch"` sends it on the batch lane: cheaper per job, a few
-    milliseconds slower, and never ahead of interactive work."""
+    milliseconds slower, and never ahead of interactive work. `constraints`
+    narrows where it may run (providers, deployments, maximum prices)."""
     return CompletionJob(
         id=job_id or uuid.uuid4().hex,
         request=ChatRequest(model=model, messages=messages, **params),
@@ -65,6 +67,7 @@ def new_job(
         deadline=deadline,
         priority=priority,
         trace=new_trace(),
+        constraints=constraints,
     )
 
 

@@ -91,8 +91,16 @@ class RetryPolicy(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     jitter: Annotated[float, Meta(ge=0, le=1)] = 0.2
 
 
+Strategy = Literal["weighted", "least_busy", "lowest_latency", "lowest_cost"]
+
+
 class ModelGroup(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """A public model name producers ask for, and where it may run.
+
+    `strategy` picks among the deployments not cooling down: `weighted`
+    (random, in proportion to weight), `least_busy` (fewest calls in flight
+    and jobs queued), `lowest_latency` (moving average of recent successful
+    calls) or `lowest_cost` (the job's estimated tokens at each price).
 
     When a deployment's retries are used up, the job moves to another
     deployment of the group, then along `fallbacks` (model names, each
@@ -101,6 +109,7 @@ class ModelGroup(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
     deployments: Annotated[list[Target], Meta(min_length=1)]
     aliases: list[Name] = msgspec.field(default_factory=list)
+    strategy: Strategy = "weighted"
     retry: RetryPolicy = msgspec.field(default_factory=RetryPolicy)
     fallbacks: list[Name] = msgspec.field(default_factory=list)
     context_window_fallbacks: list[Name] = msgspec.field(default_factory=list)
@@ -142,6 +151,27 @@ class LedgerSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     flush_ms: Annotated[float, Meta(gt=0)] = 50.0
 
 
+class HealthSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Deployment health, shared by every router through workers' reports.
+
+    A deployment cools down (no router sends it work) for `cooldown_s` when,
+    over the last `window_s` seconds, at least `min_calls` calls were made
+    and `failure_rate` of them failed for reasons of its own (rate limits,
+    overload, server errors, timeouts, auth); or, with
+    `honour_retry_after`, for as long as a provider's 429 asked. After the
+    cooldown each router sends it one probe job; a success re-admits it, a
+    failure cools it down again, and no answer within `probe_timeout_s`
+    allows another probe. Workers report every `report_every_ms`."""
+
+    report_every_ms: Annotated[float, Meta(ge=50, le=10_000)] = 500.0
+    window_s: Annotated[int, Meta(ge=2, le=600)] = 30
+    min_calls: Annotated[int, Meta(ge=1)] = 5
+    failure_rate: Annotated[float, Meta(gt=0, le=1)] = 0.5
+    cooldown_s: Annotated[float, Meta(gt=0, le=3600)] = 10.0
+    probe_timeout_s: Annotated[float, Meta(gt=0, le=3600)] = 60.0
+    honour_retry_after: bool = True
+
+
 class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """The whole file."""
 
@@ -155,6 +185,7 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     router: RouterSettings = msgspec.field(default_factory=RouterSettings)
     batch_lane: BatchLaneSettings = msgspec.field(default_factory=BatchLaneSettings)
     ledger: LedgerSettings = msgspec.field(default_factory=LedgerSettings)
+    health: HealthSettings = msgspec.field(default_factory=HealthSettings)
     # Whether a job's own `fallbacks` list is followed (instead of its
     # model's chain); false makes the chains the platform's alone.
     allow_job_fallbacks: bool = True

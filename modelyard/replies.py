@@ -34,7 +34,13 @@ def error_result(job: CompletionJob, error: JobError, *, redelivered: bool = Fal
         attempts=job.attempts,
         timings=timings_for(job),
         redelivered=redelivered or job.redelivered,
+        warnings=route_notes(job),
     )
+
+
+def route_notes(job: CompletionJob) -> list[str]:
+    """What the router said about its choice, for the result's warnings."""
+    return [job.route.note] if job.route is not None and job.route.note else []
 
 
 async def send_reply(broker: Broker, reply_to: str | None, reply: Reply) -> None:

@@ -18,6 +18,8 @@ JOBS_EXCHANGE = "modelyard.jobs"
 DISPATCH_EXCHANGE = "modelyard.dispatch"
 COSTS_EXCHANGE = "modelyard.costs"
 DEAD_EXCHANGE = "modelyard.dead"
+# Workers' deployment health reports, fanned out to every router's own queue.
+HEALTH_EXCHANGE = "modelyard.health"
 
 DELAY_EXCHANGE_PREFIX = "modelyard.delay."
 RETRY_QUEUE_PREFIX = "retry."
@@ -129,6 +131,28 @@ def reply_queue_arguments() -> dict[str, Any]:
     return {"x-expires": REPLY_QUEUE_EXPIRES_MS}
 
 
+# A router's health queue: reports older than this are not worth reading,
+# and the queue goes this long after its router does.
+HEALTH_REPORT_TTL_MS = 5000
+HEALTH_QUEUE_EXPIRES_MS = 60_000
+
+
+def health_topology(instance: str) -> Topology:
+    """A router's (or gateway's) own queue of workers' health reports,
+    `health.<instance>`: not replicated (a lost report is replaced by the
+    next), stale reports dropped, removed a minute after its consumer."""
+    queue = QueueSpec(
+        f"health.{instance}",
+        ((HEALTH_EXCHANGE, ""),),
+        {
+            "x-expires": HEALTH_QUEUE_EXPIRES_MS,
+            "x-message-ttl": HEALTH_REPORT_TTL_MS,
+            "x-max-length": 1000,
+        },
+    )
+    return Topology(exchanges=(ExchangeSpec(HEALTH_EXCHANGE, "fanout"),), queues=(queue,))
+
+
 def reply_target_problem(reply_to: str | None) -> str | None:
     """Why answers must not be published to `reply_to`, or None when it names
     an ordinary queue. RabbitMQ's special addresses (direct reply-to) close
@@ -187,6 +211,7 @@ def build_topology(pools: list[str]) -> Topology:
         ExchangeSpec(DISPATCH_EXCHANGE),
         ExchangeSpec(COSTS_EXCHANGE),
         ExchangeSpec(DEAD_EXCHANGE, "fanout"),
+        ExchangeSpec(HEALTH_EXCHANGE, "fanout"),
         *(ExchangeSpec(delay_exchange(step), "fanout") for step in RETRY_DELAYS_MS),
     )
     return Topology(exchanges=exchanges, queues=tuple(queues))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+import uuid
 from collections.abc import Awaitable
 
 import structlog
@@ -23,13 +24,21 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
 from modelyard.batching import Batcher, Encoded, encoded_size, settle_all
 from modelyard.broker import Broker, Consumer, resent, settle
-from modelyard.config import Config, Deployment
+from modelyard.config import Config, ModelGroup
 from modelyard.replies import error_result, reply_batcher, send_reply
-from modelyard.topology import ROUTER_QUEUE, build_topology
+from modelyard.topology import (
+    RETRY_DELAYS_MS,
+    ROUTER_QUEUE,
+    build_topology,
+    delay_step_ms,
+    health_topology,
+)
 from modelyard.tracing import job_span
-from router.routing import RouteTable, build_route_table
+from router.health import HealthView
+from router.routing import Choice, RouteTable, build_route_table
 from schemas.codec import (
     InvalidMessage,
+    decode_health,
     decode_job,
     encode,
     encode_job_batch,
@@ -37,7 +46,7 @@ from schemas.codec import (
     split_job_batch,
 )
 from schemas.errors import ErrorKind, JobError, job_error
-from schemas.jobs import JOB_BATCH_TYPE, CompletionJob, NextHop, Route
+from schemas.jobs import JOB_BATCH_TYPE, CompletionJob, Lane, NextHop, Route
 from schemas.results import JobResult, Timings
 
 log = structlog.get_logger("modelyard.router")
@@ -52,15 +61,24 @@ class Router:
         self.routes: RouteTable = build_route_table(config)
         self.rng = random.Random()
         self.broker = Broker(connection)
+        self.health = HealthView(config.health, config.deployments)
         self._consumer = Consumer(
             connection, ROUTER_QUEUE, self.handle, prefetch=config.router.concurrency
         )
+        self._health_topology = health_topology(uuid.uuid4().hex[:16])
+        self._health_consumer = Consumer(
+            connection, self._health_topology.queues[0].name, self._on_health, prefetch=64
+        )
 
     async def start(self) -> None:
-        """Declare the topology and start consuming."""
-        await self.broker.declare(build_topology(self.config.pool_names()))
+        """Declare the topology and start consuming: workers' health reports
+        first, so the first jobs are routed knowing what they say."""
+        topology = build_topology(self.config.pool_names())
+        await self.broker.declare(topology)
+        await self.broker.declare(self._health_topology)
+        await self._health_consumer.start()
         lane = self.config.batch_lane
-        self._batches: Batcher[str, Encoded] = Batcher(
+        self._batches: Batcher[tuple[str, Lane], Encoded] = Batcher(
             self._send_batch,
             max_items=lane.max_jobs,
             linger_s=lane.linger_ms / 1000,
@@ -69,13 +87,30 @@ class Router:
         self._replies = reply_batcher(
             self.broker, max_items=lane.max_jobs, linger_s=lane.linger_ms / 1000
         )
+        self._deferred: Batcher[int, Encoded] = Batcher(
+            self._send_deferred,
+            max_items=lane.max_jobs,
+            linger_s=lane.linger_ms / 1000,
+            size=encoded_size,
+        )
         await self._consumer.start()
         log.info("router started", queue=ROUTER_QUEUE, concurrency=self.config.router.concurrency)
 
     async def stop(self) -> None:
         """Stop taking jobs, let those in flight finish, close the channel."""
         await self._consumer.stop()
+        await self._health_consumer.stop(grace_s=1)
         await self.broker.close()
+
+    async def _on_health(self, message: AbstractIncomingMessage) -> None:
+        """A worker's health report, into the view routing reads."""
+        try:
+            report = decode_health(message.body)
+        except InvalidMessage as exc:
+            log.warning("unreadable health report dropped", reason=str(exc))
+        else:
+            self.health.observe(report, time.time())
+        await settle(message)
 
     async def handle(self, message: AbstractIncomingMessage) -> None:
         """Admit, route and forward one job or a batch of them; every path ends
@@ -150,36 +185,61 @@ class Router:
         """Where the job goes, decided now; the publish to wait on is returned
         (for a batch-lane job, the future its outgoing batch shares)."""
         now = time.time()
-        if job.deadline_passed(now):
-            error = job_error(ErrorKind.DEADLINE_EXCEEDED, "deadline passed before routing")
-            return self._answer(job, error_result(job, error))
         group = self.routes.resolve(job.request.model)
-        if group is None:
-            error = job_error(
-                ErrorKind.UNKNOWN_MODEL,
-                f"no model or alias named {job.request.model!r}",
-                field="$.request.model",
-            )
-            return self._answer(job, error_result(job, error))
-        if (refusal := self._check_fallbacks(job)) is not None:
+        if (refusal := self._refusal(job, group, now)) is not None:
             return self._answer(job, error_result(job, refusal))
-        if job.next_hop is None:
-            deployment = self.routes.choose(group, self.rng)
-        elif (chosen := self._next(job, job.next_hop)) is not None:
-            deployment, job.next_hop = chosen, None
-        else:
-            return self._answer(job, error_result(job, _exhausted(job.next_hop)))
-        job.route = Route(deployment=deployment.name, pool=deployment.pool, routed_at=now)
+        assert group is not None
+        chosen = self._choose(job, group, now)
+        if isinstance(chosen, JobError):
+            return self._answer(job, error_result(job, chosen))
+        deployment = chosen.deployment
+        if chosen.wait_until is not None:
+            return self._defer(job, chosen.wait_until - now, now)
+        self.health.sent(deployment.name, now)
+        if chosen.note is not None:
+            log.warning("every deployment cooling down", deployment=deployment.name)
+        job.route = Route(
+            deployment=deployment.name,
+            pool=deployment.pool,
+            routed_at=now,
+            note=chosen.note,
+            model=chosen.model,
+        )
         if not self.broker.reply_queue_known(job.reply_to):
             return self._check_reply_queue(job, deployment.pool)
         return self._dispatch(job, deployment.pool)
 
-    def _next(self, job: CompletionJob, hop: NextHop) -> Deployment | None:
+    def _refusal(self, job: CompletionJob, group: ModelGroup | None, now: float) -> JobError | None:
+        """Why the job cannot be routed at all, if it cannot."""
+        if job.deadline_passed(now):
+            return job_error(ErrorKind.DEADLINE_EXCEEDED, "deadline passed before routing")
+        if group is None:
+            return job_error(
+                ErrorKind.UNKNOWN_MODEL,
+                f"no model or alias named {job.request.model!r}",
+                field="$.request.model",
+            )
+        return self._check_fallbacks(job)
+
+    def _choose(self, job: CompletionJob, group: ModelGroup, now: float) -> Choice | JobError:
+        """A deployment for a new job, or for one a worker sent on; the
+        error to answer when there is none."""
+        hop = job.next_hop
+        if hop is None:
+            chosen = self.routes.choose(group, job, self.rng, health=self.health, now=now)
+            return _unsatisfiable(group.name) if chosen is None else chosen
+        if (chosen := self._next(job, hop, now)) is None:
+            return _exhausted(hop)
+        job.next_hop = None
+        return chosen
+
+    def _next(self, job: CompletionJob, hop: NextHop, now: float) -> Choice | None:
         own = job.fallbacks if self.config.allow_job_fallbacks else None
-        chosen = self.routes.next_hop(job, hop, self.rng, own)
+        chosen = self.routes.next_hop(job, hop, self.rng, own, health=self.health, now=now)
         if chosen is not None:
-            kind = "retry" if not hop.fallback else "fallback"
-            log.info(kind, deployment=chosen.name, reason=hop.reason, attempts=len(job.attempts))
+            name = chosen.deployment.name
+            kind = "retry" if not hop.fallback and name == hop.deployment else "fallback"
+            log.info(kind, deployment=name, reason=hop.reason, attempts=len(job.attempts))
         return chosen
 
     def _check_fallbacks(self, job: CompletionJob) -> JobError | None:
@@ -201,12 +261,33 @@ class Router:
                 )
         return None
 
+    def _defer(self, job: CompletionJob, wait_s: float, now: float) -> Awaitable[None]:
+        """A job every deployment of which asked us to wait: it waits in the
+        broker's retry ladder, then comes back here to be routed again.
+        One whose deadline comes first is answered now."""
+        step = delay_step_ms(wait_s) or RETRY_DELAYS_MS[-1]
+        if job.deadline is not None and now + step / 1000 >= job.deadline.timestamp():
+            error = job_error(
+                ErrorKind.DEADLINE_EXCEEDED,
+                f"every deployment this job may use asked to wait {wait_s:.1f}s, "
+                "past the job's deadline",
+            )
+            return self._answer(job, error_result(job, error))
+        log.info("job waits for its deployments", wait_s=round(wait_s, 3))
+        return self._deferred.put(step, (job.id, encode(job)))
+
+    async def _send_deferred(self, step_ms: int, jobs: list[Encoded]) -> None:
+        body = encode_job_batch([job for _, job in jobs])
+        await self.broker.defer(step_ms, body, correlation_id=jobs[0][0], batch=True)
+
     def _dispatch(self, job: CompletionJob, pool: str) -> Awaitable[None]:
         log.debug("routed", deployment=job.route.deployment if job.route else None, pool=pool)
-        if job.priority == "batch" and not job.attempts:
-            return self._batches.put(pool, (job.id, encode(job)))
-        # A retried or fallen-back batch job has waited its turn once: it
-        # goes ahead of the batch backlog, one message on the pool's queue.
+        if job.priority == "batch":
+            # A retried or fallen-back batch job has waited its turn once: it
+            # goes ahead of the batch backlog, in batches on the pool's
+            # interactive queue (whose workers still run it as batch work).
+            lane: Lane = "interactive" if job.attempts else "batch"
+            return self._batches.put((pool, lane), (job.id, encode(job)))
         return self._send_job(job, pool)
 
     async def _check_reply_queue(self, job: CompletionJob, pool: str) -> None:
@@ -229,9 +310,10 @@ class Router:
     async def _send_job(self, job: CompletionJob, pool: str) -> None:
         await self.broker.dispatch(pool, "interactive", encode(job), correlation_id=job.id)
 
-    async def _send_batch(self, pool: str, jobs: list[Encoded]) -> None:
+    async def _send_batch(self, to: tuple[str, Lane], jobs: list[Encoded]) -> None:
         body = encode_job_batch([job for _, job in jobs])
-        await self.broker.dispatch(pool, "batch", body, correlation_id=jobs[0][0], batch=True)
+        pool, lane = to
+        await self.broker.dispatch(pool, lane, body, correlation_id=jobs[0][0], batch=True)
 
     async def _reject_invalid(self, message: AbstractIncomingMessage, exc: InvalidMessage) -> None:
         """Answer a message that does not decode, or park it when nobody can be answered."""
@@ -253,6 +335,16 @@ class Router:
 def _shielded(wait: Awaitable[None]) -> Awaitable[None]:
     """A batch's shared future must not be cancelled by one waiter giving up."""
     return asyncio.shield(wait) if isinstance(wait, asyncio.Future) else wait
+
+
+def _unsatisfiable(model: str) -> JobError:
+    """The answer when the job's constraints leave none of its model's deployments."""
+    return job_error(
+        ErrorKind.INVALID_JOB,
+        f"no deployment of {model!r} satisfies the job's constraints "
+        "(providers, deployments, maximum prices): widen them or ask for another model",
+        field="$.constraints",
+    )
 
 
 def _exhausted(hop: NextHop) -> JobError:

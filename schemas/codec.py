@@ -15,6 +15,7 @@ import msgspec
 from schemas.chat import FieldFault
 from schemas.costs import CostBatch
 from schemas.errors import ErrorKind, JobError, job_error
+from schemas.health import HealthReport
 from schemas.jobs import CompletionJob, JobBatch, JobId, ReplyTo
 from schemas.results import Reply
 
@@ -40,6 +41,7 @@ class _RawBatch(msgspec.Struct):
 _raw_batch_decoder = msgspec.json.Decoder(_RawBatch)
 _reply_decoder: msgspec.json.Decoder[Reply] = msgspec.json.Decoder(Reply)
 _cost_decoder = msgspec.json.Decoder(CostBatch)
+_health_decoder = msgspec.json.Decoder(HealthReport)
 
 
 class _Envelope(msgspec.Struct):
@@ -133,6 +135,11 @@ def decode_reply(body: bytes) -> Reply:
 def decode_costs(body: bytes) -> CostBatch:
     """Decode a message from the costs queue."""
     return _decode(_cost_decoder, body)
+
+
+def decode_health(body: bytes) -> HealthReport:
+    """Decode a worker's health report."""
+    return _decode(_health_decoder, body)
 
 
 def salvage_envelope(body: bytes) -> tuple[str | None, str | None]:

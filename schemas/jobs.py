@@ -68,12 +68,18 @@ class TraceContext(msgspec.Struct, omit_defaults=True):
         return parts[1] if len(parts) == 4 and len(parts[1]) == 32 else None
 
 
-class Route(msgspec.Struct, kw_only=True):
+class Route(msgspec.Struct, kw_only=True, omit_defaults=True):
     """Where the router sent the job: filled in by the router, read by workers."""
 
     deployment: str
     pool: str
     routed_at: float
+    # Said on the result: why the router chose as it did, when the choice
+    # was forced (every deployment of the model cooling down).
+    note: str | None = None
+    # The model group the deployment serves this job for: the requested one,
+    # or the fallback the job moved to (whose chain and retry policy apply).
+    model: str | None = None
 
 
 class Attempt(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -90,6 +96,18 @@ class Attempt(msgspec.Struct, kw_only=True, omit_defaults=True):
     # the job's id), and what it cost.
     billed: bool = False
     cost: Decimal | None = None
+
+
+class Constraints(msgspec.Struct, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
+    """Where the job may run, narrowing its model's deployments (and its
+    fallbacks'): only these providers or deployments, and only at prices
+    up to these (USD per million tokens; a deployment with no known price
+    never qualifies)."""
+
+    providers: Annotated[list[Label], Meta(min_length=1, max_length=32)] | None = None
+    deployments: Annotated[list[Label], Meta(min_length=1, max_length=256)] | None = None
+    max_input_per_mtok: Annotated[float, Meta(ge=0)] | None = None
+    max_output_per_mtok: Annotated[float, Meta(ge=0)] | None = None
 
 
 class NextHop(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -136,6 +154,7 @@ class CompletionJob(msgspec.Struct, kw_only=True, omit_defaults=True):
     # the requested model; the config may forbid it (`allow_job_fallbacks`).
     fallbacks: Annotated[list[Label], Meta(max_length=16)] | None = None
     next_hop: NextHop | None = None
+    constraints: Constraints | None = None
 
     def deadline_passed(self, now: float) -> bool:
         """True when the job's absolute deadline is behind `now` (unix seconds)."""

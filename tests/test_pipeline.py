@@ -16,6 +16,7 @@ import pytest
 from modelyard import broker
 from modelyard.client import Client, new_job
 from modelyard.config import Config
+from modelyard.prices import cost_of, price_card
 from modelyard.topology import DEAD_QUEUE, JOBS_EXCHANGE
 from schemas.chat import Message
 from schemas.codec import decode_reply
@@ -25,7 +26,6 @@ from schemas.results import JobResult, StreamChunk
 from tests.conftest import FakeControl
 from tests.pipeline import eventually, ledger_rows
 from workers.pool import Worker
-from workers.pricing import cost_of, price_card
 from workers.providers import PROVIDERS
 
 pytestmark = pytest.mark.asyncio

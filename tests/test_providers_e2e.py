@@ -14,6 +14,7 @@ from genai_prices import data_snapshot
 
 from modelyard.client import Client, new_job
 from modelyard.config import Config
+from modelyard.prices import cost_of, price_card
 from schemas.chat import (
     CacheControl,
     FunctionCall,
@@ -32,7 +33,6 @@ from schemas.results import JobResult, StreamChunk, Usage
 from tests.conftest import FakeControl
 from tests.pipeline import eventually, ledger_rows
 from tests.services import PROVIDER_MODELS
-from workers.pricing import cost_of, price_card
 
 pytestmark = pytest.mark.asyncio
 

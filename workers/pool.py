@@ -14,6 +14,7 @@ most the batches the worker held (enough to fill its slots).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 import uuid
@@ -26,12 +27,14 @@ import msgspec
 import structlog
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
-from modelyard.broker import Broker, Consumer, resent, settle
+from modelyard.batching import Batcher, Encoded, encoded_size
+from modelyard.broker import Broker, Consumer, PublishFailed, resent, settle
 from modelyard.config import Config, ConfigError, Deployment
-from modelyard.replies import error_result, reply_batcher, send_reply, timings_for
-from modelyard.topology import build_topology, worker_queue
+from modelyard.prices import PriceCard, cost_of, price_card
+from modelyard.replies import error_result, reply_batcher, route_notes, send_reply, timings_for
+from modelyard.topology import build_topology, dispatch_key, worker_queue
 from modelyard.tracing import job_span
-from router.routing import build_route_table
+from router.routing import build_route_table, current_model
 from schemas.codec import InvalidMessage, decode_job, decode_job_batch, encode, encode_job_batch
 from schemas.costs import CostEvent
 from schemas.errors import ErrorKind, JobError, job_error
@@ -41,8 +44,8 @@ from workers import transport
 from workers.answers import Answers
 from workers.claims import Claims, attempt_key
 from workers.costs import CostPublisher
+from workers.health import HealthRecorder
 from workers.lanes import Slots, SlotsClosed, batch_prefetch
-from workers.pricing import PriceCard, cost_of, price_card
 from workers.providers import (
     PROVIDERS,
     Adapter,
@@ -54,6 +57,12 @@ from workers.providers import (
 from workers.retry import GiveUp, Retry, decide
 
 log = structlog.get_logger("modelyard.worker")
+
+# Urgent health reports (a provider asked to be left alone) go out at most
+# this often, so a burst of 429s costs the broker one report, not hundreds.
+MIN_REPORT_GAP_S = 0.05
+# How long a failed batch-lane job waits for others going the same way.
+HANDOFF_LINGER_S = 0.05
 
 
 class Billed(msgspec.Struct, kw_only=True):
@@ -147,6 +156,10 @@ class Worker:
         self.broker = Broker(connection)
         self._answers = Answers()
         self._claims = Claims(config.database_url) if config.database_url else None
+        self.health = HealthRecorder(
+            uuid.uuid4().hex[:16], pool, list(self.deployments), config.health.window_s
+        )
+        self._reporting: asyncio.Task[None] | None = None
         # Interactive jobs come one per message, up to the pool's concurrency.
         self._consumer = Consumer(
             connection, worker_queue(pool), self.handle, prefetch=self.concurrency
@@ -174,9 +187,38 @@ class Worker:
         self._replies = reply_batcher(
             self.broker, max_items=lane.max_jobs, linger_s=lane.linger_ms / 1000
         )
+        # Batch-lane jobs sent on travel together too, one message per step
+        # of the retry ladder (0: straight back to the router to fall back),
+        # waiting longer for company: failures trickle in far slower than jobs.
+        self._handoffs: Batcher[int, Encoded] = Batcher(
+            self._send_handoffs,
+            max_items=lane.max_jobs,
+            linger_s=max(lane.linger_ms / 1000, HANDOFF_LINGER_S),
+            size=encoded_size,
+        )
         await self._consumer.start()
         await self._batch_consumer.start()
+        self._reporting = asyncio.create_task(self._report_health())
         log.info("worker started", pool=self.pool, concurrency=self.concurrency)
+
+    async def _report_health(self) -> None:
+        """Publish this process's view of its deployments every
+        `report_every_ms`, and at once when a provider asks to be left alone.
+        Reports are advice: one that cannot be sent is skipped."""
+        every = self.config.health.report_every_ms / 1000
+        queues = [worker_queue(self.pool, lane) for lane in ("interactive", "batch")]
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.health.urgent.wait(), every)
+            self.health.urgent.clear()
+            try:
+                async with asyncio.timeout(max(every, 1.0)):
+                    queued = await self.broker.waiting(queues)
+                    report = self.health.report(time.time(), queued or 0)
+                    await self.broker.health(encode(report))
+            except (TimeoutError, PublishFailed) as exc:
+                log.debug("health report skipped", reason=f"{type(exc).__name__}: {exc}")
+            await asyncio.sleep(MIN_REPORT_GAP_S)
 
     async def stop(self) -> None:
         """Stop taking jobs, let provider calls in flight finish, then close.
@@ -185,6 +227,10 @@ class Worker:
         the queue for another worker, rather than starting provider calls the
         grace period might cut off after the provider has billed them."""
         self._stopping = True  # no consumer swap may race the cancel below
+        if self._reporting is not None:
+            self._reporting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reporting
         if self._background:  # a swap waits for the broker if it is away: not forever
             await asyncio.wait(self._background, timeout=5)
         await asyncio.gather(self._consumer.cancel(), self._batch_consumer.cancel())
@@ -215,7 +261,13 @@ class Worker:
             return
         redelivered = bool(message.redelivered)
         copy = resent(message)
-        if lane == "batch":
+        # A batch on the interactive queue holds retried or fallen-back jobs:
+        # they take slots ahead of the batch backlog, and their (small) size
+        # says nothing about the batch lane's messages.
+        queue: Lane = (
+            "batch" if message.routing_key == dispatch_key(self.pool, "batch") else "interactive"
+        )
+        if lane == "batch" and queue == "batch":
             self._observe_batch(len(jobs))
             jobs = await self._unclaimed(jobs, resent_copy=copy and not redelivered)
         # Which attempt of each job this message carries (a retried job comes
@@ -223,7 +275,7 @@ class Worker:
         keys = [attempt_key(job) for job in jobs]
         outcomes = await asyncio.gather(
             *(
-                self._process(job, key, lane, redelivered=redelivered, copy=copy)
+                self._process(job, key, lane, queue, redelivered=redelivered, copy=copy)
                 for job, key in zip(jobs, keys, strict=True)
             ),
             return_exceptions=True,
@@ -301,18 +353,27 @@ class Worker:
         log.debug("batch prefetch changed", prefetch=prefetch)
 
     async def _process(
-        self, job: CompletionJob, key: str, lane: Lane, *, redelivered: bool, copy: bool
+        self,
+        job: CompletionJob,
+        key: str,
+        lane: Lane,
+        queue: Lane,
+        *,
+        redelivered: bool,
+        copy: bool,
     ) -> bool:
-        """Call the provider in one of the pool's slots; return once the
-        result (and the cost event, if billed) are confirmed. False when the
-        job was not run: a possible `copy` of one this process answered."""
+        """Call the provider in one of the pool's slots (taken with the
+        priority of the `queue` the job came from); return once the result
+        (and the cost event, if billed) are confirmed, batched with others
+        for a batch-`lane` job. False when the job was not run: a possible
+        `copy` of one this process answered."""
         redelivered = redelivered or job.redelivered
         received = time.time()
         with (
             structlog.contextvars.bound_contextvars(
                 job_id=job.id, trace_id=job.trace.trace_id() if job.trace else None
             ),
-            job_span(job, worker_queue(self.pool, lane)) as span,
+            job_span(job, worker_queue(self.pool, queue)) as span,
         ):
             # The slot is held until the cost event is confirmed: a call the
             # provider billed but the ledger may not hear of (this process
@@ -323,7 +384,7 @@ class Worker:
                     # This process answered this job already (its message came
                     # back after a reconnect): not called, not answered again.
                     return False
-                async with self._slots.take(lane):
+                async with self._slots.take(queue):
                     result, cost = await self._run_safely(job, redelivered=redelivered)
                     if isinstance(result, JobResult):
                         result.timings.received_at = received
@@ -333,14 +394,25 @@ class Worker:
                     await self._publish(job, lane, result, cost)
                     return True
 
-    async def _hand_on(self, handoff: Handoff) -> None:
+    async def _hand_on(self, handoff: Handoff, lane: Lane) -> None:
         """A job to wait in the broker's retry ladder, or straight back to the
-        router to fall back; alone, whatever message it came in."""
-        body = encode(handoff.job)
-        if handoff.step_ms is None:
-            await self.broker.submit(body, correlation_id=handoff.job.id, reply_to=None)
+        router to fall back: alone for an interactive job, batched with
+        others going the same way for a batch-lane job."""
+        job, step = handoff.job, handoff.step_ms or 0
+        if lane == "batch":
+            await self._handoffs.add(step, (job.id, encode(job)))
+        elif step:
+            await self.broker.defer(step, encode(job), correlation_id=job.id)
         else:
-            await self.broker.defer(handoff.step_ms, body, correlation_id=handoff.job.id)
+            await self.broker.submit(encode(job), correlation_id=job.id, reply_to=None)
+
+    async def _send_handoffs(self, step_ms: int, jobs: list[Encoded]) -> None:
+        body = encode_job_batch([job for _, job in jobs])
+        first = jobs[0][0]
+        if step_ms:
+            await self.broker.defer(step_ms, body, correlation_id=first, batch=True)
+        else:
+            await self.broker.submit(body, correlation_id=first, reply_to=None, batch=True)
 
     async def _publish(
         self, job: CompletionJob, lane: Lane, result: JobResult | Handoff, cost: CostEvent | None
@@ -348,7 +420,7 @@ class Worker:
         """The result to the producer and the cost event to the ledger, both
         confirmed (sent again after a reconnect until they are)."""
         if isinstance(result, Handoff):
-            publishes = [self._hand_on(result)]
+            publishes = [self._hand_on(result, lane)]
         elif lane == "batch" and job.reply_to is not None:
             publishes = [self._replies.add(job.reply_to, (job.id, encode(result)))]
         else:
@@ -405,11 +477,22 @@ class Worker:
             )
             return error_result(job, error, redelivered=redelivered), None
         started = time.time()
-        if job.request.stream:
-            call = await self._stream(job, deployment, redelivered=redelivered)
-        else:
-            call = await self._call(job, deployment)
-        finished = time.time()
+        self.health.started(deployment.name)
+        call = Call(outcome=job_error(ErrorKind.SERVER_ERROR, "the call did not finish"))
+        try:
+            if job.request.stream:
+                call = await self._stream(job, deployment, redelivered=redelivered)
+            else:
+                call = await self._call(job, deployment)
+        finally:
+            finished = time.time()
+            self.health.finished(
+                deployment.name,
+                now=finished,
+                error=call.outcome if isinstance(call.outcome, JobError) else None,
+                latency_ms=(finished - started) * 1000,
+                limits=call.rate_limits,
+            )
         outcome, billed = call.outcome, call.billed
         card = self._prices[deployment.name]
         latency_ms = (finished - started) * 1000
@@ -443,8 +526,11 @@ class Worker:
             redelivered=redelivered,
             rate_limits=call.rate_limits,
             warnings=[
-                f"{deployment.provider} has no equivalent for `{name}`; it was left out"
-                for name in PROVIDERS[deployment.provider].ignored(job.request, deployment)
+                *route_notes(job),
+                *(
+                    f"{deployment.provider} has no equivalent for `{name}`; it was left out"
+                    for name in PROVIDERS[deployment.provider].ignored(job.request, deployment)
+                ),
             ],
         )
         return result, event
@@ -454,17 +540,21 @@ class Worker:
         to the router after a delay in the broker, or at once to fall back;
         None to answer it with its error, which the decision may have
         replaced (a retry that would pass the deadline)."""
-        group = self.routes.resolve(job.request.model)
+        group = self.routes.resolve(current_model(job))  # its retry policy applies
         if group is None:
             return None
         own = job.fallbacks if self.config.allow_job_fallbacks else None
+        left = self.routes.untried(job, error.kind, own)
+        failed = job.attempts[-1].deployment
         decision = decide(
             error,
             job.attempts,
             group.retry,
             deadline=job.deadline,
             now=time.time(),
-            targets_left=bool(self.routes.untried(job, error.kind, own)),
+            targets_left=left is not None,
+            sibling_left=left is not None
+            and any(t.deployment == failed for t in left[0].deployments),
             streamed=streamed,
         )
         if isinstance(decision, GiveUp):

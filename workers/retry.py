@@ -5,10 +5,13 @@ group's retry policy, the deadline and the clock: retry the same deployment
 after a delay (held by the broker), fall back to the next target of the
 chain (the router picks it), or give up and answer the error.
 
-- A retryable kind (rate limited, overloaded, timeout, server error) is
-  retried on the same deployment `retries[kind]` times, waiting `backoff_s`
-  doubled each time (up to `max_backoff_s`, give or take `jitter`) and never
-  less than the provider's retry-after; then the job falls back.
+- A retryable kind (rate limited, overloaded, timeout, server error) moves
+  the job at once to another deployment of the same model it has not
+  tried, when its group has one (that deployment need not wait for this
+  one's trouble to pass). Otherwise it is retried on the same deployment
+  `retries[kind]` times, waiting `backoff_s` doubled each time (up to
+  `max_backoff_s`, give or take `jitter`) and never less than the
+  provider's retry-after; then the job falls back.
 - `context_window_exceeded` and `content_policy` follow their own chains.
 - An account problem at one deployment (auth, not found, quota) falls back.
 - A job at fault (invalid, bad request) is answered at once.
@@ -63,18 +66,23 @@ def decide(  # noqa: PLR0911  (a decision table reads best as early returns)
     deadline: datetime | None,
     now: float,
     targets_left: bool,
+    sibling_left: bool = False,
     streamed: bool = False,
     rng: random.Random | None = None,
 ) -> Decision:
     """The next step for a job whose latest attempt (the last of `attempts`)
     failed with `error`. `targets_left` says whether the chain still has an
-    untried deployment; `streamed` that chunks already reached the producer."""
+    untried deployment, `sibling_left` whether one of those serves the same
+    model group as the failed one; `streamed` that chunks already reached
+    the producer."""
     if streamed:
         return GiveUp(error)
     if error.kind in OWN_CHAIN or (not error.retryable and error.kind in MOVE_ON):
         return Fallback() if targets_left else GiveUp(error)
     if not error.retryable:
         return GiveUp(error)
+    if sibling_left:
+        return Fallback()
     failures = _failures_here(error.kind, attempts)
     if failures > policy.retries.get(error.kind.value, 0):
         return Fallback() if targets_left else GiveUp(error)

@@ -9,8 +9,10 @@ from typing import Any
 
 import pytest
 
+from modelyard.client import new_job
 from modelyard.config import ConfigError, load, parse
 from router.routing import build_route_table
+from schemas.chat import Message
 from workers.providers import PROVIDERS
 
 
@@ -181,8 +183,11 @@ def test_alias_and_weighted_choice() -> None:
     group = table.resolve("default")
     assert group is not None
     rng = random.Random(42)
+    job = new_job("default", [Message(role="user", content="hi")])
 
-    picks = Counter(table.choose(group, rng).name for _ in range(4000))
+    picks = Counter(
+        pick.deployment.name for _ in range(4000) if (pick := table.choose(group, job, rng))
+    )
 
     assert table.resolve("chat") is group
     assert table.resolve("missing") is None

@@ -10,8 +10,8 @@ from genai_prices import Usage as GenaiUsage
 from genai_prices import data_snapshot
 
 from modelyard.config import Deployment, PriceOverride
+from modelyard.prices import UNKNOWN, PriceCard, Rate, cost_of, price_card
 from schemas.results import Usage
-from workers.pricing import UNKNOWN, PriceCard, Rate, cost_of, price_card
 
 
 def deployment(provider: str, model: str, price: PriceOverride | None = None) -> Deployment:

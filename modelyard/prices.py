@@ -17,6 +17,7 @@ from genai_prices import data_snapshot
 from genai_prices.types import ModelPrice, TieredPrices
 
 from modelyard.config import Deployment
+from schemas.chat import ChatRequest
 from schemas.costs import PriceSource
 from schemas.results import Usage
 
@@ -113,3 +114,28 @@ def price_card(deployment: Deployment, at: datetime | None = None) -> PriceCard:
         return UNKNOWN
     card = _from_genai_prices(model.get_prices(at or datetime.now(UTC)))
     return card if card.input is not None and card.output is not None else UNKNOWN
+
+
+# An answer's length when the job sets no `max_tokens`, for estimates only.
+DEFAULT_OUTPUT_ESTIMATE = 1024
+# Characters per token, roughly, across the providers' tokenizers; the
+# request's JSON (images included) over-counts, which an estimate can afford.
+CHARS_PER_TOKEN = 4
+
+
+def estimated_tokens(request: ChatRequest) -> tuple[int, int]:
+    """A job's input and output tokens, estimated before it runs: the input
+    from the size of its messages, the output from its `max_tokens`."""
+    text = msgspec.json.encode(request.messages)
+    output = request.output_limit() or DEFAULT_OUTPUT_ESTIMATE
+    return len(text) // CHARS_PER_TOKEN + 1, output
+
+
+def estimated_cost(card: PriceCard, input_tokens: int, output_tokens: int) -> Decimal | None:
+    """What a call of this size would cost at `card`'s prices, or None when unknown."""
+    if card.input is None or card.output is None:
+        return None
+    micro = input_tokens * card.input.at(input_tokens) + output_tokens * card.output.at(
+        input_tokens
+    )
+    return micro / MILLION
