@@ -85,6 +85,9 @@ def retry_config(fake_port: int, flaky_port: int) -> Iterator[Config]:
             "log_level": "warning",
             "pools": {"main": {"concurrency": 16}},
             "ledger": {"batch_size": 50, "flush_ms": 10},
+            # Each test here injects its own faults: no cooldown may carry
+            # one test's faults into the next (cooldowns: tests/test_health.py).
+            "health": {"honour_retry_after": False, "min_calls": 1_000_000},
             "deployments": {
                 "flaky": deployment(flaky_port),
                 "steady": deployment(fake_port),
