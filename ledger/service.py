@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 from datetime import UTC, datetime
 
-import asyncpg
 import structlog
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from aio_pika.exceptions import ChannelClosed, ChannelInvalidStateError, MessageProcessError
@@ -20,14 +19,12 @@ from aio_pika.exceptions import ChannelClosed, ChannelInvalidStateError, Message
 from ledger import store
 from modelyard.broker import LOST, STOP_GRACE_S, Broker, Consumer, settle
 from modelyard.config import Config
-from modelyard.database import BAD_DATA, TRANSIENT, create_pool
+from modelyard.database import BAD_DATA, Database
 from modelyard.topology import LEDGER_QUEUE, build_topology
 from schemas.codec import InvalidMessage, decode_costs, encode
 from schemas.costs import CostEvent
 
 log = structlog.get_logger("modelyard.ledger")
-
-MAX_BACKOFF_S = 5.0
 
 
 class Ledger:
@@ -40,7 +37,7 @@ class Ledger:
         self.flush_s = config.ledger.flush_ms / 1000
         self._buffer: list[AbstractIncomingMessage] = []
         self._full = asyncio.Event()
-        self._pool: asyncpg.Pool | None = None
+        self.db = Database(config.database_url)
         self._flusher: asyncio.Task[None] | None = None
         self.broker = Broker(connection)
         # Room for one batch being written and the next one filling.
@@ -53,7 +50,7 @@ class Ledger:
 
     async def start(self) -> None:
         """Connect to Postgres and the broker, then start consuming."""
-        self._pool = await create_pool(self.config.database_url)
+        await self.db.open()
         await self._keep_partitions()
         await self.broker.declare(build_topology(self.config.pool_names()))
         self._flusher = asyncio.create_task(self._flush_forever())
@@ -78,8 +75,7 @@ class Ledger:
                     await self._flusher
         await self._consumer.close()
         await self.broker.close()
-        if self._pool is not None:
-            await self._pool.close()
+        await self.db.close()
 
     def _channel_closed(self) -> bool:
         channel = self._consumer.channel
@@ -135,25 +131,30 @@ class Ledger:
         month = datetime.now(UTC).strftime("%Y-%m")
         if month == self._partitions_month:
             return
-        assert self._pool is not None
-        async with self._pool.acquire() as conn:
+        async with self.db.pool.acquire() as conn:
             await store.ensure_partitions(conn)
         self._partitions_month = month
 
     async def _flush(self, batch: list[AbstractIncomingMessage]) -> None:
-        decoded: list[tuple[AbstractIncomingMessage, list[CostEvent]]] = []
+        decoded: list[AbstractIncomingMessage] = []
+        events: list[CostEvent] = []
+        releases: list[str] = []
         for message in batch:
             try:
-                decoded.append((message, decode_costs(message.body).events))
+                costs = decode_costs(message.body)
             except InvalidMessage as exc:
                 log.error("undecodable cost message dead-lettered", reason=str(exc))
                 await settle(message, requeue=False)
-        events = [event for _, batch_events in decoded for event in batch_events]
+                continue
+            decoded.append(message)
+            events += costs.events
+            releases += costs.releases
         try:
-            await self._write(events)
+            await self._write(events, releases)
         except BAD_DATA:
             # One bad row must not block the queue: find it, park it, keep the rest.
             events = await self._write_one_by_one(events)
+            await self._write([], releases)
         self.written += len(events)
         if decoded:
             # Batches are flushed in delivery order, one at a time, so acking
@@ -161,7 +162,7 @@ class Ledger:
             # channel went meanwhile, the batch is redelivered and the
             # idempotent insert absorbs it.
             with contextlib.suppress(*LOST, ChannelClosed, MessageProcessError):
-                await decoded[-1][0].ack(multiple=True)
+                await decoded[-1].ack(multiple=True)
 
     async def _write_one_by_one(self, events: list[CostEvent]) -> list[CostEvent]:
         kept = []
@@ -175,24 +176,12 @@ class Ledger:
                 kept.append(event)
         return kept
 
-    async def _write(self, events: list[CostEvent]) -> None:
+    async def _write(self, events: list[CostEvent], releases: list[str] | None = None) -> None:
         """Write until it works: a down database delays the ledger, never loses it."""
-        if not events:
-            return
-        assert self._pool is not None
-        backoff = 0.1
-        while True:
-            try:
-                async with self._pool.acquire() as conn:
-                    await store.write_batch(conn, events)
-                return
-            except BAD_DATA:
-                raise
-            except TRANSIENT as exc:
-                # Down, restarting, out of connections, a deadlock: all pass.
-                log.warning("ledger write failed; retrying", error=str(exc), retry_in_s=backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, MAX_BACKOFF_S)
+        if events or releases:
+            await self.db.run(
+                lambda conn: store.write_batch(conn, events, releases), what="ledger write"
+            )
 
 
 def _orphaned(message: AbstractIncomingMessage) -> bool:

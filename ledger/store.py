@@ -14,6 +14,7 @@ import asyncpg
 import structlog
 from asyncpg.pool import PoolConnectionProxy
 
+from modelyard.budgets import ALERTS, RELEASE, SETTLE_CTE
 from schemas.costs import CostEvent
 
 log = structlog.get_logger("modelyard.ledger")
@@ -58,7 +59,8 @@ WITH inserted AS (
     SELECT * FROM unnest({_UNNEST})
     ON CONFLICT DO NOTHING
     RETURNING *
-)
+),
+daily AS (
 INSERT INTO ledger_daily AS d
 SELECT (occurred_at AT TIME ZONE 'UTC')::date, coalesce(team, ''), coalesce(project, ''),
        coalesce(key_id, ''), model, provider, deployment, provider_model,
@@ -78,6 +80,10 @@ DO UPDATE SET
     reasoning_tokens = d.reasoning_tokens + excluded.reasoning_tokens,
     cost = d.cost + excluded.cost,
     unpriced_calls = d.unpriced_calls + excluded.unpriced_calls
+RETURNING 1
+),
+{SETTLE_CTE}
+SELECT count(*) FROM inserted
 """
 
 
@@ -118,10 +124,29 @@ def columns(events: list[CostEvent]) -> list[list[object]]:
     return [list(col) for col in zip(*rows, strict=True)] if rows else [[] for _ in _COLUMNS]
 
 
-async def write_batch(conn: Conn, events: list[CostEvent]) -> None:
-    """Insert the events and their rollup in one transaction; duplicates are ignored."""
+async def write_batch(
+    conn: Conn, events: list[CostEvent], releases: list[str] | None = None
+) -> None:
+    """In one transaction: insert the events, their daily rollup and their
+    spend against every budget they fall under (duplicates are ignored, so
+    none of this counts twice), then release the budget reservations of
+    jobs that ended, and raise the soft alert of budgets that crossed it."""
+    ended = [e.job_id for e in events if e.final] + (releases or [])
     async with conn.transaction():
-        await conn.execute(INSERT_BATCH, *columns(events))
+        if events:
+            await conn.execute(INSERT_BATCH, *columns(events))
+        if ended:
+            await conn.execute(RELEASE, ended)
+        if events:
+            for alert in await conn.fetch(ALERTS):
+                log.warning(
+                    "budget alert: spend crossed its alert share",
+                    scope=alert["scope"],
+                    subject=alert["subject"],
+                    period=alert["period"],
+                    spent=str(alert["spent"]),
+                    limit=str(alert["limit_usd"]),
+                )
 
 
 async def ensure_partitions(conn: Conn, now: datetime | None = None) -> None:

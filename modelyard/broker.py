@@ -48,6 +48,7 @@ from modelyard.topology import (
     DEAD_EXCHANGE,
     DISPATCH_EXCHANGE,
     HEALTH_EXCHANGE,
+    INTERNAL_EXCHANGE,
     JOBS_EXCHANGE,
     Topology,
     delay_exchange,
@@ -211,6 +212,12 @@ class Broker:
             type=JOB_BATCH_TYPE if batch else None,
         )
         await self.publish(JOBS_EXCHANGE, "job", msg)
+
+    async def resubmit(self, body: bytes, *, correlation_id: str, batch: bool = False) -> None:
+        """A job (or a `JobBatch`) modelyard already admitted, straight back
+        to the router (a fallback), confirmed."""
+        msg = message(body, correlation_id=correlation_id, type=JOB_BATCH_TYPE if batch else None)
+        await self.publish(INTERNAL_EXCHANGE, "job", msg)
 
     async def dispatch(
         self, pool: str, lane: Lane, body: bytes, *, correlation_id: str, batch: bool = False

@@ -79,7 +79,7 @@ async def _with_fake(main: Coroutine[Any, Any, None], port: int) -> int:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    from ledger.migrate import migrate  # noqa: PLC0415
+    from modelyard.database import migrate  # noqa: PLC0415
 
     config = _config(args)
     applied = _run(migrate(config.database_url))
@@ -148,8 +148,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     from rich.console import Console  # noqa: PLC0415
     from rich.table import Table  # noqa: PLC0415
 
-    from ledger.migrate import connect  # noqa: PLC0415
     from modelyard import report  # noqa: PLC0415
+    from modelyard.database import connect  # noqa: PLC0415
 
     config = _config(args)
     group_by = [g.strip() for g in args.group_by.split(",") if g.strip()]

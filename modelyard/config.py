@@ -63,6 +63,9 @@ class Deployment(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     price: PriceOverride | None = None
     price_provider: str | None = None
     options: dict[str, Any] = msgspec.field(default_factory=dict)
+    # Labels keys can be pinned to (`eu`, `self-hosted`): a key allowed some
+    # tags only reaches deployments carrying one of them.
+    tags: list[Name] = msgspec.field(default_factory=list)
     name: str = ""  # filled from the mapping key on load
 
 
@@ -172,6 +175,33 @@ class HealthSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     honour_retry_after: bool = True
 
 
+class AccessSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Admission: who may submit, which models, within which budgets.
+
+    `require_key`: every job must carry a live virtual key (`api_key`);
+    without it a job's principal is whatever its metadata says.
+    `require_approval`: a model group must be approved (`modelyard models
+    approve`) before anyone may use it. Keys, approvals and budgets are read
+    from Postgres and cached for `cache_s`: a revoked key or a changed
+    budget takes effect on every router within that time.
+
+    Budgets reserve each job's worst case: its prompt at one token per byte
+    (plus `image_tokens` per image), its `max_tokens` (a job without one
+    gets `max_output_tokens`, enforced), at the dearest deployment it may
+    reach. A deployment without a price is refused (`unpriced: refuse`) or
+    reserved at `unpriced_reservation_usd`. A reservation nobody settles
+    expires after `reservation_ttl_s`."""
+
+    require_key: bool = False
+    require_approval: bool = False
+    cache_s: Annotated[float, Meta(gt=0, le=300)] = 2.0
+    max_output_tokens: Annotated[int, Meta(ge=1)] = 4096
+    image_tokens: Annotated[int, Meta(ge=0)] = 3000
+    unpriced: Literal["refuse", "reserve"] = "refuse"
+    unpriced_reservation_usd: Annotated[float, Meta(gt=0)] = 1.0
+    reservation_ttl_s: Annotated[float, Meta(ge=60)] = 3600.0
+
+
 class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """The whole file."""
 
@@ -186,6 +216,7 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     batch_lane: BatchLaneSettings = msgspec.field(default_factory=BatchLaneSettings)
     ledger: LedgerSettings = msgspec.field(default_factory=LedgerSettings)
     health: HealthSettings = msgspec.field(default_factory=HealthSettings)
+    access: AccessSettings = msgspec.field(default_factory=AccessSettings)
     # Whether a job's own `fallbacks` list is followed (instead of its
     # model's chain); false makes the chains the platform's alone.
     allow_job_fallbacks: bool = True

@@ -17,7 +17,7 @@ from genai_prices import data_snapshot
 from genai_prices.types import ModelPrice, TieredPrices
 
 from modelyard.config import Deployment
-from schemas.chat import ChatRequest
+from schemas.chat import ChatRequest, ImagePart
 from schemas.costs import PriceSource
 from schemas.results import Usage
 
@@ -139,3 +139,19 @@ def estimated_cost(card: PriceCard, input_tokens: int, output_tokens: int) -> De
         input_tokens
     )
     return micro / MILLION
+
+
+def token_bound(request: ChatRequest, *, image_tokens: int, max_output: int) -> tuple[int, int]:
+    """Tokens a call can be billed for, at most: every token of text is at
+    least one byte, so the request's JSON size bounds its input (images
+    count `image_tokens` each instead of their bytes); the output is its
+    `max_tokens`, or `max_output` (which the caller then enforces)."""
+    images = [
+        part.image_url.url
+        for message in request.messages
+        if isinstance(message.content, list)
+        for part in message.content
+        if isinstance(part, ImagePart)
+    ]
+    size = len(msgspec.json.encode(request)) - sum(len(url) for url in images)
+    return size + image_tokens * len(images), request.output_limit() or max_output

@@ -15,14 +15,19 @@ import msgspec
 from schemas.jobs import MAX_REPLY_TO_BYTES, Lane, ReplyTo
 
 JOBS_EXCHANGE = "modelyard.jobs"
+# Jobs modelyard sends itself back to the router (retries after their delay,
+# fallbacks, jobs waiting for a provider): already admitted. Producers may
+# publish to `modelyard.jobs` only (see deploy/rabbitmq-users.sh), so they
+# cannot skip admission by sending a job here.
+INTERNAL_EXCHANGE = "modelyard.internal"
 DISPATCH_EXCHANGE = "modelyard.dispatch"
 COSTS_EXCHANGE = "modelyard.costs"
 DEAD_EXCHANGE = "modelyard.dead"
 # Workers' deployment health reports, fanned out to every router's own queue.
 HEALTH_EXCHANGE = "modelyard.health"
 
-DELAY_EXCHANGE_PREFIX = "modelyard.delay."
-RETRY_QUEUE_PREFIX = "retry."
+DELAY_EXCHANGE_PREFIX = "modelyard.wait."
+RETRY_QUEUE_PREFIX = "wait."
 
 # Retry delays are held by the broker: one queue per step of this ladder,
 # each with a fixed message TTL, dead-lettering back to the router when it
@@ -35,6 +40,7 @@ RETRY_DELAYS_MS: tuple[int, ...] = (
 )  # fmt: skip
 
 ROUTER_QUEUE = "router.jobs"
+ROUTER_INTERNAL_QUEUE = "router.internal"
 LEDGER_QUEUE = "ledger.costs"
 DEAD_QUEUE = "dead.jobs"
 
@@ -102,7 +108,7 @@ def _retry_queue_arguments(step_ms: int) -> dict[str, Any]:
     return {
         "x-queue-type": "quorum",
         "x-message-ttl": step_ms,
-        "x-dead-letter-exchange": JOBS_EXCHANGE,
+        "x-dead-letter-exchange": INTERNAL_EXCHANGE,
         "x-dead-letter-routing-key": "job",
         "x-dead-letter-strategy": "at-least-once",
         "x-overflow": "reject-publish",
@@ -190,6 +196,7 @@ def build_topology(pools: list[str]) -> Topology:
     work = _work_queue_arguments()
     queues = [
         QueueSpec(ROUTER_QUEUE, ((JOBS_EXCHANGE, "job"),), work),
+        QueueSpec(ROUTER_INTERNAL_QUEUE, ((INTERNAL_EXCHANGE, "job"),), work),
         QueueSpec(LEDGER_QUEUE, ((COSTS_EXCHANGE, "cost"),), work),
         QueueSpec(DEAD_QUEUE, ((DEAD_EXCHANGE, ""),), {"x-queue-type": "quorum"}),
         *(
@@ -208,6 +215,7 @@ def build_topology(pools: list[str]) -> Topology:
     ]
     exchanges = (
         ExchangeSpec(JOBS_EXCHANGE),
+        ExchangeSpec(INTERNAL_EXCHANGE),
         ExchangeSpec(DISPATCH_EXCHANGE),
         ExchangeSpec(COSTS_EXCHANGE),
         ExchangeSpec(DEAD_EXCHANGE, "fanout"),

@@ -75,6 +75,8 @@ class RouteTable(msgspec.Struct):
             return False
         if c.deployments is not None and deployment.name not in c.deployments:
             return False
+        if c.tags is not None and not set(c.tags) & set(deployment.tags):
+            return False
         card = self.prices[deployment.name]
         for cap, rate in ((c.max_input_per_mtok, card.input), (c.max_output_per_mtok, card.output)):
             if cap is not None and (rate is None or rate.base > Decimal(repr(cap))):

@@ -28,12 +28,14 @@ from modelyard.config import Config, ModelGroup
 from modelyard.replies import error_result, reply_batcher, send_reply
 from modelyard.topology import (
     RETRY_DELAYS_MS,
+    ROUTER_INTERNAL_QUEUE,
     ROUTER_QUEUE,
     build_topology,
     delay_step_ms,
     health_topology,
 )
 from modelyard.tracing import job_span
+from router.admission import Admission
 from router.health import HealthView
 from router.routing import Choice, RouteTable, build_route_table
 from schemas.codec import (
@@ -45,6 +47,7 @@ from schemas.codec import (
     salvage_envelope,
     split_job_batch,
 )
+from schemas.costs import CostBatch
 from schemas.errors import ErrorKind, JobError, job_error
 from schemas.jobs import JOB_BATCH_TYPE, CompletionJob, Lane, NextHop, Route
 from schemas.results import JobResult, Timings
@@ -62,8 +65,15 @@ class Router:
         self.rng = random.Random()
         self.broker = Broker(connection)
         self.health = HealthView(config.health, config.deployments)
+        self.admission = Admission(config, self.routes)
         self._consumer = Consumer(
             connection, ROUTER_QUEUE, self.handle, prefetch=config.router.concurrency
+        )
+        self._internal = Consumer(
+            connection,
+            ROUTER_INTERNAL_QUEUE,
+            self.handle_internal,
+            prefetch=config.router.concurrency,
         )
         self._health_topology = health_topology(uuid.uuid4().hex[:16])
         self._health_consumer = Consumer(
@@ -93,14 +103,19 @@ class Router:
             linger_s=lane.linger_ms / 1000,
             size=encoded_size,
         )
+        self._releases: Batcher[str, str] = Batcher(
+            self._send_releases, max_items=500, linger_s=lane.linger_ms / 1000
+        )
+        await self._internal.start()
         await self._consumer.start()
         log.info("router started", queue=ROUTER_QUEUE, concurrency=self.config.router.concurrency)
 
     async def stop(self) -> None:
         """Stop taking jobs, let those in flight finish, close the channel."""
-        await self._consumer.stop()
+        await asyncio.gather(self._consumer.stop(), self._internal.stop())
         await self._health_consumer.stop(grace_s=1)
         await self.broker.close()
+        await self.admission.close()
 
     async def _on_health(self, message: AbstractIncomingMessage) -> None:
         """A worker's health report, into the view routing reads."""
@@ -113,10 +128,19 @@ class Router:
         await settle(message)
 
     async def handle(self, message: AbstractIncomingMessage) -> None:
-        """Admit, route and forward one job or a batch of them; every path ends
-        in ack, or in nack (requeue) when a publish failed."""
+        """A producer's message (`router.jobs`): admit, route and forward its
+        job or jobs; every path ends in ack, or in a requeue when a publish
+        failed or the database stayed away."""
+        await self._handle(message, admitted=False)
+
+    async def handle_internal(self, message: AbstractIncomingMessage) -> None:
+        """Jobs modelyard sent itself (`router.internal`: retries, fallbacks,
+        jobs that waited for a provider), admitted already: routed on."""
+        await self._handle(message, admitted=True)
+
+    async def _handle(self, message: AbstractIncomingMessage, *, admitted: bool) -> None:
         if message.type == JOB_BATCH_TYPE:
-            await self._handle_batch(message)
+            await self._handle_batch(message, admitted=admitted)
             return
         try:
             job = decode_job(message.body, self.config.router.max_job_bytes)
@@ -125,10 +149,11 @@ class Router:
             return
         if job.reply_to is None and message.reply_to:
             job.reply_to = message.reply_to
-        await self._admit(job, redelivered=resent(message))
+        waits = await self._admit([job], redelivered=resent(message), admitted=admitted)
+        await settle_all(map(_shielded, waits))
         await settle(message)
 
-    async def _handle_batch(self, message: AbstractIncomingMessage) -> None:
+    async def _handle_batch(self, message: AbstractIncomingMessage, *, admitted: bool) -> None:
         """Each job of a batch is judged alone: a bad one is answered (or
         parked), the others go on. The batch is acked once every job's
         dispatch or answer is confirmed."""
@@ -142,18 +167,26 @@ class Router:
             await settle(message)
             return
         redelivered = resent(message)
-        # Jobs share the few outgoing batches they join: wait on each once.
-        waits: dict[int, Awaitable[None]] = {}
+        jobs: list[CompletionJob] = []
+        waits: list[Awaitable[None]] = []
         for raw in raws:
-            wait = self._admit_raw(raw, message.reply_to, redelivered)
-            waits[id(wait)] = wait
+            decoded = self._decode_raw(raw, message.reply_to, redelivered)
+            if isinstance(decoded, CompletionJob):
+                jobs.append(decoded)
+            else:
+                waits.append(decoded)
+        waits += await self._admit(jobs, redelivered=redelivered, admitted=admitted)
+        # Jobs share the few outgoing batches they join: wait on each once.
+        unique = {id(wait): wait for wait in waits}
         # A failure is raised once all have settled; the consumer's guard then
         # requeues the message, and jobs it had sent are marked when sent again.
-        await settle_all(map(_shielded, waits.values()))
+        await settle_all(map(_shielded, unique.values()))
         await settle(message)
 
-    def _admit_raw(self, raw: bytes, reply_to: str | None, redelivered: bool) -> Awaitable[None]:
-        """Decide one job of a batch; what to wait on before the batch is acked."""
+    def _decode_raw(
+        self, raw: bytes, reply_to: str | None, redelivered: bool
+    ) -> CompletionJob | Awaitable[None]:
+        """One job of a batch, or (when it does not decode) its answer to wait on."""
         try:
             job = decode_job(raw, self.config.router.max_job_bytes)
         except InvalidMessage as exc:
@@ -166,10 +199,28 @@ class Router:
             return self._replies.put(reply_to, (job_id, encode(result)))
         if job.reply_to is None:
             job.reply_to = reply_to
-        return self._decide(job, redelivered=redelivered)
+        return job
 
-    async def _admit(self, job: CompletionJob, *, redelivered: bool) -> None:
-        await _shielded(self._decide(job, redelivered=redelivered))
+    async def _admit(
+        self, jobs: list[CompletionJob], *, redelivered: bool, admitted: bool
+    ) -> list[Awaitable[None]]:
+        """Admission for a producer's jobs (all of a message at once), then
+        routing; what to wait on before the message is acked."""
+        if admitted:
+            refusals: list[JobError | None] = [None] * len(jobs)
+        else:
+            for job in jobs:
+                _only_as_submitted(job)
+            refusals = await self.admission.admit(jobs)
+        waits = []
+        for job, refusal in zip(jobs, refusals, strict=True):
+            if refusal is None:
+                waits.append(self._decide(job, redelivered=redelivered))
+                continue
+            job.redelivered = job.redelivered or redelivered
+            log.info("job refused", job_id=job.id, kind=refusal.kind, reason=refusal.message)
+            waits.append(self._answer(job, error_result(job, refusal)))
+        return waits
 
     def _decide(self, job: CompletionJob, *, redelivered: bool) -> Awaitable[None]:
         job.redelivered = job.redelivered or redelivered
@@ -300,12 +351,23 @@ class Router:
             return
         log.warning("job not run: its answer cannot be delivered", reason=problem)
         await self.broker.dead_letter(encode(job), f"job not run: {problem}")
+        if job.reserved:
+            await self._releases.add("ended", job.id)
 
     def _answer(self, job: CompletionJob, result: JobResult) -> Awaitable[None]:
-        """An error answer, batched with others for batch-lane jobs."""
+        """An error answer, batched with others for batch-lane jobs; a job
+        that holds budget reservations has them released too."""
         if job.priority == "batch" and job.reply_to is not None:
-            return self._replies.put(job.reply_to, (job.id, encode(result)))
-        return send_reply(self.broker, job.reply_to, result)
+            sent: Awaitable[None] = self._replies.put(job.reply_to, (job.id, encode(result)))
+        else:
+            sent = send_reply(self.broker, job.reply_to, result)
+        if not job.reserved:
+            return sent
+        return settle_all([_shielded(sent), asyncio.shield(self._releases.put("ended", job.id))])
+
+    async def _send_releases(self, _key: str, job_ids: list[str]) -> None:
+        body = encode(CostBatch(events=[], releases=job_ids))
+        await self.broker.cost(body, correlation_id=job_ids[0])
 
     async def _send_job(self, job: CompletionJob, pool: str) -> None:
         await self.broker.dispatch(pool, "interactive", encode(job), correlation_id=job.id)
@@ -330,6 +392,12 @@ class Router:
         result = invalid_result(job_id, exc, bool(message.redelivered))
         await send_reply(self.broker, reply_to, result)
         await settle(message)
+
+
+def _only_as_submitted(job: CompletionJob) -> None:
+    """Forget what only modelyard may set on a job: a producer cannot send
+    one in as a retry, a fallback or an admitted job."""
+    job.route, job.next_hop, job.attempts, job.reserved = None, None, [], False
 
 
 def _shielded(wait: Awaitable[None]) -> Awaitable[None]:

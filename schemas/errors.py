@@ -29,6 +29,11 @@ class ErrorKind(enum.StrEnum):
     NOT_FOUND = "not_found"
     SERVER_ERROR = "server_error"
     DEADLINE_EXCEEDED = "deadline_exceeded"
+    # Refused at admission: each says what a person can do about it.
+    UNAUTHORIZED = "unauthorized"
+    MODEL_NOT_ALLOWED = "model_not_allowed"
+    MODEL_NOT_APPROVED = "model_not_approved"
+    BUDGET_EXCEEDED = "budget_exceeded"
 
 
 # Whether a kind is worth retrying by default. A single error may override it
@@ -46,6 +51,10 @@ RETRYABLE: dict[ErrorKind, bool] = {
     ErrorKind.NOT_FOUND: False,
     ErrorKind.SERVER_ERROR: True,
     ErrorKind.DEADLINE_EXCEEDED: False,
+    ErrorKind.UNAUTHORIZED: False,
+    ErrorKind.MODEL_NOT_ALLOWED: False,
+    ErrorKind.MODEL_NOT_APPROVED: False,
+    ErrorKind.BUDGET_EXCEEDED: False,
 }
 
 

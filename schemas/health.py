@@ -39,7 +39,7 @@ class DeploymentHealth(msgspec.Struct, kw_only=True, omit_defaults=True):
     # Calls in progress now.
     in_flight: Int64 = 0
     # The provider asked not to be called before this unix time (a 429 with
-    # retry-after, or remaining requests at zero until the reset).
+    # retry-after).
     blocked_until: float | None = None
     # The provider's last word on its headroom, from its rate-limit headers.
     remaining_requests: Int64 | None = None

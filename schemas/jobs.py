@@ -108,6 +108,9 @@ class Constraints(msgspec.Struct, kw_only=True, omit_defaults=True, forbid_unkno
     deployments: Annotated[list[Label], Meta(min_length=1, max_length=256)] | None = None
     max_input_per_mtok: Annotated[float, Meta(ge=0)] | None = None
     max_output_per_mtok: Annotated[float, Meta(ge=0)] | None = None
+    # Only deployments carrying at least one of these tags (a key's pin to
+    # `eu` or `self-hosted` deployments arrives here).
+    tags: Annotated[list[Label], Meta(min_length=1, max_length=32)] | None = None
 
 
 class NextHop(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -135,6 +138,11 @@ class CompletionJob(msgspec.Struct, kw_only=True, omit_defaults=True):
     id: JobId
     request: ChatRequest
     v: Int64 = JOB_VERSION
+    # The producer's virtual key (`my-...`): checked at admission and
+    # removed from the job before it goes anywhere else. `key_id` and the
+    # metadata's team, project and user are then the key's, whatever the
+    # producer wrote there.
+    api_key: Annotated[str, Meta(max_length=256)] | None = None
     key_id: Label | None = None
     metadata: Metadata = msgspec.field(default_factory=Metadata)
     reply_to: ReplyTo | None = None
@@ -155,6 +163,9 @@ class CompletionJob(msgspec.Struct, kw_only=True, omit_defaults=True):
     fallbacks: Annotated[list[Label], Meta(max_length=16)] | None = None
     next_hop: NextHop | None = None
     constraints: Constraints | None = None
+    # Set by admission: budget reservations are held for this job, and its
+    # end must release them.
+    reserved: bool = False
 
     def deadline_passed(self, now: float) -> bool:
         """True when the job's absolute deadline is behind `now` (unix seconds)."""

@@ -55,7 +55,7 @@ async def _admin(sql: str) -> None:
 @contextmanager
 def fresh_database() -> Iterator[str]:
     """A new, migrated database; yields its URL, drops it after."""
-    from ledger.migrate import migrate  # noqa: PLC0415
+    from modelyard.database import migrate  # noqa: PLC0415
 
     name = f"modelyard_test_{uuid.uuid4().hex[:10]}"
     url = f"postgresql://{PG}/{name}"

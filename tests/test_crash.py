@@ -24,6 +24,7 @@ import pytest_asyncio
 import yaml
 
 from modelyard.client import Client, new_job
+from modelyard.topology import RETRY_QUEUE_PREFIX
 from schemas.chat import Message
 from schemas.codec import decode_reply
 from schemas.jobs import CompletionJob, Lane
@@ -409,7 +410,7 @@ async def test_jobs_waiting_in_retry_delays_survive_router_and_worker_kills(
         # Refused jobs wait for company (at most 50 ms) and travel to the
         # delay in batches: a moment later every one of them is in the broker.
         await asyncio.sleep(0.5)
-        waiting = await waiting_in(stack, "retry.4000")
+        waiting = await waiting_in(stack, f"{RETRY_QUEUE_PREFIX}4000")
         await flaky.set(rate_429=0.0)  # the provider recovers while they wait
         stack.kill("router")
         stack.kill("worker")

@@ -13,7 +13,7 @@ import pytest
 import pytest_asyncio
 
 from ledger import store
-from ledger.migrate import migrate
+from modelyard.database import migrate
 from schemas.costs import CostEvent
 from schemas.results import Usage
 

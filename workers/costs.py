@@ -19,7 +19,7 @@ class CostPublisher:
 
     def __init__(self, broker: Broker, max_batch: int = 200, linger_s: float = 0.002) -> None:
         self.broker = broker
-        self._batches: Batcher[str, CostEvent] = Batcher(
+        self._batches: Batcher[str, CostEvent | str] = Batcher(
             self._send, max_items=max_batch, linger_s=linger_s
         )
 
@@ -27,6 +27,14 @@ class CostPublisher:
         """Return once `event` is confirmed by the broker (raises if the publish failed)."""
         await self._batches.add("cost", event)
 
-    async def _send(self, _key: str, events: list[CostEvent]) -> None:
-        body = encode(CostBatch(events=events))
-        await self.broker.cost(body, correlation_id=events[0].job_id)
+    async def release(self, job_id: str) -> None:
+        """Tell the ledger a job ended without a billed last call, so its
+        budget reservations are released; returns once confirmed."""
+        await self._batches.add("cost", job_id)
+
+    async def _send(self, _key: str, items: list[CostEvent | str]) -> None:
+        events = [item for item in items if isinstance(item, CostEvent)]
+        releases = [item for item in items if isinstance(item, str)]
+        body = encode(CostBatch(events=events, releases=releases))
+        first = events[0].job_id if events else releases[0]
+        await self.broker.cost(body, correlation_id=first)

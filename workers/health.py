@@ -115,13 +115,14 @@ class HealthRecorder:
 
 
 def _asked_wait(error: JobError | None, limits: RateLimits | None) -> float | None:
-    """Seconds the provider asked not to be called for: a rate-limit
-    refusal's retry-after, or its remaining requests at zero until a reset."""
-    if error is not None and error.kind == ErrorKind.RATE_LIMITED and error.retryable:
-        if error.retry_after_s is not None:
-            return error.retry_after_s
-        if limits is not None and limits.retry_after_s is not None:
-            return limits.retry_after_s
-    if limits is not None and limits.remaining_requests == 0 and limits.reset_requests_s:
-        return limits.reset_requests_s
-    return None
+    """Seconds a rate-limit refusal asked us to wait (its retry-after).
+
+    Remaining requests at zero are not a request to wait: providers refill
+    continuously, and their reset figure is the time to refill completely,
+    far longer than the wait for the next request (the pool's own rate
+    limiter is the place to slow down ahead of a 429)."""
+    if error is None or error.kind != ErrorKind.RATE_LIMITED or not error.retryable:
+        return None
+    if error.retry_after_s is not None:
+        return error.retry_after_s
+    return limits.retry_after_s if limits is not None else None

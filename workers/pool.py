@@ -404,7 +404,7 @@ class Worker:
         elif step:
             await self.broker.defer(step, encode(job), correlation_id=job.id)
         else:
-            await self.broker.submit(encode(job), correlation_id=job.id, reply_to=None)
+            await self.broker.resubmit(encode(job), correlation_id=job.id)
 
     async def _send_handoffs(self, step_ms: int, jobs: list[Encoded]) -> None:
         body = encode_job_batch([job for _, job in jobs])
@@ -412,7 +412,7 @@ class Worker:
         if step_ms:
             await self.broker.defer(step_ms, body, correlation_id=first, batch=True)
         else:
-            await self.broker.submit(body, correlation_id=first, reply_to=None, batch=True)
+            await self.broker.resubmit(body, correlation_id=first, batch=True)
 
     async def _publish(
         self, job: CompletionJob, lane: Lane, result: JobResult | Handoff, cost: CostEvent | None
@@ -425,6 +425,13 @@ class Worker:
             publishes = [self._replies.add(job.reply_to, (job.id, encode(result)))]
         else:
             publishes = [send_reply(self.broker, job.reply_to, result)]
+        if isinstance(result, JobResult) and job.reserved:
+            # The job ends here: its budget reservations go, with its last
+            # cost in the same ledger transaction when it was billed.
+            if cost is not None:
+                cost.final = True
+            else:
+                publishes.append(self._costs.release(job.id))
         if cost is not None:
             publishes.append(self._costs.publish(cost))
         await asyncio.gather(*publishes)

@@ -140,13 +140,14 @@ def test_topology_is_quorum_with_dead_lettering() -> None:
 
     assert set(queues) == {
         "router.jobs",
+        "router.internal",
         "ledger.costs",
         "dead.jobs",
         worker_queue("openai"),
         worker_queue("openai", "batch"),
         worker_queue("anthropic"),
         worker_queue("anthropic", "batch"),
-        *(f"retry.{step}" for step in RETRY_DELAYS_MS),
+        *(f"wait.{step}" for step in RETRY_DELAYS_MS),
     }
     for name in ("router.jobs", "ledger.costs", "worker.openai", "worker.openai.batch"):
         assert queues[name]["arguments"]["x-queue-type"] == "quorum"
@@ -158,11 +159,12 @@ def test_topology_is_quorum_with_dead_lettering() -> None:
         ("modelyard.jobs", "job", "router.jobs"),
     }
     assert all(q["vhost"] == "prod" for q in exported["queues"])
-    # A retry waits its step in the broker, then goes back to the router.
-    retry = queues["retry.2000"]["arguments"]
-    assert (retry["x-message-ttl"], retry["x-dead-letter-exchange"]) == (2000, "modelyard.jobs")
+    # A retry waits its step in the broker, then goes back to the router,
+    # on the internal path producers cannot publish to.
+    retry = queues["wait.2000"]["arguments"]
+    assert (retry["x-message-ttl"], retry["x-dead-letter-exchange"]) == (2000, "modelyard.internal")
     assert retry["x-dead-letter-routing-key"] == "job"
-    assert ("modelyard.delay.2000", "", "retry.2000") in {
+    assert ("modelyard.wait.2000", "", "wait.2000") in {
         (b["source"], b["routing_key"], b["destination"]) for b in exported["bindings"]
     }
 

@@ -77,11 +77,14 @@ def test_a_429_with_retry_after_blocks_the_deployment_and_asks_for_a_report_now(
     assert rec.urgent.is_set()
     assert rec.report(T0 + 1).deployments[0].blocked_until == T0 + 3.0
     assert rec.report(T0 + 3.5).deployments[0].blocked_until is None
-    # Remaining requests at zero until a reset blocks too.
+    # Remaining requests at zero is headroom to report, not a wait: the
+    # provider refills continuously, long before its full reset.
     rec.started("a")
-    limits = RateLimits(remaining_requests=0, reset_requests_s=2.0)
+    limits = RateLimits(remaining_requests=0, reset_requests_s=60.0)
     rec.finished("a", now=T0 + 4, error=None, latency_ms=1.0, limits=limits)
-    assert rec.report(T0 + 4).deployments[0].blocked_until == T0 + 6.0
+    view = rec.report(T0 + 4).deployments[0]
+    assert view.blocked_until is None
+    assert view.remaining_requests == 0
 
 
 def test_failing_calls_cool_a_deployment_down_then_one_probe_readmits_it() -> None:

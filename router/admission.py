@@ -1,0 +1,305 @@
+"""Admission: who the job is for, whether they may use its model, and whether
+its worst-case cost fits every budget over it. A library: the router calls
+it for each incoming message, and the HTTP gateway will call it in-process.
+
+Batch-shaped: `admit` decides every job of a message at once, with at most
+one key lookup, one approval refresh and one budget transaction, however
+many jobs the message holds. What admission asks of Postgres (keys,
+approvals, which budgets exist) is cached for `access.cache_s`, so a job
+that needs no budget costs no database round trip at all.
+
+What it changes on an admitted job: the virtual key is removed (it goes no
+further than this module), `key_id` and the metadata's team, project and
+user become the key's, the deployments it may reach are narrowed to those of
+allowed, approved models (and the key's tags), a job under a budget without
+`max_tokens` gets the configured cap, and `reserved` says its budgets hold a
+reservation its end must release.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Generic, TypeVar
+
+import structlog
+
+from modelyard import budgets
+from modelyard.budgets import Budget, Claim, Principal, refusal_message
+from modelyard.config import Config, ModelGroup
+from modelyard.database import Conn, Database
+from modelyard.prices import estimated_cost, token_bound
+from router import approvals
+from router.keys import KeyCache, KeyRecord
+from router.routing import RouteTable
+from schemas.errors import ErrorKind, JobError, job_error
+from schemas.jobs import CompletionJob, Constraints
+
+log = structlog.get_logger("modelyard.admission")
+
+T = TypeVar("T")
+
+# How long admission keeps trying a database that is away before the
+# message is handed back to the broker (its jobs wait there, nothing lost).
+DATABASE_PATIENCE_S = 10.0
+
+
+class Admission:
+    """Admission decisions for one router (or gateway) process."""
+
+    def __init__(self, config: Config, routes: RouteTable) -> None:
+        self.config = config
+        self.settings = config.access
+        self.routes = routes
+        self.db = Database(config.database_url)
+        self.keys = KeyCache(self.settings.cache_s)
+        self._approved: Cached[set[str]] = Cached(self.settings.cache_s)
+        self._budgeted: Cached[set[tuple[str, str]]] = Cached(self.settings.cache_s)
+
+    async def close(self) -> None:
+        """Close the database pool."""
+        await self.db.close()
+
+    async def admit(self, jobs: list[CompletionJob]) -> list[JobError | None]:
+        """One decision per job (None: admitted, and changed as the module
+        says). Raises only when the database stayed away too long: the
+        caller then hands the message back to the broker."""
+        now = datetime.now(UTC)
+        records = await self._key_records(jobs)
+        approved = await self._approved_models() if self.settings.require_approval else None
+        verdicts: list[JobError | None] = []
+        for job in jobs:
+            secret, job.api_key = job.api_key, None  # the key goes no further
+            record = records.get(secret) if secret else None
+            refusal = self._identify(job, secret, record, now) or self._models(
+                job, record, approved
+            )
+            verdicts.append(refusal)
+        admitted = [job for job, verdict in zip(jobs, verdicts, strict=True) if verdict is None]
+        for job, refusal in zip(admitted, await self._reserve(admitted), strict=True):
+            if refusal is not None:
+                verdicts[jobs.index(job)] = refusal
+        return verdicts
+
+    # Who.
+
+    async def _key_records(self, jobs: list[CompletionJob]) -> dict[str, KeyRecord | None]:
+        secrets = [job.api_key for job in jobs if job.api_key]
+        if not secrets:
+            return {}
+        return await self._db(lambda conn: self.keys.lookup(conn, secrets), "key lookup")
+
+    def _identify(
+        self, job: CompletionJob, secret: str | None, record: KeyRecord | None, now: datetime
+    ) -> JobError | None:
+        """Set the job's principal from its key; refuse a missing, unknown,
+        revoked or expired key. A job without a key (where none is required)
+        keeps the principal its metadata names, but may not claim a key id."""
+        job.key_id = None
+        if secret is None:
+            if self.settings.require_key:
+                return job_error(
+                    ErrorKind.UNAUTHORIZED,
+                    "this gateway requires a virtual key in the job's `api_key`; "
+                    "a platform owner issues one with `modelyard keys create`",
+                    field="$.api_key",
+                )
+            return None
+        if record is None:
+            return job_error(
+                ErrorKind.UNAUTHORIZED,
+                "the job's `api_key` is not a key this gateway issued "
+                "(check for a typo, or ask a platform owner for a new one)",
+                field="$.api_key",
+            )
+        if (problem := record.refusal(now)) is not None:
+            return job_error(ErrorKind.UNAUTHORIZED, problem, field="$.api_key")
+        job.key_id = record.id
+        job.metadata.team, job.metadata.project = record.team, record.project
+        job.metadata.user = record.user
+        if record.allowed_tags:
+            job.constraints = _narrowed(job.constraints, tags=record.allowed_tags)
+        return None
+
+    # Which models.
+
+    def _models(
+        self, job: CompletionJob, record: KeyRecord | None, approved: set[str] | None
+    ) -> JobError | None:
+        """Refuse a model the key may not use or nobody approved; narrow the
+        job's fallbacks to models it may use."""
+        group = self.routes.resolve(job.request.model)
+        if group is None:
+            return None  # answered `unknown_model` by routing
+        allowed = set(record.allowed_models) if record and record.allowed_models else None
+        if allowed is not None and not _names(group) & allowed:
+            listed = ", ".join(sorted(allowed))
+            return job_error(
+                ErrorKind.MODEL_NOT_ALLOWED,
+                f"key {record.id if record else ''} may not use {job.request.model!r}; "
+                f"it may use: {listed}. Ask a platform owner to widen the key",
+                field="$.request.model",
+            )
+        if approved is not None and group.name not in approved:
+            return job_error(
+                ErrorKind.MODEL_NOT_APPROVED,
+                f"model {group.name!r} is not approved for use here; a platform owner can "
+                f"approve it with `modelyard models approve {group.name} --by NAME`",
+                field="$.request.model",
+            )
+        if allowed is not None or approved is not None:
+            usable = self._usable_deployments(job, allowed, approved)
+            job.constraints = _narrowed(job.constraints, deployments=sorted(usable))
+        return None
+
+    def _usable_deployments(
+        self, job: CompletionJob, allowed: set[str] | None, approved: set[str] | None
+    ) -> set[str]:
+        """Deployments of every model the job may reach that it may use."""
+        return {
+            target.deployment
+            for group in self._reachable(job)
+            if (allowed is None or _names(group) & allowed)
+            and (approved is None or group.name in approved)
+            for target in group.deployments
+        }
+
+    def _reachable(self, job: CompletionJob) -> list[ModelGroup]:
+        """The job's model and every model its chains may move it to."""
+        group = self.routes.resolve(job.request.model)
+        if group is None:
+            return []
+        own = job.fallbacks if self.config.allow_job_fallbacks else None
+        seen: dict[str, ModelGroup] = {group.name: group}
+        for reason in (
+            ErrorKind.SERVER_ERROR,
+            ErrorKind.CONTEXT_WINDOW_EXCEEDED,
+            ErrorKind.CONTENT_POLICY,
+        ):
+            for reached in self.routes.chain(group, reason, own):
+                seen.setdefault(reached.name, reached)
+        return list(seen.values())
+
+    async def _approved_models(self) -> set[str]:
+        return await self._approved.get(lambda: self._db(approvals.approved, "approval refresh"))
+
+    # How much.
+
+    async def _reserve(self, jobs: list[CompletionJob]) -> list[JobError | None]:
+        """Reserve each job's worst case in its budgets, in one transaction."""
+        if not jobs:
+            return []
+        budgeted = await self._budgeted.get(lambda: self._db(budgets.subjects, "budget refresh"))
+        refusals: list[JobError | None] = [None] * len(jobs)
+        claims: list[tuple[int, Claim]] = []
+        for i, job in enumerate(jobs):
+            subjects = tuple(s for s in _principal(job).subjects() if s in budgeted)
+            if not subjects:
+                continue
+            amount = self._worst_case(job)
+            if isinstance(amount, JobError):
+                refusals[i] = amount
+                continue
+            claims.append((i, Claim(job_id=job.id, amount=amount, subjects=subjects)))
+        if not claims:
+            return refusals
+        ttl = self.settings.reservation_ttl_s
+        verdicts = await self._db(
+            lambda conn: budgets.reserve(conn, [c for _, c in claims], ttl_s=ttl),
+            "budget reservation",
+        )
+        for (i, claim), verdict in zip(claims, verdicts, strict=True):
+            if isinstance(verdict, Budget):
+                refusals[i] = _over_budget(verdict, claim.amount)
+            else:
+                jobs[i].reserved = verdict
+        return refusals
+
+    def _worst_case(self, job: CompletionJob) -> Decimal | JobError:
+        """The most the job can cost: its token bound at the dearest
+        deployment it may reach. Caps its output when it set none."""
+        settings = self.settings
+        if job.request.output_limit() is None:
+            job.request.max_tokens = settings.max_output_tokens
+        tokens = token_bound(
+            job.request,
+            image_tokens=settings.image_tokens,
+            max_output=settings.max_output_tokens,
+        )
+        worst = Decimal(0)
+        for group in self._reachable(job):
+            for target in self.routes.allowed(group.deployments, job.constraints):
+                cost = estimated_cost(self.routes.prices[target.deployment], *tokens)
+                if cost is None:
+                    if settings.unpriced == "refuse":
+                        return job_error(
+                            ErrorKind.BUDGET_EXCEEDED,
+                            f"deployment {target.deployment!r} has no known price, and budgets "
+                            "here refuse what they cannot price (access.unpriced: refuse); "
+                            "give it a `price` in the config",
+                        )
+                    cost = Decimal(repr(settings.unpriced_reservation_usd))
+                worst = max(worst, cost)
+        return worst
+
+    async def _db(self, work: Callable[[Conn], Awaitable[T]], what: str) -> T:
+        return await self.db.run(work, what=what, give_up_after_s=DATABASE_PATIENCE_S)
+
+
+class Cached(Generic[T]):
+    """One value from the database, fetched again after `ttl_s` (one fetch
+    at a time, however many messages ask together)."""
+
+    def __init__(self, ttl_s: float) -> None:
+        self.ttl_s = ttl_s
+        self._value: T | None = None
+        self._until = 0.0
+        self._lock = asyncio.Lock()
+
+    async def get(self, fetch: Callable[[], Awaitable[T]]) -> T:
+        """The cached value, or a fresh one when it is older than `ttl_s`."""
+        if self._value is not None and time.monotonic() < self._until:
+            return self._value
+        async with self._lock:
+            if self._value is None or time.monotonic() >= self._until:
+                self._value = await fetch()
+                self._until = time.monotonic() + self.ttl_s
+        return self._value
+
+
+def _names(group: ModelGroup) -> set[str]:
+    return {group.name, *group.aliases}
+
+
+def _principal(job: CompletionJob) -> Principal:
+    meta = job.metadata
+    return Principal(key_id=job.key_id, team=meta.team, project=meta.project, user=meta.user)
+
+
+def _narrowed(
+    constraints: Constraints | None,
+    *,
+    deployments: list[str] | None = None,
+    tags: list[str] | None = None,
+) -> Constraints:
+    """The job's constraints, narrowed further (never widened)."""
+    c = constraints or Constraints()
+    if deployments is not None:
+        own = c.deployments
+        c.deployments = [d for d in deployments if own is None or d in own] or ["(none)"]
+    if tags is not None:
+        own_tags = c.tags
+        c.tags = [t for t in tags if own_tags is None or t in own_tags] or ["(none)"]
+    return c
+
+
+def _over_budget(budget: Budget, amount: Decimal) -> JobError:
+    retry_after = None
+    if budget.resets_at is not None:
+        retry_after = max((budget.resets_at - datetime.now(UTC)).total_seconds(), 0.0)
+    return job_error(
+        ErrorKind.BUDGET_EXCEEDED, refusal_message(budget, amount), retry_after_s=retry_after
+    )
