@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from datetime import UTC, datetime
 
 import structlog
@@ -17,6 +18,7 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from aio_pika.exceptions import ChannelClosed, ChannelInvalidStateError, MessageProcessError
 
 from ledger import store
+from modelyard import budgets
 from modelyard.broker import LOST, STOP_GRACE_S, Broker, Consumer, settle
 from modelyard.config import Config
 from modelyard.database import BAD_DATA, Database
@@ -46,6 +48,7 @@ class Ledger:
         )
         self._stopping = False
         self._partitions_month = ""
+        self._next_sweep = 0.0
         self.written = 0
 
     async def start(self) -> None:
@@ -98,6 +101,7 @@ class Ledger:
             try:
                 await self._keep_partitions()
                 await self._drain()
+                await self._expire_reservations()
             except Exception:
                 log.exception("ledger flush failed; retrying the same batch")
                 await asyncio.sleep(1.0)
@@ -125,6 +129,16 @@ class Ledger:
                 count=len(self._buffer) - len(live),
             )
             self._buffer[:] = live
+
+    async def _expire_reservations(self) -> None:
+        """Now and then, return reservations nobody settled (a process died
+        holding them) to their budgets, even while no job is admitted."""
+        now = time.monotonic()
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + min(self.config.access.reservation_ttl_s / 4, 30.0)
+        async with self.db.pool.acquire() as conn:
+            await budgets.expire(conn)
 
     async def _keep_partitions(self) -> None:
         """At a month's turn, make sure this and next month's partitions exist."""

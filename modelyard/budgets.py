@@ -293,6 +293,33 @@ async def reserve(conn: Conn, claims: list[Claim], *, ttl_s: float) -> list[Verd
     return verdicts
 
 
+_EXPIRE_ALL = """
+WITH gone AS (
+    DELETE FROM budget_reservations WHERE expires_at < now()
+    RETURNING scope, subject, period_start, amount
+), totals AS (
+    SELECT scope, subject, period_start, sum(amount) AS amount FROM gone GROUP BY 1, 2, 3
+)
+UPDATE budget_usage u SET reserved = greatest(u.reserved - t.amount, 0)
+FROM totals t
+WHERE u.scope = t.scope AND u.subject = t.subject AND u.period_start = t.period_start
+RETURNING u.scope, u.subject, t.amount
+"""
+
+
+async def expire(conn: Conn) -> int:
+    """Return every expired reservation to its budget; how many budgets got some back."""
+    rows = await conn.fetch(_EXPIRE_ALL)
+    for row in rows:
+        log.warning(
+            "expired budget reservations returned",
+            scope=row["scope"],
+            subject=row["subject"],
+            amount=str(row["amount"]),
+        )
+    return len(rows)
+
+
 async def release(conn: Conn, job_ids: list[str]) -> None:
     """Release the reservations of jobs that ended without a billed last call."""
     await conn.execute(RELEASE, job_ids)

@@ -20,7 +20,7 @@ from typing import Any
 import asyncpg
 import msgspec
 
-from modelyard import logs
+from modelyard import admin, logs
 from modelyard.config import Config, ConfigError, load
 
 DEFAULT_CONFIG = "modelyard.yaml"
@@ -191,6 +191,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_admin(args: argparse.Namespace) -> int:
+    return admin.command(args, _config(args), _run)
+
+
 def cmd_topology(args: argparse.Namespace) -> int:
     from modelyard.topology import build_topology, definitions  # noqa: PLC0415
 
@@ -344,6 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
         action.add_argument("--all", action="store_true", help="every parked message")
     gone.add_argument("--older-than", type=_duration, help="only those parked longer ago (7d)")
     dead.set_defaults(func=cmd_dead)
+
+    admin.add_parsers(sub, cmd_admin)
 
     topo = sub.add_parser("topology", help="print the RabbitMQ definitions for this config")
     topo.add_argument("--export", help="write to this file instead of stdout")

@@ -190,7 +190,9 @@ class AccessSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     gets `max_output_tokens`, enforced), at the dearest deployment it may
     reach. A deployment without a price is refused (`unpriced: refuse`) or
     reserved at `unpriced_reservation_usd`. A reservation nobody settles
-    expires after `reservation_ttl_s`."""
+    expires after `reservation_ttl_s`: a crashed process strands nothing
+    for longer, and a worker refuses to start a job whose reservation may
+    expire before its call ends (it waited in queues that long)."""
 
     require_key: bool = False
     require_approval: bool = False
@@ -199,7 +201,7 @@ class AccessSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     image_tokens: Annotated[int, Meta(ge=0)] = 3000
     unpriced: Literal["refuse", "reserve"] = "refuse"
     unpriced_reservation_usd: Annotated[float, Meta(gt=0)] = 1.0
-    reservation_ttl_s: Annotated[float, Meta(ge=60)] = 3600.0
+    reservation_ttl_s: Annotated[float, Meta(ge=1)] = 3600.0
 
 
 class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

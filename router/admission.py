@@ -216,6 +216,7 @@ class Admission:
                 refusals[i] = _over_budget(verdict, claim.amount)
             else:
                 jobs[i].reserved = verdict
+                jobs[i].reserved_until = time.time() + ttl if verdict else None
         return refusals
 
     def _worst_case(self, job: CompletionJob) -> Decimal | JobError:

@@ -397,7 +397,8 @@ class Router:
 def _only_as_submitted(job: CompletionJob) -> None:
     """Forget what only modelyard may set on a job: a producer cannot send
     one in as a retry, a fallback or an admitted job."""
-    job.route, job.next_hop, job.attempts, job.reserved = None, None, [], False
+    job.route, job.next_hop, job.attempts = None, None, []
+    job.reserved, job.reserved_until = False, None
 
 
 def _shielded(wait: Awaitable[None]) -> Awaitable[None]:

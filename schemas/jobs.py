@@ -163,9 +163,10 @@ class CompletionJob(msgspec.Struct, kw_only=True, omit_defaults=True):
     fallbacks: Annotated[list[Label], Meta(max_length=16)] | None = None
     next_hop: NextHop | None = None
     constraints: Constraints | None = None
-    # Set by admission: budget reservations are held for this job, and its
-    # end must release them.
+    # Set by admission: budget reservations are held for this job until
+    # `reserved_until` (unix seconds), and its end must release them.
     reserved: bool = False
+    reserved_until: float | None = None
 
     def deadline_passed(self, now: float) -> bool:
         """True when the job's absolute deadline is behind `now` (unix seconds)."""

@@ -483,6 +483,8 @@ class Worker:
                 ErrorKind.DEADLINE_EXCEEDED, "deadline passed before the provider call"
             )
             return error_result(job, error, redelivered=redelivered), None
+        if (late := _reservation_too_old(job, deployment)) is not None:
+            return error_result(job, late, redelivered=redelivered), None
         started = time.time()
         self.health.started(deployment.name)
         call = Call(outcome=job_error(ErrorKind.SERVER_ERROR, "the call did not finish"))
@@ -675,6 +677,21 @@ class Handoff(msgspec.Struct, kw_only=True):
 
     job: CompletionJob
     step_ms: int | None
+
+
+def _reservation_too_old(job: CompletionJob, deployment: Deployment) -> JobError | None:
+    """A job whose budget reservation may expire before its call ends is not
+    started: an expired reservation no longer holds its share of the budget."""
+    if job.reserved_until is None:
+        return None
+    longest = deployment.stream_timeout_s if job.request.stream else deployment.timeout_s
+    if time.time() + longest < job.reserved_until:
+        return None
+    return job_error(
+        ErrorKind.BUDGET_EXCEEDED,
+        "the job waited so long that its budget reservation would expire before its call "
+        "ends (access.reservation_ttl_s); submit it again",
+    )
 
 
 def answered(adapter: Adapter, response: HttpResponse, deployment: Deployment) -> Call:

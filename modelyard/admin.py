@@ -1,0 +1,259 @@
+"""`modelyard keys`, `modelyard models` and `modelyard budgets`: the platform
+owner's commands. Each is a thin shell over the functions in `router/keys.py`,
+`router/approvals.py` and `modelyard/budgets.py`, which the admin HTTP API
+calls too; every listing is a table, or JSON with `--format json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Awaitable, Callable, Coroutine
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+import msgspec
+
+from modelyard.config import Config
+from modelyard.database import Conn, connect
+
+Runner = Callable[[Coroutine[Any, Any, Any]], Any]
+
+
+def add_parsers(sub: Any, run_command: Callable[[argparse.Namespace], int]) -> None:
+    """Add the three command groups to the CLI's subparsers."""
+    keys = sub.add_parser("keys", help="virtual keys: create, list, rotate, revoke")
+    kactions = keys.add_subparsers(dest="action", required=True)
+    create = kactions.add_parser("create", help="issue a key (its secret is shown once)")
+    create.add_argument("--name", default="")
+    create.add_argument("--team")
+    create.add_argument("--project")
+    create.add_argument("--user")
+    create.add_argument("--models", help="comma-separated models the key may use (default: any)")
+    create.add_argument("--tags", help="comma-separated deployment tags it is pinned to")
+    create.add_argument("--expires-in", help="e.g. 30d, 12h (default: never)")
+    create.add_argument("--metadata", help="a JSON object kept with the key")
+    klist = kactions.add_parser("list", help="keys (never their secrets)")
+    klist.add_argument("--all", action="store_true", help="include revoked keys")
+    rotate = kactions.add_parser("rotate", help="a new secret; the old one stops after --grace")
+    rotate.add_argument("key_id")
+    rotate.add_argument("--grace", default="0s", help="how long the old secret still works")
+    revoke = kactions.add_parser("revoke", help="stop a key now")
+    revoke.add_argument("key_id")
+    models = sub.add_parser("models", help="model approval: list, approve, revoke")
+    mactions = models.add_subparsers(dest="action", required=True)
+    mactions.add_parser("list", help="every configured model and whether it is approved")
+    for verb in ("approve", "revoke"):
+        action = mactions.add_parser(verb, help=f"{verb} a model (recorded with who and why)")
+        action.add_argument("model")
+        action.add_argument("--by", required=True, help="who decides (kept in the record)")
+        action.add_argument("--note", default="")
+    history = mactions.add_parser("history", help="every approval and revocation")
+    history.add_argument("model", nargs="?")
+    budgets = sub.add_parser("budgets", help="hard budgets: set, list, show")
+    bactions = budgets.add_subparsers(dest="action", required=True)
+    bset = bactions.add_parser("set", help="create or change a budget")
+    bset.add_argument("scope", choices=["global", "team", "project", "user", "key"])
+    bset.add_argument("subject", nargs="?", default="", help="the team, project, user or key id")
+    bset.add_argument("--limit", required=True, help="USD, e.g. 50 or 49.99")
+    bset.add_argument("--period", choices=["none", "daily", "weekly", "monthly"], required=True)
+    bset.add_argument("--alert-at", default="0.8", help="share of the limit that alerts")
+    bset.add_argument("--timezone", default="UTC", help="where the period boundary is")
+    bactions.add_parser("list", help="budgets with spend, reserved and remaining")
+    show = bactions.add_parser("show", help="one budget")
+    show.add_argument("scope", choices=["global", "team", "project", "user", "key"])
+    show.add_argument("subject", nargs="?", default="")
+    for group in (kactions, mactions, bactions):
+        for parser in group.choices.values():
+            parser.add_argument("--format", choices=["table", "json"], default="table")
+    for parser in (keys, models, budgets):
+        parser.set_defaults(func=run_command)
+
+
+def command(args: argparse.Namespace, config: Config, run: Runner) -> int:
+    """Run one admin command against the config's database."""
+    handlers: dict[str, Callable[[Conn, argparse.Namespace, Config], Awaitable[Any]]] = {
+        "keys": _keys,
+        "models": _models,
+        "budgets": _budgets,
+    }
+
+    async def main() -> Any:
+        conn = await connect(config.database_url)
+        try:
+            return await handlers[args.command](conn, args, config)
+        finally:
+            await conn.close()
+
+    rows = run(main())
+    _print(rows, args.format)
+    return 0
+
+
+async def _keys(conn: Conn, args: argparse.Namespace, _config: Config) -> Any:
+    from router import keys  # noqa: PLC0415
+
+    if args.action == "create":
+        issued = await keys.create(
+            conn,
+            name=args.name,
+            team=args.team,
+            project=args.project,
+            user=args.user,
+            allowed_models=_list(args.models),
+            allowed_tags=_list(args.tags),
+            metadata=_json_object(args.metadata),
+            expires_at=datetime.now(UTC) + _duration(args.expires_in) if args.expires_in else None,
+        )
+        _say(f"key {issued.record.id} created; its secret is shown once, keep it now:")
+        return [{"id": issued.record.id, "secret": issued.secret}]
+    if args.action == "list":
+        return [_key_row(r) for r in await keys.listing(conn, include_revoked=args.all)]
+    if args.action == "rotate":
+        grace = _duration(args.grace).total_seconds()
+        rotated = await keys.rotate(conn, args.key_id, grace_s=grace)
+        if rotated is None:
+            raise ValueError(f"no live key {args.key_id}")
+        _say(f"key {args.key_id} replaced by {rotated.record.id}; the new secret is shown once:")
+        return [{"id": rotated.record.id, "secret": rotated.secret, "replaces": args.key_id}]
+    if not await keys.revoke(conn, args.key_id):
+        raise ValueError(f"no live key {args.key_id}")
+    return [{"id": args.key_id, "revoked": True}]
+
+
+def _key_row(record: Any) -> dict[str, Any]:
+    return {
+        "id": record.id,
+        "prefix": record.prefix + "...",
+        "name": record.name,
+        "team": record.team,
+        "project": record.project,
+        "user": record.user,
+        "models": ",".join(record.allowed_models or []) or "any",
+        "tags": ",".join(record.allowed_tags or []) or "any",
+        "expires": record.expires_at,
+        "revoked": record.revoked_at,
+    }
+
+
+async def _models(conn: Conn, args: argparse.Namespace, config: Config) -> Any:
+    from router import approvals  # noqa: PLC0415
+
+    if args.action in ("approve", "revoke"):
+        if args.model not in config.models:
+            known = ", ".join(sorted(config.models))
+            raise ValueError(f"no model named {args.model!r} in the config (one of: {known})")
+        decision = await approvals.record(
+            conn, args.model, args.action, actor=args.by, note=args.note
+        )
+        return [msgspec.to_builtins(decision)]
+    if args.action == "history":
+        return [msgspec.to_builtins(d) for d in await approvals.history(conn, args.model)]
+    latest = await approvals.latest(conn)
+    rows = []
+    for name in sorted(config.models):
+        last = latest.get(name)
+        rows.append(
+            {
+                "model": name,
+                "approved": last is not None and last.action == "approve",
+                "by": last.actor if last else "",
+                "at": last.at if last else None,
+                "note": last.note if last else "",
+                "enforced": config.access.require_approval,
+            }
+        )
+    return rows
+
+
+async def _budgets(conn: Conn, args: argparse.Namespace, _config: Config) -> Any:
+    from modelyard import budgets  # noqa: PLC0415
+
+    if args.action == "set":
+        await budgets.set_budget(
+            conn,
+            args.scope,
+            args.subject,
+            period=args.period,
+            limit=_money(args.limit),
+            alert_share=_money(args.alert_at),
+            timezone=args.timezone,
+        )
+    rows = [_budget_row(b) for b in await budgets.current(conn)]
+    if args.action in ("set", "show"):
+        subject = "" if args.scope == "global" else args.subject
+        rows = [r for r in rows if (r["scope"], r["subject"]) == (args.scope, subject)]
+        if not rows:
+            raise ValueError(f"no budget for {args.scope} {subject}".rstrip())
+    return rows
+
+
+def _budget_row(budget: Any) -> dict[str, Any]:
+    return {
+        "scope": budget.scope,
+        "subject": budget.subject,
+        "period": budget.period,
+        "limit": budget.limit,
+        "spent": budget.spent,
+        "reserved": budget.reserved,
+        "remaining": budget.remaining,
+        "resets": budget.resets_at,
+        "timezone": budget.timezone,
+    }
+
+
+def _print(rows: list[dict[str, Any]], form: str) -> None:
+    if form == "json":
+        print(json.dumps(rows, default=str, indent=2))
+        return
+    from rich.console import Console  # noqa: PLC0415
+    from rich.table import Table  # noqa: PLC0415
+
+    table = Table()
+    for column in rows[0] if rows else ["(none)"]:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*("" if v is None else str(v) for v in row.values()))
+    Console(width=None if sys.stdout.isatty() else 200).print(table)
+
+
+def _say(text: str) -> None:
+    print(text, file=sys.stderr)
+
+
+def _list(value: str | None) -> list[str] | None:
+    items = [item.strip() for item in (value or "").split(",") if item.strip()]
+    return items or None
+
+
+def _json_object(value: str | None) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--metadata is not JSON: {exc}") from exc
+    if not isinstance(parsed, dict):
+        raise ValueError("--metadata must be a JSON object")  # noqa: TRY004  (a usage error)
+    return parsed
+
+
+def _money(value: str) -> Decimal:
+    try:
+        amount = Decimal(value)
+    except InvalidOperation as exc:
+        raise ValueError(f"not an amount: {value!r}") from exc
+    return amount
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _duration(value: str) -> timedelta:
+    """`90s`, `15m`, `12h`, `30d`."""
+    try:
+        return timedelta(seconds=float(value[:-1]) * _UNITS[value[-1]])
+    except (KeyError, ValueError, IndexError) as exc:
+        raise ValueError(f"not a duration (like 90s, 15m, 12h, 30d): {value!r}") from exc

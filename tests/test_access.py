@@ -1,0 +1,427 @@
+"""Keys, approvals and budgets against the real database, and admission as a
+library (no broker): what is stored, what is refused and why, what is
+reserved, settled, released and expired."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import asyncpg
+import pytest
+import pytest_asyncio
+
+from ledger import store
+from modelyard import budgets
+from modelyard.budgets import Budget, Claim
+from modelyard.client import new_job
+from modelyard.config import Config, parse
+from router import approvals, keys
+from router.admission import Admission
+from router.routing import build_route_table
+from schemas.chat import Message
+from schemas.costs import CostEvent
+from schemas.errors import ErrorKind
+from schemas.jobs import CompletionJob
+from schemas.results import Usage
+from tests.services import fresh_database
+from workers.providers import PROVIDERS
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+
+@pytest.fixture(scope="module")
+def access_db() -> Iterator[str]:
+    """A database of this module's own: its budgets bind nobody else's jobs."""
+    with fresh_database() as url:
+        yield url
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def conn(access_db: str) -> AsyncIterator[asyncpg.Connection]:
+    connection = await asyncpg.connect(access_db)
+    yield connection
+    await connection.execute(
+        "TRUNCATE api_keys, model_approvals, budgets, budget_usage, budget_reservations"
+    )
+    await connection.close()
+
+
+# Keys.
+
+
+async def test_a_key_is_stored_only_as_a_hash_and_found_by_its_secret(
+    conn: asyncpg.Connection,
+) -> None:
+    issued = await keys.create(conn, team="acme", allowed_models=["chat"], name="ci")
+
+    assert issued.secret.startswith("my-")
+    assert len(issued.secret) >= 35
+    dump = await conn.fetchval("SELECT row_to_json(k)::text FROM api_keys k")
+    assert issued.secret not in dump
+    assert issued.secret[10:] not in dump  # not even most of it
+    found = await keys.KeyCache().lookup(conn, [issued.secret, "my-" + "x" * 32])
+    assert found[issued.secret] is not None
+    assert found[issued.secret].team == "acme"  # type: ignore[union-attr]
+    assert found["my-" + "x" * 32] is None
+
+
+async def test_revoked_and_expired_keys_are_refused_with_the_reason(
+    conn: asyncpg.Connection,
+) -> None:
+    now = datetime.now(UTC)
+    revoked = await keys.create(conn, user="bob")
+    expired = await keys.create(conn, user="bob", expires_at=now - timedelta(seconds=1))
+    assert await keys.revoke(conn, revoked.record.id)
+    assert not await keys.revoke(conn, revoked.record.id)  # already
+
+    found = await keys.KeyCache().lookup(conn, [revoked.secret, expired.secret])
+    now = datetime.now(UTC)
+    assert "was revoked" in (found[revoked.secret].refusal(now) or "")  # type: ignore[union-attr]
+    assert "expired" in (found[expired.secret].refusal(now) or "")  # type: ignore[union-attr]
+
+
+async def test_rotation_keeps_the_principal_and_lets_the_old_secret_run_out(
+    conn: asyncpg.Connection,
+) -> None:
+    old = await keys.create(conn, team="acme", project="search", allowed_tags=["eu"])
+    new = await keys.rotate(conn, old.record.id, grace_s=60)
+    assert new is not None
+    found = await keys.KeyCache().lookup(conn, [old.secret, new.secret])
+    now = datetime.now(UTC)
+    old_record, new_record = found[old.secret], found[new.secret]
+    assert old_record is not None
+    assert new_record is not None
+    assert (new_record.team, new_record.project, new_record.allowed_tags) == (
+        "acme",
+        "search",
+        ["eu"],
+    )
+    assert old_record.refusal(now) is None  # within its grace
+    assert old_record.refusal(now + timedelta(seconds=61)) is not None
+    assert old_record.replaced_by == new_record.id
+
+
+async def test_a_revocation_reaches_a_cached_key_within_the_cache_time(
+    conn: asyncpg.Connection,
+) -> None:
+    issued = await keys.create(conn, team="acme")
+    cache = keys.KeyCache(ttl_s=0.3)
+    assert (await cache.lookup(conn, [issued.secret]))[issued.secret] is not None
+    await keys.revoke(conn, issued.record.id)
+    await asyncio.sleep(0.35)
+    record = (await cache.lookup(conn, [issued.secret]))[issued.secret]
+    assert record is not None
+    assert record.refusal(datetime.now(UTC)) is not None
+
+
+# Approvals.
+
+
+async def test_approvals_keep_their_whole_history(conn: asyncpg.Connection) -> None:
+    await approvals.record(conn, "chat", "approve", actor="alice", note="DPA signed")
+    await approvals.record(conn, "chat", "revoke", actor="carol", note="incident 42")
+    await approvals.record(conn, "other", "approve", actor="alice")
+
+    assert await approvals.approved(conn) == {"other"}
+    trail = [(d.model, d.action, d.actor, d.note) for d in await approvals.history(conn, "chat")]
+    assert trail == [
+        ("chat", "approve", "alice", "DPA signed"),
+        ("chat", "revoke", "carol", "incident 42"),
+    ]
+    with pytest.raises(ValueError, match="who decides"):
+        await approvals.record(conn, "chat", "approve", actor=" ")
+
+
+# Budgets.
+
+
+def claim(amount: str, team: str = "acme") -> Claim:
+    return Claim(
+        job_id=uuid.uuid4().hex,
+        amount=Decimal(amount),
+        subjects=(("global", ""), ("team", team)),
+    )
+
+
+async def reserve(conn: asyncpg.Connection, claims: list[Claim], ttl_s: float = 60) -> Any:
+    async with conn.transaction():
+        return await budgets.reserve(conn, claims, ttl_s=ttl_s)
+
+
+async def test_reservations_stop_at_the_limit_and_say_which_budget(
+    conn: asyncpg.Connection,
+) -> None:
+    await budgets.set_budget(conn, "team", "acme", period="monthly", limit=Decimal("1.00"))
+    first = [claim("0.30") for _ in range(4)]
+
+    verdicts = await reserve(conn, first)
+
+    assert verdicts[:3] == [True, True, True]
+    refused = verdicts[3]
+    assert isinstance(refused, Budget)
+    assert (refused.scope, refused.subject, refused.reserved) == ("team", "acme", Decimal("0.9"))
+    message = budgets.refusal_message(refused, Decimal("0.30"))
+    assert "team acme (monthly)" in message
+    assert "limit $1.00" in message
+    assert "resets at" in message
+    # The same job again (its message came back after a crash): not charged twice.
+    assert await reserve(conn, [first[0]]) == [True]
+    (acme,) = await budgets.current(conn)
+    assert acme.reserved == Decimal("0.9")
+    # A team without a budget is not limited by acme's.
+    assert await reserve(conn, [claim("5", team="other")]) == [False]
+
+
+async def test_concurrent_admissions_on_many_connections_never_pass_the_limit(
+    access_db: str, conn: asyncpg.Connection
+) -> None:
+    await budgets.set_budget(conn, "team", "acme", period="none", limit=Decimal("10"))
+    pool = await asyncpg.create_pool(access_db, min_size=6, max_size=6)
+
+    async def one_message() -> list[Any]:
+        async with pool.acquire() as c, c.transaction():
+            return await budgets.reserve(c, [claim("0.07") for _ in range(8)], ttl_s=60)
+
+    try:
+        results = await asyncio.gather(*(one_message() for _ in range(60)))
+    finally:
+        await pool.close()
+    admitted = sum(1 for verdicts in results for v in verdicts if v is True)
+    assert admitted == int(Decimal("10") / Decimal("0.07"))  # exactly what fits: 142
+    (acme,) = await budgets.current(conn)
+    assert acme.reserved == Decimal("0.07") * admitted
+    assert acme.reserved <= acme.limit
+
+
+def cost_event(job_id: str, cost: str, *, final: bool = False, team: str = "acme") -> CostEvent:
+    return CostEvent(
+        event_id=uuid.uuid4(),
+        job_id=job_id,
+        occurred_at=datetime.now(UTC),
+        provider="openai",
+        deployment="d",
+        provider_model="gpt-4o-mini",
+        model="chat",
+        usage=Usage(input_tokens=10, output_tokens=5),
+        cost=Decimal(cost),
+        price_source="override",
+        team=team,
+        final=final,
+    )
+
+
+async def test_the_ledger_settles_spend_once_and_releases_with_the_last_call(
+    conn: asyncpg.Connection,
+) -> None:
+    await budgets.set_budget(conn, "team", "acme", period="daily", limit=Decimal("1"))
+    job = claim("0.50")
+    assert await reserve(conn, [job]) == [True]
+    billed_failure = cost_event(job.job_id, "0.01")
+    last = cost_event(job.job_id, "0.04", final=True)
+
+    await store.write_batch(conn, [billed_failure])
+    (acme,) = await budgets.current(conn)
+    assert (acme.spent, acme.reserved) == (Decimal("0.01"), Decimal("0.5"))  # still running
+    await store.write_batch(conn, [last])
+    await store.write_batch(conn, [billed_failure, last])  # redelivered: nothing twice
+
+    (acme,) = await budgets.current(conn)
+    assert (acme.spent, acme.reserved) == (Decimal("0.05"), Decimal("0"))
+    assert await conn.fetchval("SELECT count(*) FROM budget_reservations") == 0
+    unbilled = claim("0.5")
+    await reserve(conn, [unbilled])
+    await store.write_batch(conn, [], releases=[unbilled.job_id])  # ended without a bill
+    (acme,) = await budgets.current(conn)
+    assert acme.reserved == Decimal("0")
+
+
+async def test_reservations_nobody_settles_expire_and_the_budget_is_whole_again(
+    conn: asyncpg.Connection,
+) -> None:
+    await budgets.set_budget(conn, "team", "acme", period="none", limit=Decimal("1"))
+    assert await reserve(conn, [claim("0.9")], ttl_s=1) == [True]  # its process then dies
+    assert not isinstance((await reserve(conn, [claim("0.9")]))[0], bool)  # refused
+
+    await asyncio.sleep(1.1)
+
+    assert await budgets.expire(conn) == 1  # the team budget got its share back
+    (acme,) = await budgets.current(conn)
+    assert acme.reserved == Decimal("0")
+    assert await reserve(conn, [claim("0.9")]) == [True]
+
+
+async def test_a_period_is_taken_in_the_budgets_time_zone(conn: asyncpg.Connection) -> None:
+    at = datetime(2026, 3, 31, 22, 30, tzinfo=UTC)  # already April 1st in Berlin
+    starts = {
+        period: await conn.fetchval(
+            "SELECT budget_period_start($1, 'Europe/Berlin', $2)", period, at
+        )
+        for period in ("daily", "weekly", "monthly", "none")
+    }
+    assert starts["daily"] == datetime(2026, 3, 31, 22, 0, tzinfo=UTC)
+    assert starts["monthly"] == datetime(2026, 3, 31, 22, 0, tzinfo=UTC)
+    assert starts["weekly"] == datetime(2026, 3, 29, 22, 0, tzinfo=UTC)  # Monday, local
+    assert starts["none"] == datetime(1970, 1, 1, tzinfo=UTC)
+
+
+async def test_spend_lands_in_the_period_its_job_was_admitted_in(
+    conn: asyncpg.Connection,
+) -> None:
+    """A job admitted just before midnight and billed just after counts in
+    the day that reserved it: the new day's check never missed it."""
+    await budgets.set_budget(conn, "team", "acme", period="daily", limit=Decimal("1"))
+    job = claim("0.2")
+    await reserve(conn, [job])
+    yesterday = datetime.now(UTC) - timedelta(days=1)
+    await conn.execute(
+        "UPDATE budget_usage SET period_start = period_start - interval '1 day'"
+    )  # as if it had been admitted yesterday
+    await conn.execute(
+        "UPDATE budget_reservations SET period_start = period_start - interval '1 day'"
+    )
+
+    await store.write_batch(conn, [cost_event(job.job_id, "0.15", final=True)])
+
+    rows = await conn.fetch(
+        "SELECT period_start, spent, reserved FROM budget_usage "
+        "WHERE scope = 'team' ORDER BY period_start"
+    )
+    assert [(r["spent"], r["reserved"]) for r in rows] == [(Decimal("0.15"), Decimal("0"))]
+    assert rows[0]["period_start"] < yesterday + timedelta(hours=1)
+
+
+# Admission as a library.
+
+
+def access_config(database_url: str, **access: Any) -> Config:
+    deployment = {"provider": "openai", "model": "gpt-4o-mini", "pool": "p"}
+    doc = {
+        "database_url": database_url,
+        "access": access,
+        "deployments": {
+            "eu-mini": {**deployment, "tags": ["eu"], "price": _price("0.15", "0.60")},
+            "us-mini": {**deployment, "tags": ["us"], "price": _price("0.15", "0.60")},
+            "big": {**deployment, "model": "gpt-4o", "price": _price("2.50", "10")},
+            "mystery": {**deployment, "model": "in-house"},
+        },
+        "models": {
+            "chat": {
+                "deployments": [{"deployment": "eu-mini"}, {"deployment": "us-mini"}],
+                "fallbacks": ["large"],
+            },
+            "large": {"deployments": [{"deployment": "big"}]},
+            "odd": {"deployments": [{"deployment": "mystery"}]},
+        },
+    }
+    return parse(doc, {}, PROVIDERS)
+
+
+def _price(inp: str, out: str) -> dict[str, str]:
+    return {"input_per_mtok": inp, "output_per_mtok": out}
+
+
+def job(model: str = "chat", key: str | None = None, **params: Any) -> CompletionJob:
+    j = new_job(model, [Message(role="user", content="hello")], **params)
+    j.api_key = key
+    return j
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def admission(access_db: str) -> AsyncIterator[Any]:
+    made: list[Admission] = []
+
+    def make(**access: Any) -> Admission:
+        config = access_config(access_db, **access)
+        made.append(Admission(config, build_route_table(config)))
+        return made[-1]
+
+    yield make
+    for a in made:
+        await a.close()
+
+
+async def test_admission_takes_the_principal_from_the_key_and_removes_the_key(
+    conn: asyncpg.Connection, admission: Any
+) -> None:
+    issued = await keys.create(conn, team="acme", project="p1", user="ann", allowed_tags=["eu"])
+    forged = job(key=issued.secret, metadata=None)
+    forged.metadata.team = "someone-else"
+    forged.key_id = "key_forged"
+
+    (verdict,) = await admission(require_key=True).admit([forged])
+
+    assert verdict is None
+    assert forged.api_key is None
+    assert (forged.key_id, forged.metadata.team, forged.metadata.project) == (
+        issued.record.id,
+        "acme",
+        "p1",
+    )
+    assert forged.constraints is not None
+    assert forged.constraints.tags == ["eu"]
+
+
+async def test_admission_refusals_say_what_to_do(conn: asyncpg.Connection, admission: Any) -> None:
+    only_large = await keys.create(conn, team="acme", allowed_models=["large"])
+    gone = await keys.create(conn, team="acme")
+    await keys.revoke(conn, gone.record.id)
+    await approvals.record(conn, "large", "approve", actor="alice")
+    strict = admission(require_key=True, require_approval=True, cache_s=0.1)
+
+    verdicts = await strict.admit(
+        [
+            job(),  # no key
+            job(key="my-" + "z" * 32),  # not ours
+            job(key=gone.secret),
+            job(key=only_large.secret),  # chat: not allowed for this key
+            job("large", key=only_large.secret),  # allowed and approved
+        ]
+    )
+    kinds = [v.kind if v else None for v in verdicts]
+    assert kinds == [
+        ErrorKind.UNAUTHORIZED,
+        ErrorKind.UNAUTHORIZED,
+        ErrorKind.UNAUTHORIZED,
+        ErrorKind.MODEL_NOT_ALLOWED,
+        None,
+    ]
+    assert "modelyard keys create" in verdicts[0].message  # type: ignore[union-attr]
+    assert "revoked" in verdicts[2].message  # type: ignore[union-attr]
+    assert "it may use: large" in verdicts[3].message  # type: ignore[union-attr]
+
+    anyone = await keys.create(conn, team="acme")
+    (unapproved,) = await strict.admit([job(key=anyone.secret)])
+    assert unapproved is not None
+    assert unapproved.kind == ErrorKind.MODEL_NOT_APPROVED
+    assert "modelyard models approve chat" in unapproved.message
+
+
+async def test_a_job_reserves_its_worst_case_at_the_dearest_deployment_it_may_reach(
+    conn: asyncpg.Connection, admission: Any
+) -> None:
+    await budgets.set_budget(conn, "team", "acme", period="none", limit=Decimal("100"))
+    gate = admission()
+    capped = job(metadata=None)
+    capped.metadata.team = "acme"
+
+    (verdict,) = await gate.admit([capped])
+
+    assert verdict is None
+    assert capped.reserved
+    assert capped.request.max_tokens == 4096  # the cap, enforced from now on
+    amount = await conn.fetchval(
+        "SELECT amount FROM budget_reservations WHERE job_id = $1 AND scope = 'team'", capped.id
+    )
+    # Priced at `big` (its fallback), the dearest: 4096 output tokens at $10/M and more.
+    assert amount > Decimal("4096") * Decimal("10") / 1_000_000
+    unpriced = job("odd", metadata=None)
+    unpriced.metadata.team = "acme"
+    (refused,) = await gate.admit([unpriced])
+    assert refused is not None
+    assert refused.kind == ErrorKind.BUDGET_EXCEEDED
+    assert "no known price" in refused.message
