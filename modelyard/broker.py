@@ -55,7 +55,7 @@ from modelyard.topology import (
     dispatch_key,
     reply_target_problem,
 )
-from schemas.jobs import JOB_BATCH_TYPE, Lane
+from schemas.jobs import JOB_BATCH_TYPE, Lane, redact_keys
 
 PERSISTENT = aio_pika.DeliveryMode.PERSISTENT
 
@@ -269,8 +269,12 @@ class Broker:
             await self.dead_letter(body, f"reply queue {reply_to!r} refused the answer: {exc}")
 
     async def dead_letter(self, body: bytes, reason: str) -> None:
-        """Park a message on the dead queue with the reason, for inspection and replay."""
-        msg = message(body, headers={REASON_HEADER: reason[:4096]}, timestamp=datetime.now(UTC))
+        """Park a message on the dead queue with the reason, for inspection and
+        replay; a virtual key anywhere in it (a job that failed to decode
+        still carries its producer's key) is removed first."""
+        msg = message(
+            redact_keys(body), headers={REASON_HEADER: reason[:4096]}, timestamp=datetime.now(UTC)
+        )
         await self.publish(DEAD_EXCHANGE, "", msg)
 
     def reply_queue_known(self, reply_to: str | None, ttl_s: float = KNOWN_QUEUE_TTL_S) -> bool:

@@ -321,6 +321,12 @@ def _link(config: Config, known_providers: Mapping[str, ProviderCheck]) -> None:
             seen[label] = f"models.{name}"
         _check_retries(f"models.{name}.retry", group.retry)
     _check_chains(config)
+    longest = max((d.timeout_s for d in config.deployments.values()), default=0.0)
+    if config.access.reservation_ttl_s <= longest:
+        raise ConfigError(
+            f"access.reservation_ttl_s: must be longer than the longest timeout_s ({longest:g}s), "
+            "or a reserved job could never start"
+        )
 
 
 # The longest a retry can wait: the last step of the broker's retry ladder.

@@ -14,6 +14,8 @@ from typing import Any
 import structlog
 from structlog.typing import Processor
 
+from schemas.jobs import KEY_REDACTED, VIRTUAL_KEY
+
 REDACTED = "[redacted]"
 
 # Conversation text: hidden unless the config's `log_prompts` policy allows it.
@@ -31,9 +33,13 @@ class Redactor:
     def __call__(
         self, logger: Any, method: str, event_dict: MutableMapping[str, Any]
     ) -> MutableMapping[str, Any]:
-        """Hide every hidden key, at the top level of the event."""
+        """Hide every hidden key, at the top level of the event, and any
+        virtual key inside a text value (an error echoing a request, say)."""
         for key in self.hidden.intersection(event_dict):
             event_dict[key] = REDACTED
+        for key, value in event_dict.items():
+            if isinstance(value, str) and "my-" in value:
+                event_dict[key] = VIRTUAL_KEY.sub(KEY_REDACTED, value)
         return event_dict
 
 

@@ -387,7 +387,10 @@ class Router:
         job_id = job_id or message.correlation_id
         log.warning("invalid job", job_id=job_id, field=exc.field, reason=str(exc))
         if job_id is None or reply_to is None:
-            await settle(message, requeue=False)  # dead-lettered by the queue's DLX
+            # Parked by us rather than the queue's dead-letter exchange, so
+            # the producer's key is removed from the copy that is kept.
+            await self.broker.dead_letter(message.body, f"invalid job, nobody to tell: {exc}")
+            await settle(message)
             return
         result = invalid_result(job_id, exc, bool(message.redelivered))
         await send_reply(self.broker, reply_to, result)

@@ -7,6 +7,7 @@ ignore.
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from decimal import Decimal
 from typing import Annotated, Literal
@@ -43,6 +44,18 @@ MAX_TAGS = 64
 _NO_NUL = r"^[^\x00]*$"
 Label = Annotated[str, Meta(max_length=MAX_LABEL_CHARS, pattern=_NO_NUL)]
 CustomId = Annotated[str, Meta(max_length=MAX_CUSTOM_ID_CHARS, pattern=_NO_NUL)]
+
+
+# A virtual key's shape (`my-` and 32 URL-safe characters): wherever a
+# message or a log line might carry one, it is found by this and hidden.
+VIRTUAL_KEY = re.compile(r"my-[A-Za-z0-9_\-]{32}")
+_VIRTUAL_KEY_BYTES = re.compile(VIRTUAL_KEY.pattern.encode())
+KEY_REDACTED = "my-[redacted]"
+
+
+def redact_keys(body: bytes) -> bytes:
+    """`body` with every virtual key replaced, for a message kept anywhere."""
+    return _VIRTUAL_KEY_BYTES.sub(KEY_REDACTED.encode(), body)
 
 
 class Metadata(msgspec.Struct, kw_only=True, omit_defaults=True):

@@ -7,6 +7,7 @@ vhost and database and removes them afterwards.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import socket
@@ -224,3 +225,59 @@ def fake_provider(api_key: str, log: Path | None = None) -> Iterator[int]:
     finally:
         process.terminate()
         process.wait(10)
+
+
+class Processes:
+    """modelyard processes of one test, by name, each logging to its own file."""
+
+    def __init__(self, config: Path, logs: Path) -> None:
+        self.config, self.logs = config, logs
+        self.running: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(self, name: str, *args: str) -> None:
+        """Start `modelyard --config CONFIG ARGS`, logging to `<name>.log`."""
+        self.running[name] = modelyard(
+            "--config", str(self.config), *args, log=self.logs / f"{name}.log"
+        )
+
+    def names(self) -> list[str]:
+        """Every process that wrote a log, running or not."""
+        return sorted(path.stem for path in self.logs.glob("*.log"))
+
+    def log_text(self, name: str) -> str:
+        """Everything a process logged."""
+        return (self.logs / f"{name}.log").read_text()
+
+    def kill(self, name: str) -> None:
+        """SIGKILL: no goodbye, nothing flushed."""
+        process = self.running.pop(name)
+        process.kill()
+        process.wait(10)
+
+    def events(self, name: str, event: str) -> list[dict[str, Any]]:
+        """The lines of a process's log with this event."""
+        found = []
+        path = self.logs / f"{name}.log"
+        for line in path.read_text().splitlines() if path.exists() else []:
+            if line.startswith("{") and line.endswith("}"):
+                entry = json.loads(line)
+                if entry.get("event") == event:
+                    found.append(entry)
+        return found
+
+    def wait_for(self, name: str, event: str, timeout: float = 30.0) -> None:
+        """Wait until a process logged `event`."""
+        deadline = time.monotonic() + timeout
+        while not self.events(name, event):
+            assert time.monotonic() < deadline, f"{name} did not log {event!r}"
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        """SIGTERM every process, then wait (SIGKILL after 10 s)."""
+        for process in self.running.values():
+            process.terminate()
+        for process in self.running.values():
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()

@@ -5,8 +5,6 @@ the latency and load strategies move traffic off a slow deployment."""
 from __future__ import annotations
 
 import asyncio
-import json
-import subprocess
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
@@ -28,11 +26,11 @@ from schemas.jobs import Constraints
 from schemas.results import JobResult
 from tests.conftest import FAKE_KEY, FakeControl
 from tests.services import (
+    Processes,
     config_document,
     fake_provider,
     fresh_database,
     fresh_vhost,
-    modelyard,
     write_config,
 )
 from workers.pool import Worker
@@ -70,45 +68,6 @@ def ask(model: str, **kwargs: Any) -> Any:
 def sick_port(tmp_path: Path) -> Iterator[int]:
     with fake_provider(FAKE_KEY, tmp_path / "sick.log") as port:
         yield port
-
-
-class Processes:
-    """Two routers, a worker and a ledger, each its own process."""
-
-    def __init__(self, config: Path, logs: Path) -> None:
-        self.config, self.logs = config, logs
-        self.running: list[subprocess.Popen[bytes]] = []
-
-    def start(self, name: str, *args: str) -> None:
-        self.running.append(
-            modelyard("--config", str(self.config), *args, log=self.logs / f"{name}.log")
-        )
-
-    def events(self, name: str, event: str) -> list[dict[str, Any]]:
-        """The lines of a process's log with this event."""
-        found = []
-        for line in (self.logs / f"{name}.log").read_text().splitlines():
-            if line.startswith("{") and line.endswith("}"):
-                entry = json.loads(line)
-                if entry.get("event") == event:
-                    found.append(entry)
-        return found
-
-    def wait_for(self, name: str, event: str, timeout: float = 30.0) -> None:
-        """Wait until a process logged `event`."""
-        deadline = time.monotonic() + timeout
-        while not self.events(name, event):
-            assert time.monotonic() < deadline, f"{name} did not log {event!r}"
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        for process in self.running:
-            process.terminate()
-        for process in self.running:
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
 
 
 @pytest.fixture
