@@ -24,8 +24,10 @@ import os
 import statistics
 import sys
 import time
+from decimal import Decimal
 from pathlib import Path
 from tempfile import TemporaryDirectory
+from typing import NamedTuple
 
 import aiohttp
 import psutil
@@ -55,10 +57,18 @@ def jobs(n: int, tag: str, lane: Lane = "interactive") -> list[CompletionJob]:
     ]
 
 
-async def throughput(broker_url: str, database_url: str, n: int) -> tuple[float, float]:
+async def throughput(
+    broker_url: str, database_url: str, n: int, tag: str = "throughput"
+) -> tuple[float, float]:
+    """Batch-lane jobs/s to the results queue, and until their ledger rows are in."""
     import asyncpg  # noqa: PLC0415
 
-    batch = jobs(n, "throughput", "batch")
+    conn = await asyncpg.connect(database_url)
+    try:
+        rows_before = await conn.fetchval("SELECT count(*) FROM ledger")
+    finally:
+        await conn.close()
+    batch = jobs(n, tag, "batch")
     async with await Client.connect(broker_url) as client:
         await client.declare_results_queue(RESULTS)
         started = time.perf_counter()
@@ -73,12 +83,60 @@ async def throughput(broker_url: str, database_url: str, n: int) -> tuple[float,
         await sender
     conn = await asyncpg.connect(database_url)
     try:
-        while await conn.fetchval("SELECT count(*) FROM ledger") < n + 200:  # noqa: ASYNC110  (polling the database)
+        while await conn.fetchval("SELECT count(*) FROM ledger") < rows_before + n:  # noqa: ASYNC110  (polling the database)
             await asyncio.sleep(0.01)
         ledger_s = time.perf_counter() - started
     finally:
         await conn.close()
     return n / results_s, n / ledger_s
+
+
+class Budgeted(NamedTuple):
+    """The throughput run again with a budget on every job."""
+
+    jobs_s: float
+    ledger_s: float
+    spent: Decimal  # what the budget recorded
+    billed: Decimal  # what the ledger holds for those jobs
+    held: int  # reservations left over
+
+
+async def with_budgets(broker_url: str, database_url: str, n: int) -> Budgeted:
+    """Set a global budget (every job reserves and settles), too large to
+    bind, wait for every router's admission cache to see it, run again."""
+    import asyncpg  # noqa: PLC0415
+
+    from modelyard import budgets  # noqa: PLC0415
+
+    conn = await asyncpg.connect(database_url)
+    try:
+        since = await conn.fetchval("SELECT now()")
+        await budgets.set_budget(conn, "global", "", period="monthly", limit=Decimal(10**9))
+        await asyncio.sleep(3)
+        jobs_s, ledger_s = await throughput(broker_url, database_url, n, "budgeted")
+        for _ in range(100):  # the last releases reach the ledger
+            held = int(await conn.fetchval("SELECT count(*) FROM budget_reservations"))
+            if held == 0:
+                break
+            await asyncio.sleep(0.1)
+        spent = await conn.fetchval("SELECT sum(spent) FROM budget_usage WHERE scope = 'global'")
+        billed = await conn.fetchval(
+            "SELECT coalesce(sum(cost), 0) FROM ledger WHERE occurred_at >= $1", since
+        )
+    finally:
+        await conn.close()
+    return Budgeted(jobs_s, ledger_s, spent, billed, held)
+
+
+def report_budgets(budgeted: Budgeted, off_jobs_s: float) -> None:
+    """Print the budgeted run beside the plain one."""
+    print(f"  ... with a budget on every job: {budgeted.jobs_s:7.0f} jobs/s")
+    print(f"  budgets on / off             : {budgeted.jobs_s / off_jobs_s:8.2f}")
+    verdict = "equal" if budgeted.spent == budgeted.billed else "DIFFERENT"
+    print(
+        f"  budget spent / ledger        : {budgeted.spent:.6f} / {budgeted.billed:.6f} "
+        f"({verdict}), reservations left: {budgeted.held}"
+    )
 
 
 STAGES = ("submit -> router", "router -> worker", "provider call", "worker -> client")
@@ -194,6 +252,7 @@ def main() -> int:
             before = cpu_seconds(pids)
             jobs_s, ledger_s = asyncio.run(throughput(broker_url, database_url, args.jobs))
             after = cpu_seconds(pids)
+            budgeted = asyncio.run(with_budgets(broker_url, database_url, args.jobs))
             samples, stages = asyncio.run(latency(broker_url, args.latency_jobs))
             direct_s = asyncio.run(direct(port, args.jobs, args.concurrency))
             rss = {name: peak_rss_mb(p.pid) for name, p in procs.items()}
@@ -207,12 +266,15 @@ def main() -> int:
     print(f"\nmodelyard pipeline benchmark ({args.jobs} jobs, pool concurrency {args.concurrency})")
     print(f"  batch lane, submit -> result : {jobs_s:8.0f} jobs/s")
     print(f"  batch lane, submit -> ledger : {ledger_s:8.0f} jobs/s")
+    report_budgets(budgeted, jobs_s)
     print(f"  straight to the fake provider: {direct_s:8.0f} requests/s")
     print(f"  pipeline / direct            : {jobs_s / direct_s:8.2f}")
-    print(f"  interactive latency at low load (1 in flight, {len(samples)} jobs):", end="")
-    print(f" p50 {q[49]:.2f} ms, p99 {q[98]:.2f} ms")
-    print("    median per stage: ", end="")
-    print(", ".join(f"{name} {statistics.median(ms):.2f} ms" for name, ms in stages.items()))
+    print(
+        f"  interactive latency at low load (1 in flight, {len(samples)} jobs):"
+        f" p50 {q[49]:.2f} ms, p99 {q[98]:.2f} ms"
+    )
+    medians = (f"{name} {statistics.median(ms):.2f} ms" for name, ms in stages.items())
+    print("    median per stage: " + ", ".join(medians))
     print("  peak RSS: " + ", ".join(f"{name} {mb:.0f} MiB" for name, mb in rss.items()))
     spent = {name: (after[name] - before.get(name, 0.0)) * 1000 / args.jobs for name in after}
     print("  CPU per job during the throughput run (ms): ", end="")

@@ -98,11 +98,17 @@ class Client:
         self._streams: dict[str, asyncio.Queue[JobResult | StreamChunk]] = {}
 
     @classmethod
-    async def connect(cls, url: str, name: str = "modelyard-client") -> Client:
-        """Connect and make sure the submit side of the topology exists."""
+    async def connect(
+        cls, url: str, name: str = "modelyard-client", *, declare: bool = True
+    ) -> Client:
+        """Connect and (with `declare`) make sure the submit side of the
+        topology exists. A producer whose broker user may only publish jobs
+        (`deploy/rabbitmq-users.sh`) passes `declare=False`: modelyard's own
+        processes declare the topology."""
         connection = await broker.connect(url, name)
         publisher = Broker(connection)
-        await publisher.declare(build_topology([]))
+        if declare:
+            await publisher.declare(build_topology([]))
         return cls(connection, publisher)
 
     async def __aenter__(self) -> Self:

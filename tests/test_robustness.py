@@ -317,7 +317,7 @@ async def test_dead_letters_are_listed_replayed_once_fixed_and_purged(
     job_id = f"parked-{uuid.uuid4().hex}"
     queue = f"created-later-{uuid.uuid4().hex}"
     await pipe.publish(raw_job(job_id, queue))  # its reply queue does not exist yet
-    await pipe.publish(b"\x00 no id, nobody to tell")  # rejected by the router's queue
+    await pipe.publish(b"\x00 no id, nobody to tell")  # parked by the router
     for _ in range(100):
         letters = await dead_list(config_file)
         if len(letters) >= 2:
@@ -326,7 +326,7 @@ async def test_dead_letters_are_listed_replayed_once_fixed_and_purged(
 
     parked = [letter for letter in letters if letter["key"] == job_id]
     assert [(p["kind"], "does not exist" in p["reason"]) for p in parked] == [("job", True)]
-    assert any("rejected by queue router.jobs" in letter["reason"] for letter in letters)
+    assert any("invalid job, nobody to tell" in letter["reason"] for letter in letters)
     refused = await asyncio.to_thread(cli, config_file, "dead", "replay")
     assert (refused.returncode, "--id ID" in refused.stderr) == (2, True)
 
