@@ -252,8 +252,8 @@ def main() -> int:
             before = cpu_seconds(pids)
             jobs_s, ledger_s = asyncio.run(throughput(broker_url, database_url, args.jobs))
             after = cpu_seconds(pids)
-            budgeted = asyncio.run(with_budgets(broker_url, database_url, args.jobs))
             samples, stages = asyncio.run(latency(broker_url, args.latency_jobs))
+            budgeted = asyncio.run(with_budgets(broker_url, database_url, args.jobs))
             direct_s = asyncio.run(direct(port, args.jobs, args.concurrency))
             rss = {name: peak_rss_mb(p.pid) for name, p in procs.items()}
         finally:

@@ -66,6 +66,10 @@ class Deployment(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # Labels keys can be pinned to (`eu`, `self-hosted`): a key allowed some
     # tags only reaches deployments carrying one of them.
     tags: list[Name] = msgspec.field(default_factory=list)
+    # Requests and tokens per minute at this deployment, held across every
+    # worker process of its pool (in no 60 seconds more than this).
+    rpm: Annotated[int, Meta(ge=1)] | None = None
+    tpm: Annotated[int, Meta(ge=1)] | None = None
     name: str = ""  # filled from the mapping key on load
 
 

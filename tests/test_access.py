@@ -5,6 +5,7 @@ reserved, settled, released and expired."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
@@ -425,3 +426,37 @@ async def test_a_job_reserves_its_worst_case_at_the_dearest_deployment_it_may_re
     assert refused is not None
     assert refused.kind == ErrorKind.BUDGET_EXCEEDED
     assert "no known price" in refused.message
+
+
+# Rate limits (the lease bookkeeping; tests/test_ratelimit.py runs the minute).
+
+
+async def test_rate_limit_leases_are_shared_and_stop_at_the_limit(access_db: str) -> None:
+    from modelyard.database import Database  # noqa: PLC0415
+    from workers.ratelimit import DeploymentLimiter  # noqa: PLC0415
+
+    db_a, db_b = Database(access_db), Database(access_db)
+    deployment = f"limited-{uuid.uuid4().hex[:6]}"
+    # Two processes' limiters on one deployment at 10 requests a minute.
+    a = DeploymentLimiter(db_a, deployment, rpm=10, tpm=None)
+    b = DeploymentLimiter(db_b, deployment, rpm=10, tpm=None)
+    try:
+        for limiter in (a, b) * 5:
+            await limiter.acquire(tokens=10)
+        blocked = asyncio.create_task(a.acquire(tokens=10))
+        done, _ = await asyncio.wait({blocked}, timeout=1.0)
+        blocked.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await blocked
+        conn = await asyncpg.connect(access_db)
+        try:
+            counted = await conn.fetchval(
+                "SELECT sum(requests) FROM rate_usage WHERE deployment = $1", deployment
+            )
+        finally:
+            await conn.close()
+    finally:
+        await db_a.close()
+        await db_b.close()
+    assert not done  # the eleventh call of the minute waits
+    assert counted == 10

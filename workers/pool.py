@@ -30,7 +30,8 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from modelyard.batching import Batcher, Encoded, encoded_size
 from modelyard.broker import Broker, Consumer, PublishFailed, resent, settle
 from modelyard.config import Config, ConfigError, Deployment
-from modelyard.prices import PriceCard, cost_of, price_card
+from modelyard.database import Database
+from modelyard.prices import PriceCard, cost_of, estimated_tokens, price_card
 from modelyard.replies import error_result, reply_batcher, route_notes, send_reply, timings_for
 from modelyard.topology import build_topology, dispatch_key, worker_queue
 from modelyard.tracing import job_span
@@ -54,6 +55,7 @@ from workers.providers import (
     HttpResponse,
     ProviderReply,
 )
+from workers.ratelimit import DeploymentLimiter
 from workers.retry import GiveUp, Retry, decide
 
 log = structlog.get_logger("modelyard.worker")
@@ -156,6 +158,12 @@ class Worker:
         self.broker = Broker(connection)
         self._answers = Answers()
         self._claims = Claims(config.database_url) if config.database_url else None
+        self._db = Database(config.database_url)
+        self._limits = {
+            n: DeploymentLimiter(self._db, n, d.rpm, d.tpm)
+            for n, d in self.deployments.items()
+            if d.rpm is not None or d.tpm is not None
+        }
         self.health = HealthRecorder(
             uuid.uuid4().hex[:16], pool, list(self.deployments), config.health.window_s
         )
@@ -235,11 +243,14 @@ class Worker:
             await asyncio.wait(self._background, timeout=5)
         await asyncio.gather(self._consumer.cancel(), self._batch_consumer.cancel())
         self._slots.close()
+        for limiter in self._limits.values():
+            limiter.close()
         await asyncio.gather(self._consumer.drain(), self._batch_consumer.drain())
         await asyncio.gather(self._consumer.close(), self._batch_consumer.close())
         await self.broker.close()
         if self._claims is not None:
             await self._claims.close()
+        await self._db.close()
         if self._session is not None:
             await self._session.close()
 
@@ -444,6 +455,8 @@ class Worker:
         maybe bill) again and again until it is dead-lettered unanswered."""
         try:
             result, cost = await self._run(job, redelivered=redelivered)
+        except SlotsClosed:
+            raise  # stopping before the call: the job goes back to the queue
         except Exception as exc:
             log.exception("job failed inside the worker")
             error = job_error(
@@ -467,6 +480,27 @@ class Worker:
                 text = text.replace(key, "[redacted]")
         return text
 
+    async def _cleared(
+        self, job: CompletionJob, deployment: Deployment, limiter: DeploymentLimiter | None
+    ) -> JobError | None:
+        """Why the call must not be made (its deadline passed, its budget
+        reservation could lapse), after waiting for the deployment's rate
+        limit; None when it may go ahead."""
+        if job.deadline_passed(time.time()):
+            return job_error(
+                ErrorKind.DEADLINE_EXCEEDED, "deadline passed before the provider call"
+            )
+        if (late := _reservation_too_old(job, deployment)) is not None:
+            return late
+        if limiter is not None:
+            await limiter.acquire(sum(estimated_tokens(job.request)))
+            if job.deadline_passed(time.time()):
+                return job_error(
+                    ErrorKind.DEADLINE_EXCEEDED,
+                    f"deadline passed while waiting for {deployment.name}'s rate limit",
+                )
+        return None
+
     async def _run(
         self, job: CompletionJob, *, redelivered: bool
     ) -> tuple[JobResult | Handoff, CostEvent | None]:
@@ -478,13 +512,9 @@ class Worker:
                 ErrorKind.UNKNOWN_MODEL, f"deployment not served by pool {self.pool!r}"
             )
             return error_result(job, error, redelivered=redelivered), None
-        if job.deadline_passed(time.time()):
-            error = job_error(
-                ErrorKind.DEADLINE_EXCEEDED, "deadline passed before the provider call"
-            )
-            return error_result(job, error, redelivered=redelivered), None
-        if (late := _reservation_too_old(job, deployment)) is not None:
-            return error_result(job, late, redelivered=redelivered), None
+        limiter = self._limits.get(deployment.name)
+        if (refusal := await self._cleared(job, deployment, limiter)) is not None:
+            return error_result(job, refusal, redelivered=redelivered), None
         started = time.time()
         self.health.started(deployment.name)
         call = Call(outcome=job_error(ErrorKind.SERVER_ERROR, "the call did not finish"))
@@ -503,6 +533,13 @@ class Worker:
                 limits=call.rate_limits,
             )
         outcome, billed = call.outcome, call.billed
+        if (
+            limiter is not None
+            and isinstance(outcome, JobError)
+            and outcome.kind == ErrorKind.RATE_LIMITED
+            and outcome.retry_after_s
+        ):
+            limiter.slow_down(outcome.retry_after_s)
         card = self._prices[deployment.name]
         latency_ms = (finished - started) * 1000
         event = None if billed is None else cost_event(job, deployment, billed, card, latency_ms)

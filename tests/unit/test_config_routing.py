@@ -286,3 +286,34 @@ def test_retry_settings_left_out_keep_their_defaults() -> None:
 def test_a_backoff_longer_than_the_broker_holds_retries_is_refused() -> None:
     with pytest.raises(ConfigError, match=r"models.x.retry.max_backoff_s: with its jitter"):
         parse(chains_doc(x={"retry": {"max_backoff_s": 290, "jitter": 0.2}}), {}, PROVIDERS)
+
+
+def test_after_a_fallback_the_chain_and_retry_policy_are_the_new_models() -> None:
+    """A job that moved to `y` (too long for `x`) falls back along `y`'s
+    chain, never back to `x`'s other deployment, and retries by `y`'s policy."""
+    from modelyard.client import new_job  # noqa: PLC0415
+    from router.routing import current_model  # noqa: PLC0415
+    from schemas.chat import Message  # noqa: PLC0415
+    from schemas.errors import ErrorKind  # noqa: PLC0415
+    from schemas.jobs import Attempt, Route  # noqa: PLC0415
+
+    doc = chains_doc(
+        x={"context_window_fallbacks": ["y"], "fallbacks": ["z"]},
+        y={"fallbacks": ["z"], "retry": {"retries": {"server_error": 0}}},
+    )
+    doc["deployments"]["x2"] = {"provider": "openai", "model": "gpt-4o-mini", "pool": "p"}
+    doc["models"]["x"]["deployments"].append({"deployment": "x2"})
+    routes = build_route_table(parse(doc, {}, PROVIDERS))
+    job = new_job("x", [Message(role="user", content="long")])
+    job.attempts = [
+        Attempt(deployment="x", provider="openai", started_at=0, finished_at=1, outcome="error"),
+        Attempt(deployment="y", provider="openai", started_at=1, finished_at=2, outcome="error"),
+    ]
+    job.route = Route(deployment="y", pool="p", routed_at=1, model="y")
+
+    left = routes.untried(job, ErrorKind.SERVER_ERROR, None)
+
+    assert current_model(job) == "y"
+    assert left is not None
+    group, targets = left
+    assert (group.name, [t.deployment for t in targets]) == ("z", ["z"])  # not x2

@@ -1,0 +1,108 @@
+"""A deployment's requests-per-minute limit holds across worker processes:
+three workers, RPM 600, one minute of more work than that, and the
+provider's own request log never shows 600 calls in any 60 seconds."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from modelyard.client import Client, new_job
+from schemas.chat import Message
+from tests.conftest import FAKE_KEY, FakeControl
+from tests.services import (
+    Processes,
+    config_document,
+    fake_provider,
+    fresh_database,
+    fresh_vhost,
+    write_config,
+)
+
+pytestmark = pytest.mark.asyncio
+
+RPM = 600
+WATCH_S = 65.0
+
+
+@pytest.fixture
+def limited_port(tmp_path: Path) -> Iterator[int]:
+    """A fake provider of this test's own: its request log is this test's."""
+    with fake_provider(FAKE_KEY, tmp_path / "limited.log") as port:
+        yield port
+
+
+@pytest.fixture
+def three_workers(tmp_path: Path, limited_port: int) -> Iterator[tuple[Processes, str]]:
+    with fresh_vhost() as broker_url, fresh_database() as database_url:
+        doc = config_document(broker_url, database_url, limited_port, log_level="info")
+        doc["deployments"]["limited"] = {
+            "provider": "openai",
+            "model": "gpt-4o-mini",
+            "api_base": f"http://127.0.0.1:{limited_port}/v1",
+            "pool": "main",
+            "timeout_s": 5,
+            "api_key_env": "TEST_FAKE_KEY",
+            "rpm": RPM,
+        }
+        doc["models"]["limited"] = {"deployments": [{"deployment": "limited"}]}
+        processes = Processes(write_config(tmp_path / "modelyard.yaml", doc), tmp_path)
+        try:
+            processes.start("ledger", "ledger")
+            processes.start("router", "router")
+            for n in (1, 2, 3):
+                processes.start(f"worker-{n}", "worker", "--pool", "main")
+            for name in ("ledger", "router", "worker-1", "worker-2", "worker-3"):
+                processes.wait_for(name, f"{name.split('-')[0]} started")
+            yield processes, broker_url
+        finally:
+            processes.stop()
+
+
+def busiest_minute(times: list[float]) -> int:
+    """The most calls in any 60-second span."""
+    times = sorted(times)
+    most, start = 0, 0
+    for end, at in enumerate(times):
+        while at - times[start] >= 60.0:
+            start += 1
+        most = max(most, end - start + 1)
+    return most
+
+
+async def test_three_workers_share_one_rpm_limit(
+    three_workers: tuple[Processes, str], limited_port: int
+) -> None:
+    _, broker_url = three_workers
+    jobs = [
+        new_job("limited", [Message(role="user", content=f"n {i}")], priority="batch")
+        for i in range(2 * RPM)
+    ]
+    async with await Client.connect(broker_url) as client:
+        await client.declare_results_queue("limited")
+        await client.submit_many(jobs, "limited")
+        answered = 0
+        started = time.monotonic()
+        with contextlib.suppress(TimeoutError):
+            async with (
+                asyncio.timeout(WATCH_S),
+                contextlib.aclosing(client.results("limited")) as results,
+            ):
+                async for _ in results:
+                    answered += 1
+        elapsed = time.monotonic() - started
+    async with aiohttp.ClientSession() as session:
+        calls = await FakeControl(session, limited_port).requests()
+
+    times = [call["at"] for call in calls]
+    assert elapsed >= WATCH_S - 1  # more work than the limit allows in the time
+    assert answered < len(jobs)
+    assert busiest_minute(times) <= RPM
+    assert busiest_minute(times) >= RPM * 0.75  # and the limit is used, not starved
+    assert answered == len(calls)

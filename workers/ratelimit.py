@@ -1,0 +1,160 @@
+"""Per-deployment rate limits that hold across every worker process.
+
+A deployment's `rpm` and `tpm` are shared through Postgres without a
+database round trip per call: a worker leases a slice of capacity (a few
+requests and their tokens) and spends it locally; when the slice is spent
+it leases another. Capacity is counted in `BUCKET_S`-second buckets, and a
+lease is granted only while the last `WINDOW_BUCKETS` buckets (the current
+one included) stay within the limit. Any 60-second span touches at most that
+many consecutive buckets, so no 60 seconds ever see more calls than the
+limit, whatever the number of workers. A slice is good only until the end
+of the bucket it was counted in (unused, it is forfeited), so a call always
+falls in the bucket that paid for it.
+
+When the window is full the worker waits for a bucket to fall out of it,
+holding the job's message unacked: the job stays in the broker (another
+worker gets it if this one dies), and at most `concurrency` jobs wait in a
+worker. A 429 with a retry-after holds every call to that deployment in this
+process until then.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import time
+from datetime import UTC, datetime
+
+import structlog
+
+from modelyard.database import Conn, Database
+from workers.lanes import SlotsClosed
+
+log = structlog.get_logger("modelyard.ratelimit")
+
+BUCKET_S = 5
+# 60 s spans 12 buckets, and can touch 13 consecutive ones.
+WINDOW_BUCKETS = math.ceil(60 / BUCKET_S) + 1
+# How much of a deployment's limit one lease takes at most.
+SLICE_SHARE = 0.02
+
+_LEASE = """
+WITH window_sum AS (
+    SELECT coalesce(sum(requests), 0) AS requests, coalesce(sum(tokens), 0) AS tokens
+    FROM rate_usage
+    WHERE deployment = $1 AND bucket > $2::timestamptz - make_interval(secs => $3)
+)
+SELECT requests, tokens FROM window_sum
+"""
+
+
+class Lease:
+    """Capacity this process may spend until `until` (monotonic)."""
+
+    def __init__(self, requests: int = 0, tokens: int = 0, until: float = 0.0) -> None:
+        self.requests, self.tokens, self.until = requests, tokens, until
+
+
+class DeploymentLimiter:
+    """One deployment's shared `rpm` / `tpm`, as seen by one worker process."""
+
+    def __init__(self, db: Database, deployment: str, rpm: int | None, tpm: int | None) -> None:
+        self.db = db
+        self.deployment = deployment
+        self.rpm, self.tpm = rpm, tpm
+        self._lease = Lease()
+        self._lock = asyncio.Lock()
+        self._held_until = 0.0  # monotonic: the provider asked us to wait
+        self._closed = asyncio.Event()
+
+    def close(self) -> None:
+        """The worker is stopping: calls still waiting for capacity give up
+        (`SlotsClosed`), and their jobs go back to the queue unstarted."""
+        self._closed.set()
+
+    def slow_down(self, seconds: float) -> None:
+        """The provider answered 429 asking for `seconds`: no call before then."""
+        self._held_until = max(self._held_until, time.monotonic() + seconds)
+
+    async def acquire(self, tokens: int) -> None:
+        """Wait until one call of about `tokens` tokens may be made."""
+        async with self._lock:  # one lease at a time; callers queue in order
+            while True:
+                if self._closed.is_set():
+                    raise SlotsClosed("the worker is stopping")
+                now = time.monotonic()
+                if now < self._held_until:
+                    await self._pause(self._held_until - now)
+                    continue
+                lease = self._lease
+                if now < lease.until and lease.requests >= 1 and lease.tokens >= tokens:
+                    lease.requests -= 1
+                    lease.tokens -= tokens
+                    return
+                wait = await self._renew(tokens)
+                if wait > 0:
+                    await self._pause(wait)
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep, unless the worker stops first."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._closed.wait(), seconds)
+
+    async def _renew(self, tokens: int) -> float:
+        """Lease a new slice; the seconds to wait when none is left."""
+        wall = time.time()
+        bucket = math.floor(wall / BUCKET_S) * BUCKET_S
+        bucket_end_in = bucket + BUCKET_S - wall
+        want_requests = max(1, math.floor((self.rpm or 0) * SLICE_SHARE)) if self.rpm else 1_000_000
+        want_tokens = max(tokens, math.floor((self.tpm or 0) * SLICE_SHARE)) if self.tpm else 10**12
+        granted = await self.db.run(
+            lambda conn: self._take(conn, bucket, want_requests, want_tokens, tokens),
+            what="rate limit lease",
+        )
+        if granted is None:
+            # Full: the oldest bucket of the window leaves it at the end of this one.
+            return bucket_end_in + 0.01
+        requests, leased_tokens = granted
+        self._lease = Lease(requests, leased_tokens, time.monotonic() + bucket_end_in)
+        return 0.0
+
+    async def _take(
+        self, conn: Conn, bucket: float, requests: int, tokens: int, minimum_tokens: int
+    ) -> tuple[int, int] | None:
+        at = datetime.fromtimestamp(bucket, UTC)
+        await conn.execute(
+            "INSERT INTO rate_usage (deployment, bucket) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            self.deployment,
+            at,
+        )
+        await conn.execute(  # buckets long out of every window
+            "DELETE FROM rate_usage "
+            "WHERE deployment = $1 AND bucket < $2::timestamptz - interval '10 minutes'",
+            self.deployment,
+            at,
+        )
+        # Every worker of the deployment queues on this row: leases are serial.
+        await conn.execute(
+            "SELECT 1 FROM rate_usage WHERE deployment = $1 AND bucket = $2 FOR UPDATE",
+            self.deployment,
+            at,
+        )
+        span = (WINDOW_BUCKETS - 1) * BUCKET_S
+        row = await conn.fetchrow(_LEASE, self.deployment, at, span + 0.001)
+        assert row is not None
+        free_requests = (self.rpm - row["requests"]) if self.rpm else requests
+        free_tokens = (self.tpm - row["tokens"]) if self.tpm else tokens
+        grant_requests = min(requests, free_requests)
+        grant_tokens = min(tokens, free_tokens)
+        if grant_requests < 1 or grant_tokens < minimum_tokens:
+            return None
+        await conn.execute(
+            "UPDATE rate_usage SET requests = requests + $3, tokens = tokens + $4 "
+            "WHERE deployment = $1 AND bucket = $2",
+            self.deployment,
+            at,
+            grant_requests if self.rpm else 0,
+            grant_tokens if self.tpm else 0,
+        )
+        return grant_requests, grant_tokens
