@@ -35,6 +35,8 @@ def add_parsers(sub: Any, run_command: Callable[[argparse.Namespace], int]) -> N
     create.add_argument("--tags", help="comma-separated deployment tags it is pinned to")
     create.add_argument("--expires-in", help="e.g. 30d, 12h (default: never)")
     create.add_argument("--metadata", help="a JSON object kept with the key")
+    create.add_argument("--rpm", type=int, help="requests per minute it may send (default: any)")
+    create.add_argument("--tpm", type=int, help="tokens per minute it may send (default: any)")
     klist = kactions.add_parser("list", help="keys (never their secrets)")
     klist.add_argument("--all", action="store_true", help="include revoked keys")
     rotate = kactions.add_parser("rotate", help="a new secret; the old one stops after --grace")
@@ -106,6 +108,8 @@ async def _keys(conn: Conn, args: argparse.Namespace, _config: Config) -> Any:
             allowed_tags=_list(args.tags),
             metadata=_json_object(args.metadata),
             expires_at=datetime.now(UTC) + _duration(args.expires_in) if args.expires_in else None,
+            rpm=args.rpm,
+            tpm=args.tpm,
         )
         _say(f"key {issued.record.id} created; its secret is shown once, keep it now:")
         return [{"id": issued.record.id, "secret": issued.secret}]
@@ -133,6 +137,8 @@ def _key_row(record: Any) -> dict[str, Any]:
         "user": record.user,
         "models": ",".join(record.allowed_models or []) or "any",
         "tags": ",".join(record.allowed_tags or []) or "any",
+        "rpm": record.rpm or "any",
+        "tpm": record.tpm or "any",
         "expires": record.expires_at,
         "revoked": record.revoked_at,
     }

@@ -179,6 +179,13 @@ class HealthSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     honour_retry_after: bool = True
 
 
+class TeamLimits(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Requests and tokens per minute a team's jobs may use, all its keys together."""
+
+    rpm: Annotated[int, Meta(ge=1)] | None = None
+    tpm: Annotated[int, Meta(ge=1)] | None = None
+
+
 class AccessSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Admission: who may submit, which models, within which budgets.
 
@@ -206,6 +213,8 @@ class AccessSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     unpriced: Literal["refuse", "reserve"] = "refuse"
     unpriced_reservation_usd: Annotated[float, Meta(gt=0)] = 1.0
     reservation_ttl_s: Annotated[float, Meta(ge=1)] = 3600.0
+    # Per-minute limits per team, checked at admission (keys carry their own).
+    teams: dict[Name, TeamLimits] = msgspec.field(default_factory=dict)
 
 
 class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

@@ -27,11 +27,11 @@ from typing import Generic, TypeVar
 
 import structlog
 
-from modelyard import budgets
+from modelyard import budgets, ratewindow
 from modelyard.budgets import Budget, Claim, Principal, refusal_message
 from modelyard.config import Config, ModelGroup
 from modelyard.database import Conn, Database
-from modelyard.prices import estimated_cost, token_bound
+from modelyard.prices import estimated_cost, estimated_tokens, token_bound
 from router import approvals
 from router.keys import KeyCache, KeyRecord
 from router.routing import RouteTable
@@ -78,10 +78,11 @@ class Admission:
                 job, record, approved
             )
             verdicts.append(refusal)
-        admitted = [job for job, verdict in zip(jobs, verdicts, strict=True) if verdict is None]
-        for job, refusal in zip(admitted, await self._reserve(admitted), strict=True):
-            if refusal is not None:
-                verdicts[jobs.index(job)] = refusal
+        for step in (self._within_limits, self._reserve):
+            admitted = [i for i, verdict in enumerate(verdicts) if verdict is None]
+            refusals = await step([jobs[i] for i in admitted], records)
+            for i, refusal in zip(admitted, refusals, strict=True):
+                verdicts[i] = refusal
         return verdicts
 
     # Who.
@@ -188,7 +189,75 @@ class Admission:
 
     # How much.
 
-    async def _reserve(self, jobs: list[CompletionJob]) -> list[JobError | None]:
+    # How fast.
+
+    def _limits_of(
+        self, job: CompletionJob, by_id: dict[str, KeyRecord]
+    ) -> list[tuple[str, int | None, int | None]]:
+        """The per-minute limits over a job: its key's and its team's."""
+        limits: list[tuple[str, int | None, int | None]] = []
+        record = by_id.get(job.key_id or "")
+        if record is not None and (record.rpm or record.tpm):
+            limits.append((f"key:{record.id}", record.rpm, record.tpm))
+        team = self.settings.teams.get(job.metadata.team or "")
+        if team is not None:
+            limits.append((f"team:{job.metadata.team}", team.rpm, team.tpm))
+        return limits
+
+    async def _within_limits(
+        self, jobs: list[CompletionJob], records: dict[str, KeyRecord | None]
+    ) -> list[JobError | None]:
+        """Count jobs against their key's and team's per-minute limits, in
+        order, in one transaction; a job over one is refused `rate_limited`
+        with the seconds until there is room."""
+        by_id = {r.id: r for r in records.values() if r is not None}
+        limited = [(job, self._limits_of(job, by_id)) for job in jobs]
+        subjects = sorted({subject for _, limits in limited for subject, _, _ in limits})
+        if not subjects:
+            return [None] * len(jobs)
+        return await self._db(lambda conn: self._count(conn, limited, subjects), "rate limits")
+
+    async def _count(
+        self,
+        conn: Conn,
+        limited: list[tuple[CompletionJob, list[tuple[str, int | None, int | None]]]],
+        subjects: list[str],
+    ) -> list[JobError | None]:
+        now = time.time()
+        bucket, _ = ratewindow.bucket_at(now)
+        windows = {s: await ratewindow.lock(conn, s, bucket) for s in subjects}  # in one order
+        used = {s: [w.requests, w.tokens] for s, w in windows.items()}
+        added = {s: [0, 0] for s in subjects}
+        refusals: list[JobError | None] = []
+        for job, limits in limited:
+            tokens = sum(estimated_tokens(job.request))
+            over = next(
+                (
+                    (subject, rpm, tpm)
+                    for subject, rpm, tpm in limits
+                    if (rpm is not None and used[subject][0] + 1 > rpm)
+                    or (tpm is not None and used[subject][1] + tokens > tpm)
+                ),
+                None,
+            )
+            if over is not None:
+                refusals.append(_over_limit(*over, ratewindow.reopens_in(windows[over[0]], now)))
+                continue
+            for subject, _, _ in limits:
+                for counts in (used[subject], added[subject]):
+                    counts[0] += 1
+                    counts[1] += tokens
+            refusals.append(None)
+        for subject, (requests, tokens) in added.items():
+            if requests:
+                await ratewindow.add(conn, subject, bucket, requests, tokens)
+        return refusals
+
+    # How much.
+
+    async def _reserve(
+        self, jobs: list[CompletionJob], _records: dict[str, KeyRecord | None]
+    ) -> list[JobError | None]:
         """Reserve each job's worst case in its budgets, in one transaction."""
         if not jobs:
             return []
@@ -295,6 +364,17 @@ def _narrowed(
         own_tags = c.tags
         c.tags = [t for t in tags if own_tags is None or t in own_tags] or ["(none)"]
     return c
+
+
+def _over_limit(subject: str, rpm: int | None, tpm: int | None, wait_s: float) -> JobError:
+    scope, _, name = subject.partition(":")
+    limits = ", ".join(f"{v} {k}" for k, v in (("requests", rpm), ("tokens", tpm)) if v)
+    return job_error(
+        ErrorKind.RATE_LIMITED,
+        f"{scope} {name} is over its limit of {limits} a minute; "
+        f"try again in {wait_s:.0f}s, or ask for a higher limit",
+        retry_after_s=round(wait_s, 3),
+    )
 
 
 def _over_budget(budget: Budget, amount: Decimal) -> JobError:

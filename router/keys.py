@@ -43,6 +43,8 @@ class KeyRecord(msgspec.Struct, kw_only=True):
     expires_at: datetime | None = None
     revoked_at: datetime | None = None
     replaced_by: str | None = None
+    rpm: int | None = None
+    tpm: int | None = None
 
     def refusal(self, now: datetime) -> str | None:
         """Why this key may not be used now, or None."""
@@ -78,7 +80,7 @@ def looks_like_key(value: str) -> bool:
 
 _COLUMNS = (
     "id, prefix, name, team, project, user_id, allowed_models, allowed_tags, metadata, "
-    "created_at, expires_at, revoked_at, replaced_by"
+    "created_at, expires_at, revoked_at, replaced_by, rpm, tpm"
 )
 
 
@@ -97,6 +99,8 @@ def _record(row: asyncpg.Record) -> KeyRecord:
         expires_at=row["expires_at"],
         revoked_at=row["revoked_at"],
         replaced_by=row["replaced_by"],
+        rpm=row["rpm"],
+        tpm=row["tpm"],
     )
 
 
@@ -111,16 +115,20 @@ async def create(
     allowed_tags: list[str] | None = None,
     metadata: dict[str, Any] | None = None,
     expires_at: datetime | None = None,
+    rpm: int | None = None,
+    tpm: int | None = None,
 ) -> Issued:
     """Issue a key for a principal; the secret is in the answer and nowhere else."""
     if team is None and project is None and user is None:
         raise ValueError("a key must belong to a team, a project or a user")
+    if (rpm is not None and rpm < 1) or (tpm is not None and tpm < 1):
+        raise ValueError("rpm and tpm are positive numbers (leave them out for no limit)")
     secret = new_secret()
     row = await conn.fetchrow(
         f"""
         INSERT INTO api_keys (id, secret_hash, prefix, name, team, project, user_id,
-                              allowed_models, allowed_tags, metadata, expires_at)
-        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+                              allowed_models, allowed_tags, metadata, expires_at, rpm, tpm)
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
         RETURNING {_COLUMNS}
         """,
         "key_" + secrets.token_hex(8),
@@ -134,6 +142,8 @@ async def create(
         allowed_tags,
         msgspec.json.encode(metadata or {}).decode(),
         expires_at,
+        rpm,
+        tpm,
     )
     assert row is not None
     return Issued(record=_record(row), secret=secret)
@@ -183,6 +193,8 @@ async def rotate(
             allowed_tags=old.allowed_tags,
             metadata=old.metadata,
             expires_at=old.expires_at,
+            rpm=old.rpm,
+            tpm=old.tpm,
         )
         await conn.execute(
             "UPDATE api_keys SET revoked_at = now() + make_interval(secs => $2), "

@@ -460,3 +460,31 @@ async def test_rate_limit_leases_are_shared_and_stop_at_the_limit(access_db: str
         await db_b.close()
     assert not done  # the eleventh call of the minute waits
     assert counted == 10
+
+
+async def test_a_keys_and_a_teams_requests_per_minute_are_held_at_admission(
+    conn: asyncpg.Connection, admission: Any
+) -> None:
+    five_a_minute = await keys.create(conn, team="acme", rpm=5)
+    other = await keys.create(conn, team="capped")
+    gate = admission(teams={"capped": {"rpm": 3}})
+
+    first = await gate.admit([job(key=five_a_minute.secret) for _ in range(4)])
+    second = await gate.admit([job(key=five_a_minute.secret) for _ in range(3)])
+    team = await gate.admit([job(key=other.secret) for _ in range(4)])
+
+    assert first == [None] * 4
+    assert [v.kind if v else None for v in second] == [
+        None,
+        ErrorKind.RATE_LIMITED,
+        ErrorKind.RATE_LIMITED,
+    ]
+    refusal = second[1]
+    assert refusal is not None
+    assert refusal.retry_after_s is not None
+    assert 0 < refusal.retry_after_s <= 65.1
+    assert (
+        f"key {five_a_minute.record.id} is over its limit of 5 requests a minute" in refusal.message
+    )
+    assert [v.kind if v else None for v in team] == [None, None, None, ErrorKind.RATE_LIMITED]
+    assert "team capped" in team[3].message  # type: ignore[union-attr]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from decimal import ROUND_UP, Decimal
@@ -315,3 +316,53 @@ async def test_keys_approval_and_pins_hold_on_every_router_and_no_key_is_kept(
     for secret in secrets:
         assert not any(secret in text for text in kept)
         assert not any(secret[3:20] in text for text in kept)
+
+
+def zone_with_midnight_at(moment: float) -> str:
+    """A POSIX time zone whose local midnight falls at `moment` (unix seconds)."""
+    offset = -round(moment) % 86400  # east of UTC, seconds
+    if offset > 43200:
+        offset -= 86400
+    sign = "-" if offset >= 0 else "+"  # POSIX counts west as positive
+    hours, rest = divmod(abs(offset), 3600)
+    return f"MYZ{sign}{hours:02d}:{rest // 60:02d}:{rest % 60:02d}"
+
+
+async def test_a_daily_budget_rolls_over_under_load_losing_and_doubling_nothing(
+    stack: Stack,
+) -> None:
+    processes, broker_url, database_url = stack
+    start(processes, "ledger", "worker", "router")
+    midnight = time.time() + 8
+    zone = zone_with_midnight_at(midnight)
+    await in_db(
+        database_url,
+        lambda c: c.execute(
+            "INSERT INTO budgets (scope, subject, period, limit_usd, timezone) "
+            "VALUES ('team', 'acme', 'daily', 1000, $1)",
+            zone,
+        ),
+    )
+    await asyncio.sleep(1)  # every router's cache
+    answered: list[JobResult] = []
+    async with await Client.connect(broker_url) as client:
+        while time.time() < midnight + 5:  # jobs in flight across the turn of the day
+            wave = [ask(f"rollover {len(answered) + i}") for i in range(10)]
+            answered += await asyncio.gather(*(client.complete(j, timeout=30) for j in wave))
+    final = await eventually(lambda: figures(database_url), settled, timeout=30)
+    periods = await in_db(
+        database_url,
+        lambda c: c.fetch(
+            "SELECT period_start, spent FROM budget_usage WHERE scope = 'team' "
+            "ORDER BY period_start"
+        ),
+    )
+
+    assert all(r.status == "ok" for r in answered)
+    assert [p["period_start"].timestamp() for p in periods] == [
+        pytest.approx(midnight - 86400, abs=1),
+        pytest.approx(midnight, abs=1),
+    ]
+    assert all(p["spent"] > 0 for p in periods)  # both days had spend
+    assert sum(p["spent"] for p in periods) == final["ledger"]  # none lost, none twice
+    assert (final["held"], final["reserved"]) == (0, 0)

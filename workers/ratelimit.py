@@ -3,10 +3,8 @@
 A deployment's `rpm` and `tpm` are shared through Postgres without a
 database round trip per call: a worker leases a slice of capacity (a few
 requests and their tokens) and spends it locally; when the slice is spent
-it leases another. Capacity is counted in `BUCKET_S`-second buckets, and a
-lease is granted only while the last `WINDOW_BUCKETS` buckets (the current
-one included) stay within the limit. Any 60-second span touches at most that
-many consecutive buckets, so no 60 seconds ever see more calls than the
+it leases another. Leases are counted in the sliding minute of
+`modelyard/ratewindow.py`, so no 60 seconds ever see more calls than the
 limit, whatever the number of workers. A slice is good only until the end
 of the bucket it was counted in (unused, it is forfeited), so a call always
 falls in the bucket that paid for it.
@@ -24,29 +22,18 @@ import asyncio
 import contextlib
 import math
 import time
-from datetime import UTC, datetime
+from datetime import datetime
 
 import structlog
 
+from modelyard import ratewindow
 from modelyard.database import Conn, Database
 from workers.lanes import SlotsClosed
 
 log = structlog.get_logger("modelyard.ratelimit")
 
-BUCKET_S = 5
-# 60 s spans 12 buckets, and can touch 13 consecutive ones.
-WINDOW_BUCKETS = math.ceil(60 / BUCKET_S) + 1
 # How much of a deployment's limit one lease takes at most.
 SLICE_SHARE = 0.02
-
-_LEASE = """
-WITH window_sum AS (
-    SELECT coalesce(sum(requests), 0) AS requests, coalesce(sum(tokens), 0) AS tokens
-    FROM rate_usage
-    WHERE deployment = $1 AND bucket > $2::timestamptz - make_interval(secs => $3)
-)
-SELECT requests, tokens FROM window_sum
-"""
 
 
 class Lease:
@@ -104,8 +91,7 @@ class DeploymentLimiter:
     async def _renew(self, tokens: int) -> float:
         """Lease a new slice; the seconds to wait when none is left."""
         wall = time.time()
-        bucket = math.floor(wall / BUCKET_S) * BUCKET_S
-        bucket_end_in = bucket + BUCKET_S - wall
+        bucket, bucket_end_in = ratewindow.bucket_at(wall)
         want_requests = max(1, math.floor((self.rpm or 0) * SLICE_SHARE)) if self.rpm else 1_000_000
         want_tokens = max(tokens, math.floor((self.tpm or 0) * SLICE_SHARE)) if self.tpm else 10**12
         granted = await self.db.run(
@@ -120,40 +106,20 @@ class DeploymentLimiter:
         return 0.0
 
     async def _take(
-        self, conn: Conn, bucket: float, requests: int, tokens: int, minimum_tokens: int
+        self, conn: Conn, bucket: datetime, requests: int, tokens: int, minimum_tokens: int
     ) -> tuple[int, int] | None:
-        at = datetime.fromtimestamp(bucket, UTC)
-        await conn.execute(
-            "INSERT INTO rate_usage (deployment, bucket) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-            self.deployment,
-            at,
-        )
-        await conn.execute(  # buckets long out of every window
-            "DELETE FROM rate_usage "
-            "WHERE deployment = $1 AND bucket < $2::timestamptz - interval '10 minutes'",
-            self.deployment,
-            at,
-        )
-        # Every worker of the deployment queues on this row: leases are serial.
-        await conn.execute(
-            "SELECT 1 FROM rate_usage WHERE deployment = $1 AND bucket = $2 FOR UPDATE",
-            self.deployment,
-            at,
-        )
-        span = (WINDOW_BUCKETS - 1) * BUCKET_S
-        row = await conn.fetchrow(_LEASE, self.deployment, at, span + 0.001)
-        assert row is not None
-        free_requests = (self.rpm - row["requests"]) if self.rpm else requests
-        free_tokens = (self.tpm - row["tokens"]) if self.tpm else tokens
+        # Every worker of the deployment queues on its bucket: leases are serial.
+        window = await ratewindow.lock(conn, self.deployment, bucket)
+        free_requests = (self.rpm - window.requests) if self.rpm else requests
+        free_tokens = (self.tpm - window.tokens) if self.tpm else tokens
         grant_requests = min(requests, free_requests)
         grant_tokens = min(tokens, free_tokens)
         if grant_requests < 1 or grant_tokens < minimum_tokens:
             return None
-        await conn.execute(
-            "UPDATE rate_usage SET requests = requests + $3, tokens = tokens + $4 "
-            "WHERE deployment = $1 AND bucket = $2",
+        await ratewindow.add(
+            conn,
             self.deployment,
-            at,
+            bucket,
             grant_requests if self.rpm else 0,
             grant_tokens if self.tpm else 0,
         )
