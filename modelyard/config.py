@@ -70,6 +70,8 @@ class Deployment(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # worker process of its pool (in no 60 seconds more than this).
     rpm: Annotated[int, Meta(ge=1)] | None = None
     tpm: Annotated[int, Meta(ge=1)] | None = None
+    # Calls in flight at this deployment at once, all worker processes together.
+    max_concurrent: Annotated[int, Meta(ge=1)] | None = None
     name: str = ""  # filled from the mapping key on load
 
 

@@ -1,6 +1,7 @@
-"""A deployment's requests-per-minute limit holds across worker processes:
-three workers, RPM 600, one minute of more work than that, and the
-provider's own request log never shows 600 calls in any 60 seconds."""
+"""A deployment's limits hold across worker processes: three workers at RPM
+600 for a minute of more work than that, and the provider's own request
+log never shows more than 600 calls in any 60 seconds; three workers under
+a cap of 4 concurrent calls never have a fifth in flight."""
 
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ pytestmark = pytest.mark.asyncio
 
 RPM = 600
 WATCH_S = 65.0
+CAP = 4
+LATENCY_S = 0.4
 
 
 @pytest.fixture
@@ -51,7 +54,13 @@ def three_workers(tmp_path: Path, limited_port: int) -> Iterator[tuple[Processes
             "api_key_env": "TEST_FAKE_KEY",
             "rpm": RPM,
         }
+        doc["deployments"]["capped"] = {
+            **doc["deployments"]["limited"],
+            "rpm": None,
+            "max_concurrent": CAP,
+        }
         doc["models"]["limited"] = {"deployments": [{"deployment": "limited"}]}
+        doc["models"]["capped"] = {"deployments": [{"deployment": "capped"}]}
         processes = Processes(write_config(tmp_path / "modelyard.yaml", doc), tmp_path)
         try:
             processes.start("ledger", "ledger")
@@ -106,3 +115,42 @@ async def test_three_workers_share_one_rpm_limit(
     assert busiest_minute(times) <= RPM
     assert busiest_minute(times) >= RPM * 0.75  # and the limit is used, not starved
     assert answered == len(calls)
+
+
+def most_in_flight(ends: list[float], duration_s: float) -> int:
+    """The most calls in flight at once, each taking `duration_s` up to its end."""
+    events = sorted([(end - duration_s, 1) for end in ends] + [(end, -1) for end in ends])
+    most = current = 0
+    for _, change in events:
+        current += change
+        most = max(most, current)
+    return most
+
+
+async def test_three_workers_share_one_concurrency_cap(
+    three_workers: tuple[Processes, str], limited_port: int
+) -> None:
+    _, broker_url = three_workers
+    count = 10 * CAP
+    async with aiohttp.ClientSession() as session:
+        fake = FakeControl(session, limited_port)
+        await fake.set(latency_ms=LATENCY_S * 1000)
+        async with await Client.connect(broker_url) as client:
+            answers = await asyncio.gather(
+                *(
+                    client.complete(
+                        new_job("capped", [Message(role="user", content=f"c {i}")]), timeout=60
+                    )
+                    for i in range(count)
+                )
+            )
+        calls = await fake.requests()
+
+    ends = sorted(call["at"] for call in calls)
+    assert all(a.status == "ok" for a in answers)
+    assert len(ends) == count
+    # Each call took the fake's latency; the earliest a call can end is then
+    # its start plus that, so these spans are inside the real ones.
+    assert most_in_flight(ends, LATENCY_S * 0.95) <= CAP
+    # Forty calls four at a time cannot end sooner than nine latencies apart.
+    assert ends[-1] - ends[0] >= (count / CAP - 1) * LATENCY_S * 0.95

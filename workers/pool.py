@@ -44,6 +44,7 @@ from schemas.results import JobResult, RateLimits, StreamChunk, Usage
 from workers import transport
 from workers.answers import Answers
 from workers.claims import Claims, attempt_key
+from workers.concurrency import ConcurrencyLease
 from workers.costs import CostPublisher
 from workers.health import HealthRecorder
 from workers.lanes import Slots, SlotsClosed, batch_prefetch
@@ -164,8 +165,14 @@ class Worker:
             for n, d in self.deployments.items()
             if d.rpm is not None or d.tpm is not None
         }
+        self.instance = uuid.uuid4().hex[:16]
+        self._caps = {
+            n: ConcurrencyLease(self._db, n, self.instance, d.max_concurrent)
+            for n, d in self.deployments.items()
+            if d.max_concurrent is not None
+        }
         self.health = HealthRecorder(
-            uuid.uuid4().hex[:16], pool, list(self.deployments), config.health.window_s
+            self.instance, pool, list(self.deployments), config.health.window_s
         )
         self._reporting: asyncio.Task[None] | None = None
         # Interactive jobs come one per message, up to the pool's concurrency.
@@ -207,6 +214,8 @@ class Worker:
         await self._consumer.start()
         await self._batch_consumer.start()
         self._reporting = asyncio.create_task(self._report_health())
+        for cap in self._caps.values():
+            cap.start()
         log.info("worker started", pool=self.pool, concurrency=self.concurrency)
 
     async def _report_health(self) -> None:
@@ -245,7 +254,9 @@ class Worker:
         self._slots.close()
         for limiter in self._limits.values():
             limiter.close()
+        await asyncio.gather(*(cap.close() for cap in self._caps.values()))
         await asyncio.gather(self._consumer.drain(), self._batch_consumer.drain())
+        await asyncio.gather(*(cap.release() for cap in self._caps.values()))
         await asyncio.gather(self._consumer.close(), self._batch_consumer.close())
         await self.broker.close()
         if self._claims is not None:
@@ -480,6 +491,27 @@ class Worker:
                 text = text.replace(key, "[redacted]")
         return text
 
+    async def _made(
+        self, job: CompletionJob, deployment: Deployment, *, redelivered: bool, started: float
+    ) -> Call:
+        """The provider call, counted in this worker's health report."""
+        call = Call(outcome=job_error(ErrorKind.SERVER_ERROR, "the call did not finish"))
+        try:
+            if job.request.stream:
+                call = await self._stream(job, deployment, redelivered=redelivered)
+            else:
+                call = await self._call(job, deployment)
+        finally:
+            finished = time.time()
+            self.health.finished(
+                deployment.name,
+                now=finished,
+                error=call.outcome if isinstance(call.outcome, JobError) else None,
+                latency_ms=(finished - started) * 1000,
+                limits=call.rate_limits,
+            )
+        return call
+
     async def _cleared(
         self, job: CompletionJob, deployment: Deployment, limiter: DeploymentLimiter | None
     ) -> JobError | None:
@@ -515,23 +547,12 @@ class Worker:
         limiter = self._limits.get(deployment.name)
         if (refusal := await self._cleared(job, deployment, limiter)) is not None:
             return error_result(job, refusal, redelivered=redelivered), None
-        started = time.time()
-        self.health.started(deployment.name)
-        call = Call(outcome=job_error(ErrorKind.SERVER_ERROR, "the call did not finish"))
-        try:
-            if job.request.stream:
-                call = await self._stream(job, deployment, redelivered=redelivered)
-            else:
-                call = await self._call(job, deployment)
-        finally:
-            finished = time.time()
-            self.health.finished(
-                deployment.name,
-                now=finished,
-                error=call.outcome if isinstance(call.outcome, JobError) else None,
-                latency_ms=(finished - started) * 1000,
-                limits=call.rate_limits,
-            )
+        cap = self._caps.get(deployment.name)
+        async with cap.slot() if cap is not None else contextlib.nullcontext():
+            started = time.time()
+            self.health.started(deployment.name)
+            call = await self._made(job, deployment, redelivered=redelivered, started=started)
+        finished = time.time()
         outcome, billed = call.outcome, call.billed
         if (
             limiter is not None
