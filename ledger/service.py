@@ -191,11 +191,23 @@ class Ledger:
         return kept
 
     async def _write(self, events: list[CostEvent], releases: list[str] | None = None) -> None:
-        """Write until it works: a down database delays the ledger, never loses it."""
-        if events or releases:
-            await self.db.run(
-                lambda conn: store.write_batch(conn, events, releases), what="ledger write"
+        """Write until it works: a down database delays the ledger, never
+        loses it. Budgets that crossed their alert share are announced."""
+        if not (events or releases):
+            return
+        alerts = await self.db.run(
+            lambda conn: store.write_batch(conn, events, releases), what="ledger write"
+        )
+        for alert in alerts:
+            log.warning(
+                "budget alert: spend crossed its alert share",
+                scope=alert.scope,
+                subject=alert.subject,
+                period=alert.period,
+                spent=str(alert.spent),
+                limit=str(alert.limit),
             )
+            await self.broker.alert(encode(alert))
 
 
 def _orphaned(message: AbstractIncomingMessage) -> bool:

@@ -15,7 +15,7 @@ import structlog
 from asyncpg.pool import PoolConnectionProxy
 
 from modelyard.budgets import ALERTS, RELEASE, SETTLE_CTE
-from schemas.costs import CostEvent
+from schemas.costs import BudgetAlert, CostEvent
 
 log = structlog.get_logger("modelyard.ledger")
 
@@ -126,27 +126,31 @@ def columns(events: list[CostEvent]) -> list[list[object]]:
 
 async def write_batch(
     conn: Conn, events: list[CostEvent], releases: list[str] | None = None
-) -> None:
+) -> list[BudgetAlert]:
     """In one transaction: insert the events, their daily rollup and their
     spend against every budget they fall under (duplicates are ignored, so
     none of this counts twice), then release the budget reservations of
-    jobs that ended, and raise the soft alert of budgets that crossed it."""
+    jobs that ended. Returns the budgets whose spend crossed their alert
+    share just now (each once per period)."""
     ended = [e.job_id for e in events if e.final] + (releases or [])
     async with conn.transaction():
         if events:
             await conn.execute(INSERT_BATCH, *columns(events))
         if ended:
             await conn.execute(RELEASE, ended)
-        if events:
-            for alert in await conn.fetch(ALERTS):
-                log.warning(
-                    "budget alert: spend crossed its alert share",
-                    scope=alert["scope"],
-                    subject=alert["subject"],
-                    period=alert["period"],
-                    spent=str(alert["spent"]),
-                    limit=str(alert["limit_usd"]),
-                )
+        crossed = await conn.fetch(ALERTS) if events else []
+    return [
+        BudgetAlert(
+            scope=row["scope"],
+            subject=row["subject"],
+            period=row["period"],
+            period_start=row["period_start"],
+            spent=row["spent"],
+            limit=row["limit_usd"],
+            alert_share=row["alert_share"],
+        )
+        for row in crossed
+    ]
 
 
 async def ensure_partitions(conn: Conn, now: datetime | None = None) -> None:

@@ -44,6 +44,7 @@ from aio_pika.exceptions import (
 )
 
 from modelyard.topology import (
+    ALERTS_EXCHANGE,
     COSTS_EXCHANGE,
     DEAD_EXCHANGE,
     DISPATCH_EXCHANGE,
@@ -244,6 +245,12 @@ class Broker:
         msg = message(body, persistent=False)
         with contextlib.suppress(Unroutable):
             await self.publish(HEALTH_EXCHANGE, "", msg)
+
+    async def alert(self, body: bytes) -> None:
+        """A budget alert to whoever listens, confirmed; dropped (not an
+        error) when nobody has bound a queue to `modelyard.alerts`."""
+        with contextlib.suppress(Unroutable):
+            await self.publish(ALERTS_EXCHANGE, "", message(body))
 
     async def cost(self, body: bytes, *, correlation_id: str) -> None:
         """Cost events to the ledger, confirmed."""

@@ -136,7 +136,7 @@ FROM budgets b
 WHERE u.scope = b.scope AND u.subject = b.subject AND NOT u.alerted
   AND u.period_start = budget_period_start(b.period, b.timezone, now())
   AND u.spent >= b.limit_usd * b.alert_share
-RETURNING u.scope, u.subject, u.period_start, u.spent, b.limit_usd, b.period
+RETURNING u.scope, u.subject, u.period_start, u.spent, b.limit_usd, b.period, b.alert_share
 """
 
 

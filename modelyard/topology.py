@@ -25,6 +25,8 @@ COSTS_EXCHANGE = "modelyard.costs"
 DEAD_EXCHANGE = "modelyard.dead"
 # Workers' deployment health reports, fanned out to every router's own queue.
 HEALTH_EXCHANGE = "modelyard.health"
+# Budget alerts, for whoever binds a queue (a pager, a chat bridge).
+ALERTS_EXCHANGE = "modelyard.alerts"
 
 DELAY_EXCHANGE_PREFIX = "modelyard.wait."
 RETRY_QUEUE_PREFIX = "wait."
@@ -220,6 +222,7 @@ def build_topology(pools: list[str]) -> Topology:
         ExchangeSpec(COSTS_EXCHANGE),
         ExchangeSpec(DEAD_EXCHANGE, "fanout"),
         ExchangeSpec(HEALTH_EXCHANGE, "fanout"),
+        ExchangeSpec(ALERTS_EXCHANGE, "fanout"),
         *(ExchangeSpec(delay_exchange(step), "fanout") for step in RETRY_DELAYS_MS),
     )
     return Topology(exchanges=exchanges, queues=tuple(queues))

@@ -67,3 +67,17 @@ class CostBatch(msgspec.Struct, kw_only=True):
     # Jobs that ended without a billed last call: their budget reservations
     # are released (a job's last billed call says so with `final`).
     releases: list[str] = msgspec.field(default_factory=list)
+
+
+class BudgetAlert(msgspec.Struct, kw_only=True):
+    """A budget's spend crossed its alert share: sent once per budget and
+    period, on the `modelyard.alerts` fan-out exchange, by the ledger."""
+
+    scope: str
+    subject: str
+    period: str
+    period_start: datetime
+    spent: Decimal
+    limit: Decimal
+    alert_share: Decimal
+    v: int = 1

@@ -488,3 +488,20 @@ async def test_a_keys_and_a_teams_requests_per_minute_are_held_at_admission(
     )
     assert [v.kind if v else None for v in team] == [None, None, None, ErrorKind.RATE_LIMITED]
     assert "team capped" in team[3].message  # type: ignore[union-attr]
+
+
+async def test_crossing_the_alert_share_is_announced_once_per_period(
+    conn: asyncpg.Connection,
+) -> None:
+    await budgets.set_budget(
+        conn, "team", "acme", period="daily", limit=Decimal("1"), alert_share=Decimal("0.5")
+    )
+    below = await store.write_batch(conn, [cost_event(uuid.uuid4().hex, "0.40")])
+    crossing = await store.write_batch(conn, [cost_event(uuid.uuid4().hex, "0.20")])
+    beyond = await store.write_batch(conn, [cost_event(uuid.uuid4().hex, "0.20")])
+
+    assert below == []
+    assert [(a.scope, a.subject, a.period, a.spent, a.limit) for a in crossing] == [
+        ("team", "acme", "daily", Decimal("0.6"), Decimal("1"))
+    ]
+    assert beyond == []  # once per budget and period

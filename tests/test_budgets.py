@@ -24,9 +24,10 @@ from modelyard import budgets
 from modelyard.client import Client, new_job
 from modelyard.config import parse
 from modelyard.prices import estimated_cost, price_card, token_bound
-from modelyard.topology import DEAD_QUEUE
+from modelyard.topology import ALERTS_EXCHANGE, DEAD_QUEUE
 from router import approvals, keys
 from schemas.chat import Message
+from schemas.costs import BudgetAlert
 from schemas.errors import ErrorKind
 from schemas.jobs import CompletionJob, Metadata
 from schemas.results import JobResult
@@ -366,3 +367,31 @@ async def test_a_daily_budget_rolls_over_under_load_losing_and_doubling_nothing(
     assert all(p["spent"] > 0 for p in periods)  # both days had spend
     assert sum(p["spent"] for p in periods) == final["ledger"]  # none lost, none twice
     assert (final["held"], final["reserved"]) == (0, 0)
+
+
+async def test_a_budget_alert_reaches_a_queue_bound_to_the_alerts_exchange(
+    stack: Stack,
+) -> None:
+    processes, broker_url, database_url = stack
+    await set_budget(database_url, Decimal("1"))
+    await in_db(
+        database_url,
+        lambda c: c.execute("UPDATE budgets SET alert_share = 0.00001"),  # alert from $0.00001
+    )
+    start(processes, "ledger", "worker", "router")
+    connection = await aio_pika.connect(broker_url)
+    try:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(exclusive=True)
+        await queue.bind(ALERTS_EXCHANGE)
+        await run(broker_url, [ask(f"alert {i}") for i in range(5)])
+        message = await eventually(lambda: queue.get(fail=False), lambda m: m is not None)
+        second = await queue.get(fail=False)
+    finally:
+        await connection.close()
+
+    assert message is not None
+    alert = msgspec.json.decode(message.body, type=BudgetAlert)
+    assert (alert.scope, alert.subject, alert.period) == ("team", "acme", "monthly")
+    assert alert.spent > 0
+    assert second is None  # once per period
