@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import aio_pika
+import aiohttp
 import asyncpg
 import msgspec
 import pytest
@@ -31,10 +32,12 @@ from schemas.costs import BudgetAlert
 from schemas.errors import ErrorKind
 from schemas.jobs import CompletionJob, Metadata
 from schemas.results import JobResult
+from tests.conftest import FAKE_KEY, FakeControl
 from tests.pipeline import eventually
 from tests.services import (
     Processes,
     config_document,
+    fake_provider,
     fresh_database,
     fresh_vhost,
     write_config,
@@ -395,3 +398,52 @@ async def test_a_budget_alert_reaches_a_queue_bound_to_the_alerts_exchange(
     assert (alert.scope, alert.subject, alert.period) == ("team", "acme", "monthly")
     assert alert.spent > 0
     assert second is None  # once per period
+
+
+@pytest.fixture
+def failing_port(tmp_path: Path) -> Iterator[int]:
+    """A fake provider of this test's own that answers every call with a 500."""
+    with fake_provider(FAKE_KEY, tmp_path / "failing.log") as port:
+        yield port
+
+
+async def test_falling_back_to_a_dearer_deployment_never_breaks_the_limit(
+    stack: Stack, failing_port: int, fake_port: int
+) -> None:
+    processes, broker_url, database_url = stack
+    cheap = {
+        **metered(failing_port),
+        "price": {"input_per_mtok": "0.01", "output_per_mtok": "0.01"},
+    }
+    dear = {**metered(fake_port), "price": {"input_per_mtok": "30", "output_per_mtok": "60"}}
+    doc = yaml.safe_load(processes.config.read_text())
+    doc["deployments"] |= {"cheap": cheap, "dear": dear}
+    doc["models"] |= {
+        "thrifty": {
+            "deployments": [{"deployment": "cheap"}],
+            "fallbacks": ["premium"],
+            "retry": {"retries": {"server_error": 0}},
+        },
+        "premium": {"deployments": [{"deployment": "dear"}]},
+    }
+    write_config(processes.config, doc)
+    jobs = [ask(f"thrifty {i}") for i in range(200)]
+    for job in jobs:
+        job.request.model = "thrifty"
+    tokens = token_bound(jobs[0].request, image_tokens=3000, max_output=4096)
+    dearest = estimated_cost(price_card(parse(doc, {}, PROVIDERS).deployments["dear"]), *tokens)
+    assert dearest is not None
+    limit = (dearest * 20).quantize(Decimal("0.01"), ROUND_UP)  # about 20 at the dear price
+    await set_budget(database_url, limit)
+    async with aiohttp.ClientSession() as session:
+        await FakeControl(session, failing_port).set(rate_500=1.0)
+    start(processes, "ledger", "worker", "router")
+
+    results = await run(broker_url, jobs)
+    final = await eventually(lambda: figures(database_url), settled, timeout=30)
+
+    served = Counter(r.deployment for r in results if r.status == "ok")
+    assert set(served) == {"dear"}  # every answer came from the fallback
+    assert any(r.error and r.error.kind == ErrorKind.BUDGET_EXCEEDED for r in results)
+    assert final["spent"] <= limit
+    assert (final["held"], final["reserved"]) == (0, 0)
