@@ -21,7 +21,6 @@ import time
 from collections import Counter
 from pathlib import Path
 from tempfile import TemporaryDirectory
-from typing import Any
 
 import aiohttp
 import asyncpg
@@ -34,6 +33,7 @@ from schemas.chat import Message
 from schemas.results import JobResult
 from tests.services import (
     config_document,
+    fake_deployment,
     free_port,
     fresh_database,
     fresh_vhost,
@@ -43,17 +43,6 @@ from tests.services import (
 )
 
 FAULTS = {"rate_429": 0.10, "retry_after_s": 1.0, "rate_500": 0.05}
-
-
-def deployment(port: int) -> dict[str, Any]:
-    return {
-        "provider": "openai",
-        "model": "gpt-4o-mini",
-        "api_base": f"http://127.0.0.1:{port}/v1",
-        "pool": "main",
-        "timeout_s": 5,
-        "api_key_env": "TEST_FAKE_KEY",
-    }
 
 
 async def run(broker_url: str, model: str, n: int, tag: str) -> tuple[float, list[JobResult]]:
@@ -127,7 +116,11 @@ def main() -> int:
         doc["pools"]["main"]["concurrency"] = args.concurrency
         doc["ledger"] = {"batch_size": 500, "flush_ms": 20}
         doc["deployments"].update(
-            {"good-a": deployment(good), "good-b": deployment(good), "flaky-b": deployment(bad)}
+            {
+                "good-a": fake_deployment(good),
+                "good-b": fake_deployment(good),
+                "flaky-b": fake_deployment(bad),
+            }
         )
         doc["models"].update(
             {

@@ -114,19 +114,26 @@ settled AS (
 )
 """
 
-# Jobs that ended: their reservations go, and stop counting as reserved.
-RELEASE = """
+
+def _give_back(gone: str) -> str:
+    """SQL that deletes the reservations `gone` selects and takes their
+    amounts off `reserved` in their usage rows."""
+    return f"""
 WITH gone AS (
-    DELETE FROM budget_reservations WHERE job_id = ANY($1::text[])
-    RETURNING scope, subject, period_start, amount
+    {gone}
+    RETURNING r.scope, r.subject, r.period_start, r.amount
 ), totals AS (
-    SELECT scope, subject, period_start, sum(amount) AS amount
-    FROM gone GROUP BY 1, 2, 3
+    SELECT scope, subject, period_start, sum(amount) AS amount FROM gone GROUP BY 1, 2, 3
 )
 UPDATE budget_usage u SET reserved = greatest(u.reserved - t.amount, 0)
 FROM totals t
 WHERE u.scope = t.scope AND u.subject = t.subject AND u.period_start = t.period_start
+RETURNING u.scope, u.subject, t.amount
 """
+
+
+# Jobs that ended: their reservations go, and stop counting as reserved.
+RELEASE = _give_back("DELETE FROM budget_reservations r WHERE r.job_id = ANY($1::text[])")
 
 # Budgets whose spend crossed their alert share this period, marked so the
 # alert is raised once per budget per period.
@@ -189,20 +196,10 @@ JOIN unnest($1::text[], $2::text[], $3::timestamptz[]) AS k(scope, subject, peri
 ORDER BY u.scope, u.subject, u.period_start
 FOR UPDATE OF u
 """
-_EXPIRE = """
-WITH gone AS (
-    DELETE FROM budget_reservations r
-    USING unnest($1::text[], $2::text[]) AS k(scope, subject)
-    WHERE r.scope = k.scope AND r.subject = k.subject AND r.expires_at < now()
-    RETURNING r.scope, r.subject, r.period_start, r.amount
-), totals AS (
-    SELECT scope, subject, period_start, sum(amount) AS amount FROM gone GROUP BY 1, 2, 3
+_EXPIRE = _give_back(
+    "DELETE FROM budget_reservations r USING unnest($1::text[], $2::text[]) AS k(scope, subject) "
+    "WHERE r.scope = k.scope AND r.subject = k.subject AND r.expires_at < now()"
 )
-UPDATE budget_usage u SET reserved = greatest(u.reserved - t.amount, 0)
-FROM totals t
-WHERE u.scope = t.scope AND u.subject = t.subject AND u.period_start = t.period_start
-RETURNING u.scope, u.subject, t.amount
-"""
 _HELD = "SELECT DISTINCT job_id FROM budget_reservations WHERE job_id = ANY($1::text[])"
 _WRITE_USAGE = """
 UPDATE budget_usage u SET reserved = k.reserved
@@ -293,18 +290,7 @@ async def reserve(conn: Conn, claims: list[Claim], *, ttl_s: float) -> list[Verd
     return verdicts
 
 
-_EXPIRE_ALL = """
-WITH gone AS (
-    DELETE FROM budget_reservations WHERE expires_at < now()
-    RETURNING scope, subject, period_start, amount
-), totals AS (
-    SELECT scope, subject, period_start, sum(amount) AS amount FROM gone GROUP BY 1, 2, 3
-)
-UPDATE budget_usage u SET reserved = greatest(u.reserved - t.amount, 0)
-FROM totals t
-WHERE u.scope = t.scope AND u.subject = t.subject AND u.period_start = t.period_start
-RETURNING u.scope, u.subject, t.amount
-"""
+_EXPIRE_ALL = _give_back("DELETE FROM budget_reservations r WHERE r.expires_at < now()")
 
 
 async def expire(conn: Conn) -> int:

@@ -53,6 +53,13 @@ def fake_port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
         yield port
 
 
+@pytest.fixture
+def own_fake_port(tmp_path: Path) -> Iterator[int]:
+    """A fake provider of the test's own: its faults and request log are the test's."""
+    with fake_provider(FAKE_KEY, tmp_path / "own-fake.log") as port:
+        yield port
+
+
 @pytest.fixture(scope="session")
 def config_doc(broker_url: str, database_url: str, fake_port: int) -> dict[str, Any]:
     return config_document(broker_url, database_url, fake_port)

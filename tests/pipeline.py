@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import asyncpg
+
+from modelyard import broker
+from modelyard.client import Client
+from modelyard.config import Config
 
 T = TypeVar("T")
 
@@ -40,3 +45,26 @@ async def scalar(database_url: str, sql: str, *args: Any) -> Any:
         return await conn.fetchval(sql, *args)
     finally:
         await conn.close()
+
+
+@contextlib.asynccontextmanager
+async def in_process(config: Config, name: str) -> AsyncIterator[Client]:
+    """A ledger, a `main` pool worker and a router on one connection in this
+    process, and a client; all stopped after."""
+    from ledger.service import Ledger  # noqa: PLC0415
+    from router.service import Router  # noqa: PLC0415
+    from workers.pool import Worker  # noqa: PLC0415
+
+    connection = await broker.connect(config.broker_url, name)
+    components = [Ledger(config, connection), Worker(config, "main", connection)]
+    components.append(Router(config, connection))
+    for component in components:
+        await component.start()
+    client = await Client.connect(config.broker_url)
+    try:
+        yield client
+    finally:
+        await client.close()
+        for component in reversed(components):
+            await component.stop()
+        await connection.close()

@@ -155,6 +155,20 @@ def provider_deployments(fake_port: int) -> dict[str, dict[str, Any]]:
     return out
 
 
+def fake_deployment(port: int, **extra: Any) -> dict[str, Any]:
+    """An OpenAI-format deployment on the fake provider at `port`, in pool
+    `main` (`extra` overrides or adds settings)."""
+    return {
+        "provider": "openai",
+        "model": "gpt-4o-mini",
+        "api_base": f"http://127.0.0.1:{port}/v1",
+        "pool": "main",
+        "timeout_s": 5,
+        "api_key_env": "TEST_FAKE_KEY",
+        **extra,
+    }
+
+
 def config_document(
     broker_url: str, database_url: str, fake_port: int, **extra: Any
 ) -> dict[str, Any]:

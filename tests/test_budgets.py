@@ -32,12 +32,12 @@ from schemas.costs import BudgetAlert
 from schemas.errors import ErrorKind
 from schemas.jobs import CompletionJob, Metadata
 from schemas.results import JobResult
-from tests.conftest import FAKE_KEY, FakeControl
+from tests.conftest import FakeControl
 from tests.pipeline import eventually
 from tests.services import (
     Processes,
     config_document,
-    fake_provider,
+    fake_deployment,
     fresh_database,
     fresh_vhost,
     write_config,
@@ -53,16 +53,7 @@ MAX_TOKENS = 40
 
 
 def metered(fake_port: int, **extra: Any) -> dict[str, Any]:
-    return {
-        "provider": "openai",
-        "model": "gpt-4o-mini",
-        "api_base": f"http://127.0.0.1:{fake_port}/v1",
-        "pool": "main",
-        "timeout_s": 5,
-        "api_key_env": "TEST_FAKE_KEY",
-        "price": PRICE,
-        **extra,
-    }
+    return fake_deployment(fake_port, price=PRICE, **extra)
 
 
 Stack = tuple[Processes, str, str]
@@ -400,19 +391,12 @@ async def test_a_budget_alert_reaches_a_queue_bound_to_the_alerts_exchange(
     assert second is None  # once per period
 
 
-@pytest.fixture
-def failing_port(tmp_path: Path) -> Iterator[int]:
-    """A fake provider of this test's own that answers every call with a 500."""
-    with fake_provider(FAKE_KEY, tmp_path / "failing.log") as port:
-        yield port
-
-
 async def test_falling_back_to_a_dearer_deployment_never_breaks_the_limit(
-    stack: Stack, failing_port: int, fake_port: int
+    stack: Stack, own_fake_port: int, fake_port: int
 ) -> None:
     processes, broker_url, database_url = stack
     cheap = {
-        **metered(failing_port),
+        **metered(own_fake_port),
         "price": {"input_per_mtok": "0.01", "output_per_mtok": "0.01"},
     }
     dear = {**metered(fake_port), "price": {"input_per_mtok": "30", "output_per_mtok": "60"}}
@@ -436,7 +420,7 @@ async def test_falling_back_to_a_dearer_deployment_never_breaks_the_limit(
     limit = (dearest * 20).quantize(Decimal("0.01"), ROUND_UP)  # about 20 at the dear price
     await set_budget(database_url, limit)
     async with aiohttp.ClientSession() as session:
-        await FakeControl(session, failing_port).set(rate_500=1.0)
+        await FakeControl(session, own_fake_port).set(rate_500=1.0)
     start(processes, "ledger", "worker", "router")
 
     results = await run(broker_url, jobs)

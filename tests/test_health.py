@@ -15,25 +15,23 @@ import aiohttp
 import pytest
 import pytest_asyncio
 
-from ledger.service import Ledger
-from modelyard import broker
 from modelyard.client import Client, new_job
 from modelyard.config import Config, parse
-from router.service import Router
 from schemas.chat import Message
 from schemas.errors import ErrorKind
 from schemas.jobs import Constraints
 from schemas.results import JobResult
 from tests.conftest import FAKE_KEY, FakeControl
+from tests.pipeline import in_process
 from tests.services import (
     Processes,
     config_document,
+    fake_deployment,
     fake_provider,
     fresh_database,
     fresh_vhost,
     write_config,
 )
-from workers.pool import Worker
 from workers.providers import PROVIDERS
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -49,33 +47,21 @@ HEALTH = {
 }
 
 
-def deployment(port: int) -> dict[str, Any]:
-    return {
-        "provider": "openai",
-        "model": "gpt-4o-mini",
-        "api_base": f"http://127.0.0.1:{port}/v1",
-        "pool": "main",
-        "timeout_s": 10,
-        "api_key_env": "TEST_FAKE_KEY",
-    }
-
-
 def ask(model: str, **kwargs: Any) -> Any:
     return new_job(model, [Message(role="user", content="How are you?")], **kwargs)
 
 
 @pytest.fixture
-def sick_port(tmp_path: Path) -> Iterator[int]:
-    with fake_provider(FAKE_KEY, tmp_path / "sick.log") as port:
-        yield port
-
-
-@pytest.fixture
-def two_routers(tmp_path: Path, fake_port: int, sick_port: int) -> Iterator[tuple[Processes, str]]:
+def two_routers(
+    tmp_path: Path, fake_port: int, own_fake_port: int
+) -> Iterator[tuple[Processes, str]]:
     with fresh_vhost() as broker_url, fresh_database() as database_url:
         doc = config_document(broker_url, database_url, fake_port, log_level="info")
         doc["health"] = HEALTH
-        doc["deployments"] |= {"sick": deployment(sick_port), "well": deployment(fake_port)}
+        doc["deployments"] |= {
+            "sick": fake_deployment(own_fake_port, timeout_s=10),
+            "well": fake_deployment(fake_port, timeout_s=10),
+        }
         doc["models"] |= {
             "pair": {
                 "deployments": [{"deployment": "sick"}, {"deployment": "well"}],
@@ -107,11 +93,11 @@ async def wave(client: Client, model: str, count: int) -> list[JobResult]:
 
 
 async def test_a_failing_deployment_cools_down_in_every_router_and_a_probe_brings_it_back(
-    two_routers: tuple[Processes, str], fake: FakeControl, sick_port: int
+    two_routers: tuple[Processes, str], fake: FakeControl, own_fake_port: int
 ) -> None:
     processes, broker_url = two_routers
     async with aiohttp.ClientSession() as session, await Client.connect(broker_url) as client:
-        sick = FakeControl(session, sick_port)
+        sick = FakeControl(session, own_fake_port)
         await sick.set(rate_500=1.0)
 
         # Failing: each job that meets `sick` moves on to `well` at once.
@@ -171,7 +157,10 @@ def strategy_config(fake_port: int, slow_port: int) -> Iterator[Config]:
             "log_level": "warning",
             "pools": {"main": {"concurrency": 32}},
             "health": HEALTH,
-            "deployments": {"slow": deployment(slow_port), "quick": deployment(fake_port)},
+            "deployments": {
+                "slow": fake_deployment(slow_port, timeout_s=10),
+                "quick": fake_deployment(fake_port, timeout_s=10),
+            },
             "models": {
                 "fastest": {"deployments": both, "strategy": "lowest_latency"},
                 "idlest": {"deployments": both, "strategy": "least_busy"},
@@ -185,20 +174,8 @@ def strategy_config(fake_port: int, slow_port: int) -> Iterator[Config]:
 async def strategy_client(strategy_config: Config, slow_port: int) -> AsyncIterator[Client]:
     async with aiohttp.ClientSession() as session:
         await FakeControl(session, slow_port).set(latency_ms=LATENCY_MS)
-    connection = await broker.connect(strategy_config.broker_url, "test-health")
-    components = [
-        Ledger(strategy_config, connection),
-        Worker(strategy_config, "main", connection),
-        Router(strategy_config, connection),
-    ]
-    for component in components:
-        await component.start()
-    client = await Client.connect(strategy_config.broker_url)
-    yield client
-    await client.close()
-    for component in reversed(components):
-        await component.stop()
-    await connection.close()
+    async with in_process(strategy_config, "test-health") as client:
+        yield client
 
 
 async def closed_loop(client: Client, model: str, *, callers: int, each: int) -> Counter[str]:

@@ -16,11 +16,11 @@ import pytest
 
 from modelyard.client import Client, new_job
 from schemas.chat import Message
-from tests.conftest import FAKE_KEY, FakeControl
+from tests.conftest import FakeControl
 from tests.services import (
     Processes,
     config_document,
-    fake_provider,
+    fake_deployment,
     fresh_database,
     fresh_vhost,
     write_config,
@@ -35,25 +35,10 @@ LATENCY_S = 0.4
 
 
 @pytest.fixture
-def limited_port(tmp_path: Path) -> Iterator[int]:
-    """A fake provider of this test's own: its request log is this test's."""
-    with fake_provider(FAKE_KEY, tmp_path / "limited.log") as port:
-        yield port
-
-
-@pytest.fixture
-def three_workers(tmp_path: Path, limited_port: int) -> Iterator[tuple[Processes, str]]:
+def three_workers(tmp_path: Path, own_fake_port: int) -> Iterator[tuple[Processes, str]]:
     with fresh_vhost() as broker_url, fresh_database() as database_url:
-        doc = config_document(broker_url, database_url, limited_port, log_level="info")
-        doc["deployments"]["limited"] = {
-            "provider": "openai",
-            "model": "gpt-4o-mini",
-            "api_base": f"http://127.0.0.1:{limited_port}/v1",
-            "pool": "main",
-            "timeout_s": 5,
-            "api_key_env": "TEST_FAKE_KEY",
-            "rpm": RPM,
-        }
+        doc = config_document(broker_url, database_url, own_fake_port, log_level="info")
+        doc["deployments"]["limited"] = fake_deployment(own_fake_port, rpm=RPM)
         doc["deployments"]["capped"] = {
             **doc["deployments"]["limited"],
             "rpm": None,
@@ -86,7 +71,7 @@ def busiest_minute(times: list[float]) -> int:
 
 
 async def test_three_workers_share_one_rpm_limit(
-    three_workers: tuple[Processes, str], limited_port: int
+    three_workers: tuple[Processes, str], own_fake_port: int
 ) -> None:
     _, broker_url = three_workers
     jobs = [
@@ -107,7 +92,7 @@ async def test_three_workers_share_one_rpm_limit(
                     answered += 1
         elapsed = time.monotonic() - started
     async with aiohttp.ClientSession() as session:
-        calls = await FakeControl(session, limited_port).requests()
+        calls = await FakeControl(session, own_fake_port).requests()
 
     times = [call["at"] for call in calls]
     assert elapsed >= WATCH_S - 1  # more work than the limit allows in the time
@@ -128,12 +113,12 @@ def most_in_flight(ends: list[float], duration_s: float) -> int:
 
 
 async def test_three_workers_share_one_concurrency_cap(
-    three_workers: tuple[Processes, str], limited_port: int
+    three_workers: tuple[Processes, str], own_fake_port: int
 ) -> None:
     _, broker_url = three_workers
     count = 10 * CAP
     async with aiohttp.ClientSession() as session:
-        fake = FakeControl(session, limited_port)
+        fake = FakeControl(session, own_fake_port)
         await fake.set(latency_ms=LATENCY_S * 1000)
         async with await Client.connect(broker_url) as client:
             answers = await asyncio.gather(

@@ -19,23 +19,20 @@ import aiohttp
 import pytest
 import pytest_asyncio
 
-from ledger.service import Ledger
-from modelyard import broker
 from modelyard.client import Client, new_job
 from modelyard.config import Config, parse
-from router.service import Router
 from schemas.chat import Message
 from schemas.errors import ErrorKind
 from schemas.jobs import CompletionJob
 from schemas.results import JobResult
 from tests.conftest import FAKE_KEY, FakeControl
-from tests.pipeline import eventually, ledger_rows
+from tests.pipeline import eventually, in_process, ledger_rows
 from tests.services import (
+    fake_deployment,
     fake_provider,
     fresh_database,
     fresh_vhost,
 )
-from workers.pool import Worker
 from workers.providers import PROVIDERS
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -58,17 +55,6 @@ async def flaky(flaky_port: int) -> AsyncIterator[FakeControl]:
         await control.set(**CALM)
 
 
-def deployment(port: int, model: str = "gpt-4o-mini") -> dict[str, Any]:
-    return {
-        "provider": "openai",
-        "model": model,
-        "api_base": f"http://127.0.0.1:{port}/v1",
-        "pool": "main",
-        "timeout_s": 5,
-        "api_key_env": "TEST_FAKE_KEY",
-    }
-
-
 def one(name: str, **extra: Any) -> dict[str, Any]:
     return {"deployments": [{"deployment": name}], **extra}
 
@@ -89,10 +75,10 @@ def retry_config(fake_port: int, flaky_port: int) -> Iterator[Config]:
             # one test's faults into the next (cooldowns: tests/test_health.py).
             "health": {"honour_retry_after": False, "min_calls": 1_000_000},
             "deployments": {
-                "flaky": deployment(flaky_port),
-                "steady": deployment(fake_port),
-                "second-opinion": deployment(fake_port),
-                "reasoner": deployment(flaky_port, "o3-mini"),
+                "flaky": fake_deployment(flaky_port),
+                "steady": fake_deployment(fake_port),
+                "second-opinion": fake_deployment(fake_port),
+                "reasoner": fake_deployment(flaky_port, model="o3-mini"),
             },
             "models": {
                 "chain": one(
@@ -112,20 +98,8 @@ def retry_config(fake_port: int, flaky_port: int) -> Iterator[Config]:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def retry_client(retry_config: Config) -> AsyncIterator[Client]:
-    connection = await broker.connect(retry_config.broker_url, "test-retries")
-    components = [
-        Ledger(retry_config, connection),
-        Worker(retry_config, "main", connection),
-        Router(retry_config, connection),
-    ]
-    for component in components:
-        await component.start()
-    client = await Client.connect(retry_config.broker_url)
-    yield client
-    await client.close()
-    for component in reversed(components):
-        await component.stop()
-    await connection.close()
+    async with in_process(retry_config, "test-retries") as client:
+        yield client
 
 
 def ask(model: str, text: str = "Tell me about retries.", **kwargs: Any) -> CompletionJob:
