@@ -181,11 +181,16 @@ class HealthSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     honour_retry_after: bool = True
 
 
-class TeamLimits(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """Requests and tokens per minute a team's jobs may use, all its keys together."""
+class TeamPolicy(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """What a team's jobs may use, all its keys together: requests and
+    tokens per minute, the models (names or aliases) and the deployment
+    tags (`eu`, `self-hosted`) it is limited to. A key's own limits apply
+    on top."""
 
     rpm: Annotated[int, Meta(ge=1)] | None = None
     tpm: Annotated[int, Meta(ge=1)] | None = None
+    models: list[Name] | None = None
+    tags: list[Name] | None = None
 
 
 class AccessSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -215,8 +220,9 @@ class AccessSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     unpriced: Literal["refuse", "reserve"] = "refuse"
     unpriced_reservation_usd: Annotated[float, Meta(gt=0)] = 1.0
     reservation_ttl_s: Annotated[float, Meta(ge=1)] = 3600.0
-    # Per-minute limits per team, checked at admission (keys carry their own).
-    teams: dict[Name, TeamLimits] = msgspec.field(default_factory=dict)
+    # Per team: minute limits, allowed models and deployment tags, checked
+    # at admission (keys carry their own too).
+    teams: dict[Name, TeamPolicy] = msgspec.field(default_factory=dict)
 
 
 class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

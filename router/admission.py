@@ -74,9 +74,10 @@ class Admission:
         for job in jobs:
             secret, job.api_key = job.api_key, None  # the key goes no further
             record = records.get(secret) if secret else None
-            refusal = self._identify(job, secret, record, now) or self._models(
-                job, record, approved
-            )
+            refusal = self._identify(job, secret, record, now)
+            if refusal is None:
+                self._team_pins(job)
+                refusal = self._models(job, record, approved)
             verdicts.append(refusal)
         for step in (self._within_limits, self._reserve):
             admitted = [i for i, verdict in enumerate(verdicts) if verdict is None]
@@ -125,6 +126,12 @@ class Admission:
             job.constraints = _narrowed(job.constraints, tags=record.allowed_tags)
         return None
 
+    def _team_pins(self, job: CompletionJob) -> None:
+        """Pin the job to its team's deployment tags, if the team has some."""
+        team = self.settings.teams.get(job.metadata.team or "")
+        if team is not None and team.tags:
+            job.constraints = _narrowed(job.constraints, tags=team.tags)
+
     # Which models.
 
     def _models(
@@ -135,15 +142,17 @@ class Admission:
         group = self.routes.resolve(job.request.model)
         if group is None:
             return None  # answered `unknown_model` by routing
-        allowed = set(record.allowed_models) if record and record.allowed_models else None
-        if allowed is not None and not _names(group) & allowed:
-            listed = ", ".join(sorted(allowed))
-            return job_error(
-                ErrorKind.MODEL_NOT_ALLOWED,
-                f"key {record.id if record else ''} may not use {job.request.model!r}; "
-                f"it may use: {listed}. Ask a platform owner to widen the key",
-                field="$.request.model",
-            )
+        allowed: set[str] | None = None
+        for who, models in self._model_lists(job, record):
+            allowed = set(models) if allowed is None else allowed & set(models)
+            if not _names(group) & set(models):
+                listed = ", ".join(sorted(models))
+                return job_error(
+                    ErrorKind.MODEL_NOT_ALLOWED,
+                    f"{who} may not use {job.request.model!r}; it may use: {listed}. "
+                    "Ask a platform owner to widen it",
+                    field="$.request.model",
+                )
         if approved is not None and group.name not in approved:
             return job_error(
                 ErrorKind.MODEL_NOT_APPROVED,
@@ -155,6 +164,18 @@ class Admission:
             usable = self._usable_deployments(job, allowed, approved)
             job.constraints = _narrowed(job.constraints, deployments=sorted(usable))
         return None
+
+    def _model_lists(
+        self, job: CompletionJob, record: KeyRecord | None
+    ) -> list[tuple[str, list[str]]]:
+        """The allowed-model lists over a job: its key's and its team's."""
+        lists = []
+        if record is not None and record.allowed_models:
+            lists.append((f"key {record.id}", record.allowed_models))
+        team = self.settings.teams.get(job.metadata.team or "")
+        if team is not None and team.models:
+            lists.append((f"team {job.metadata.team}", team.models))
+        return lists
 
     def _usable_deployments(
         self, job: CompletionJob, allowed: set[str] | None, approved: set[str] | None

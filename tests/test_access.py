@@ -505,3 +505,28 @@ async def test_crossing_the_alert_share_is_announced_once_per_period(
         ("team", "acme", "daily", Decimal("0.6"), Decimal("1"))
     ]
     assert beyond == []  # once per budget and period
+
+
+async def test_a_team_is_held_to_its_models_and_deployment_tags(
+    conn: asyncpg.Connection, admission: Any
+) -> None:
+    eu_only = await keys.create(conn, team="regulated")
+    gate = admission(teams={"regulated": {"models": ["chat"], "tags": ["eu"]}})
+
+    allowed, refused = await gate.admit([job(key=eu_only.secret), job("large", key=eu_only.secret)])
+
+    assert allowed is None
+    assert refused is not None
+    assert refused.kind == ErrorKind.MODEL_NOT_ALLOWED
+    assert "team regulated may not use 'large'; it may use: chat" in refused.message
+    routes = build_route_table(access_config(gate.config.database_url))
+    pinned = job(key=eu_only.secret)
+    await gate.admit([pinned])
+    group = routes.resolve("chat")
+    assert group is not None
+    assert [t.deployment for t in routes.allowed(group.deployments, pinned.constraints)] == [
+        "eu-mini"
+    ]
+    # Its fallback (`large`) is not a model the team may use: never reached.
+    assert pinned.constraints is not None
+    assert "big" not in (pinned.constraints.deployments or [])
