@@ -56,7 +56,7 @@ from workers.providers import (
     HttpResponse,
     ProviderReply,
 )
-from workers.ratelimit import DeploymentLimiter
+from workers.ratelimit import DeploymentLimiter, refill_wait
 from workers.retry import GiveUp, Retry, decide
 
 log = structlog.get_logger("modelyard.worker")
@@ -554,13 +554,10 @@ class Worker:
             call = await self._made(job, deployment, redelivered=redelivered, started=started)
         finished = time.time()
         outcome, billed = call.outcome, call.billed
-        if (
-            limiter is not None
-            and isinstance(outcome, JobError)
-            and outcome.kind == ErrorKind.RATE_LIMITED
-            and outcome.retry_after_s
-        ):
-            limiter.slow_down(outcome.retry_after_s)
+        if limiter is not None:  # the provider's own signals slow a limited deployment down
+            if isinstance(outcome, JobError) and outcome.kind == ErrorKind.RATE_LIMITED:
+                limiter.slow_down(outcome.retry_after_s or 0.0)
+            limiter.slow_down(refill_wait(call.rate_limits) or 0.0)
         card = self._prices[deployment.name]
         latency_ms = (finished - started) * 1000
         event = None if billed is None else cost_event(job, deployment, billed, card, latency_ms)

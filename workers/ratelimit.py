@@ -28,6 +28,7 @@ import structlog
 
 from modelyard import ratewindow
 from modelyard.database import Conn, Database
+from schemas.results import RateLimits
 from workers.lanes import SlotsClosed
 
 log = structlog.get_logger("modelyard.ratelimit")
@@ -124,3 +125,12 @@ class DeploymentLimiter:
             grant_tokens if self.tpm else 0,
         )
         return grant_requests, grant_tokens
+
+
+def refill_wait(limits: RateLimits | None) -> float | None:
+    """How long to pause a deployment whose answer said no requests are left:
+    the time its bucket takes to refill by one (its reset is the time to
+    refill completely, so the reset over the limit); None when it has room."""
+    if limits is None or limits.remaining_requests != 0 or not limits.reset_requests_s:
+        return None
+    return limits.reset_requests_s / max(limits.limit_requests or 1, 1)

@@ -361,3 +361,15 @@ def test_a_retryable_failure_moves_at_once_to_another_deployment_of_the_model() 
     common: dict[str, Any] = {"deadline": None, "now": T0, "targets_left": True}
     assert decide(error, [], RetryPolicy(), sibling_left=True, **common) == Fallback()
     assert isinstance(decide(error, [], RetryPolicy(), sibling_left=False, **common), Retry)
+
+
+def test_a_provider_with_no_requests_left_pauses_a_limited_deployment_for_one_refill() -> None:
+    from workers.ratelimit import refill_wait  # noqa: PLC0415
+
+    empty = RateLimits(limit_requests=600, remaining_requests=0, reset_requests_s=60.0)
+    assert refill_wait(empty) == 0.1  # a 600-a-minute bucket refills one every 0.1 s
+    assert (
+        refill_wait(RateLimits(limit_requests=600, remaining_requests=3, reset_requests_s=1))
+        is None
+    )
+    assert refill_wait(None) is None
