@@ -48,6 +48,7 @@ _COLUMNS: tuple[tuple[str, str], ...] = (
     ("status", "text"),
     ("latency_ms", "float8"),
     ("raw_usage", "jsonb"),
+    ("reservation", "text"),
 )
 
 _NAMES = ", ".join(name for name, _ in _COLUMNS)
@@ -115,6 +116,7 @@ def _row(e: CostEvent) -> tuple[object, ...]:
         e.status,
         e.latency_ms,
         None if e.raw_usage is None else json.dumps(e.raw_usage),
+        e.reservation,
     )
 
 
@@ -132,7 +134,7 @@ async def write_batch(
     none of this counts twice), then release the budget reservations of
     jobs that ended. Returns the budgets whose spend crossed their alert
     share just now (each once per period)."""
-    ended = [e.job_id for e in events if e.final] + (releases or [])
+    ended = [e.reservation for e in events if e.final and e.reservation] + (releases or [])
     async with conn.transaction():
         if events:
             await conn.execute(INSERT_BATCH, *columns(events))

@@ -105,7 +105,7 @@ settled AS (
         OR (b.scope = 'user' AND b.subject = i.user_id)
         OR (b.scope = 'key' AND b.subject = i.key_id)
     LEFT JOIN budget_reservations r
-        ON r.job_id = i.job_id AND r.scope = b.scope AND r.subject = b.subject
+        ON r.reservation = i.reservation AND r.scope = b.scope AND r.subject = b.subject
     WHERE i.cost IS NOT NULL
     GROUP BY 1, 2, 3
     ORDER BY 1, 2, 3
@@ -133,7 +133,7 @@ RETURNING u.scope, u.subject, t.amount
 
 
 # Jobs that ended: their reservations go, and stop counting as reserved.
-RELEASE = _give_back("DELETE FROM budget_reservations r WHERE r.job_id = ANY($1::text[])")
+RELEASE = _give_back("DELETE FROM budget_reservations r WHERE r.reservation = ANY($1::text[])")
 
 # Budgets whose spend crossed their alert share this period, marked so the
 # alert is raised once per budget per period.
@@ -165,8 +165,10 @@ def refusal_message(budget: Budget, cost: Decimal) -> str:
 
 
 class Claim(msgspec.Struct, kw_only=True, frozen=True):
-    """A job's worst-case cost, to reserve in every budget over its subjects."""
+    """A job's worst-case cost, to reserve in every budget over its subjects,
+    under `reservation` (this admission's own id)."""
 
+    reservation: str
     job_id: str
     amount: Decimal
     subjects: tuple[tuple[Scope, str], ...]
@@ -200,7 +202,6 @@ _EXPIRE = _give_back(
     "DELETE FROM budget_reservations r USING unnest($1::text[], $2::text[]) AS k(scope, subject) "
     "WHERE r.scope = k.scope AND r.subject = k.subject AND r.expires_at < now()"
 )
-_HELD = "SELECT DISTINCT job_id FROM budget_reservations WHERE job_id = ANY($1::text[])"
 _WRITE_USAGE = """
 UPDATE budget_usage u SET reserved = k.reserved
 FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::numeric[])
@@ -208,11 +209,11 @@ FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::numeric[])
 WHERE u.scope = k.scope AND u.subject = k.subject AND u.period_start = k.period_start
 """
 _WRITE_RESERVATIONS = """
-INSERT INTO budget_reservations (job_id, scope, subject, period_start, amount, expires_at)
-SELECT job_id, scope, subject, period_start, amount, now() + make_interval(secs => $6)
-FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::numeric[])
-  AS k(job_id, scope, subject, period_start, amount)
-ON CONFLICT DO NOTHING
+INSERT INTO budget_reservations
+    (reservation, job_id, scope, subject, period_start, amount, expires_at)
+SELECT reservation, job_id, scope, subject, period_start, amount, now() + make_interval(secs => $7)
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::numeric[])
+  AS k(reservation, job_id, scope, subject, period_start, amount)
 """
 
 
@@ -233,8 +234,9 @@ async def reserve(conn: Conn, claims: list[Claim], *, ttl_s: float) -> list[Verd
     """Reserve each claim in every budget it falls under, in order, inside
     the caller's transaction; a claim that would take any of them past its
     limit is refused (the budget that refused it is its verdict) and
-    reserves nothing. A job that already holds reservations (its message
-    came back after a crash) is admitted on them, not charged twice."""
+    reserves nothing. Every admission reserves afresh: a job admitted again
+    (its message came back after a router crash) holds two reservations
+    until the first expires, which refuses more, never spends more."""
     wanted = sorted({subject for claim in claims for subject in claim.subjects})
     current = await conn.fetch(_CURRENT, [s for s, _ in wanted], [s for _, s in wanted])
     if not current:
@@ -257,16 +259,12 @@ async def reserve(conn: Conn, claims: list[Claim], *, ttl_s: float) -> list[Verd
     for row in await conn.fetch(_LOCK_USAGE, *columns):  # the figures after the expiry
         budget = budgets[(row["scope"], row["subject"])]
         budget.spent, budget.reserved = row["spent"], row["reserved"]
-    held = {row["job_id"] for row in await conn.fetch(_HELD, [c.job_id for c in claims])}
     verdicts: list[Verdict] = []
-    taken: list[tuple[str, Budget, Decimal]] = []
+    taken: list[tuple[Claim, Budget]] = []
     for claim in claims:
         applicable = [budgets[s] for s in claim.subjects if s in budgets]
         if not applicable:
             verdicts.append(False)
-            continue
-        if claim.job_id in held:
-            verdicts.append(True)
             continue
         over = next((b for b in applicable if b.remaining < claim.amount), None)
         if over is not None:
@@ -274,17 +272,18 @@ async def reserve(conn: Conn, claims: list[Claim], *, ttl_s: float) -> list[Verd
             continue
         for budget in applicable:
             budget.reserved += claim.amount
-            taken.append((claim.job_id, budget, claim.amount))
+            taken.append((claim, budget))
         verdicts.append(True)
     if taken:
         await conn.execute(_WRITE_USAGE, *columns, [b.reserved for b in budgets.values()])
         await conn.execute(
             _WRITE_RESERVATIONS,
-            [job for job, _, _ in taken],
-            [b.scope for _, b, _ in taken],
-            [b.subject for _, b, _ in taken],
-            [b.period_start for _, b, _ in taken],
-            [amount for _, _, amount in taken],
+            [c.reservation for c, _ in taken],
+            [c.job_id for c, _ in taken],
+            [b.scope for _, b in taken],
+            [b.subject for _, b in taken],
+            [b.period_start for _, b in taken],
+            [c.amount for c, _ in taken],
             ttl_s,
         )
     return verdicts
@@ -306,9 +305,9 @@ async def expire(conn: Conn) -> int:
     return len(rows)
 
 
-async def release(conn: Conn, job_ids: list[str]) -> None:
+async def release(conn: Conn, reservations: list[str]) -> None:
     """Release the reservations of jobs that ended without a billed last call."""
-    await conn.execute(RELEASE, job_ids)
+    await conn.execute(RELEASE, reservations)
 
 
 async def set_budget(

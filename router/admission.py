@@ -12,7 +12,7 @@ What it changes on an admitted job: the virtual key is removed (it goes no
 further than this module), `key_id` and the metadata's team, project and
 user become the key's, the deployments it may reach are narrowed to those of
 allowed, approved models (and the key's tags), a job under a budget without
-`max_tokens` gets the configured cap, and `reserved` says its budgets hold a
+`max_tokens` gets the configured cap, and `reservation` names the budget
 reservation its end must release.
 """
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -196,13 +197,18 @@ class Admission:
             return []
         own = job.fallbacks if self.config.allow_job_fallbacks else None
         seen: dict[str, ModelGroup] = {group.name: group}
-        for reason in (
-            ErrorKind.SERVER_ERROR,
-            ErrorKind.CONTEXT_WINDOW_EXCEEDED,
-            ErrorKind.CONTENT_POLICY,
-        ):
-            for reached in self.routes.chain(group, reason, own):
-                seen.setdefault(reached.name, reached)
+        frontier = [group]
+        while frontier:  # every chain, from every model reached (a fallback's own chains too)
+            current = frontier.pop()
+            for reason in (
+                ErrorKind.SERVER_ERROR,
+                ErrorKind.CONTEXT_WINDOW_EXCEEDED,
+                ErrorKind.CONTENT_POLICY,
+            ):
+                for reached in self.routes.chain(current, reason, own):
+                    if reached.name not in seen:
+                        seen[reached.name] = reached
+                        frontier.append(reached)
         return list(seen.values())
 
     async def _approved_models(self) -> set[str]:
@@ -293,7 +299,13 @@ class Admission:
             if isinstance(amount, JobError):
                 refusals[i] = amount
                 continue
-            claims.append((i, Claim(job_id=job.id, amount=amount, subjects=subjects)))
+            claim = Claim(
+                reservation=uuid.uuid4().hex,
+                job_id=job.id,
+                amount=amount,
+                subjects=subjects,
+            )
+            claims.append((i, claim))
         if not claims:
             return refusals
         ttl = self.settings.reservation_ttl_s
@@ -304,9 +316,9 @@ class Admission:
         for (i, claim), verdict in zip(claims, verdicts, strict=True):
             if isinstance(verdict, Budget):
                 refusals[i] = _over_budget(verdict, claim.amount)
-            else:
-                jobs[i].reserved = verdict
-                jobs[i].reserved_until = time.time() + ttl if verdict else None
+            elif verdict:
+                jobs[i].reservation = claim.reservation
+                jobs[i].reserved_until = time.time() + ttl
         return refusals
 
     def _worst_case(self, job: CompletionJob) -> Decimal | JobError:

@@ -245,7 +245,8 @@ class Router:
             return self._answer(job, error_result(job, chosen))
         deployment = chosen.deployment
         if chosen.wait_until is not None:
-            return self._defer(job, chosen.wait_until - now, now)
+            return self._defer(job, chosen.wait_until - now, now)  # its next hop kept
+        job.next_hop = None
         self.health.sent(deployment.name, now)
         if chosen.note is not None:
             log.warning("every deployment cooling down", deployment=deployment.name)
@@ -281,7 +282,6 @@ class Router:
             return _unsatisfiable(group.name) if chosen is None else chosen
         if (chosen := self._next(job, hop, now)) is None:
             return _exhausted(hop)
-        job.next_hop = None
         return chosen
 
     def _next(self, job: CompletionJob, hop: NextHop, now: float) -> Choice | None:
@@ -351,8 +351,8 @@ class Router:
             return
         log.warning("job not run: its answer cannot be delivered", reason=problem)
         await self.broker.dead_letter(encode(job), f"job not run: {problem}")
-        if job.reserved:
-            await self._releases.add("ended", job.id)
+        if job.reservation is not None:
+            await self._releases.add("ended", job.reservation)
 
     def _answer(self, job: CompletionJob, result: JobResult) -> Awaitable[None]:
         """An error answer, batched with others for batch-lane jobs; a job
@@ -361,13 +361,14 @@ class Router:
             sent: Awaitable[None] = self._replies.put(job.reply_to, (job.id, encode(result)))
         else:
             sent = send_reply(self.broker, job.reply_to, result)
-        if not job.reserved:
+        if job.reservation is None:
             return sent
-        return settle_all([_shielded(sent), asyncio.shield(self._releases.put("ended", job.id))])
+        released = self._releases.put("ended", job.reservation)
+        return settle_all([_shielded(sent), asyncio.shield(released)])
 
-    async def _send_releases(self, _key: str, job_ids: list[str]) -> None:
-        body = encode(CostBatch(events=[], releases=job_ids))
-        await self.broker.cost(body, correlation_id=job_ids[0])
+    async def _send_releases(self, _key: str, reservations: list[str]) -> None:
+        body = encode(CostBatch(events=[], releases=reservations))
+        await self.broker.cost(body, correlation_id=reservations[0])
 
     async def _send_job(self, job: CompletionJob, pool: str) -> None:
         await self.broker.dispatch(pool, "interactive", encode(job), correlation_id=job.id)
@@ -401,7 +402,7 @@ def _only_as_submitted(job: CompletionJob) -> None:
     """Forget what only modelyard may set on a job: a producer cannot send
     one in as a retry, a fallback or an admitted job."""
     job.route, job.next_hop, job.attempts = None, None, []
-    job.reserved, job.reserved_until = False, None
+    job.reservation, job.reserved_until = None, None
 
 
 def _shielded(wait: Awaitable[None]) -> Awaitable[None]:

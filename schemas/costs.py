@@ -43,8 +43,10 @@ class CostEvent(msgspec.Struct, kw_only=True, omit_defaults=True):
     batch_id: str | None = None
     custom_id: str | None = None
     raw_usage: dict[str, Any] | None = None
-    # The job ends with this call: the ledger releases its budget
-    # reservations in the transaction that records this row.
+    # The budget reservation the call settles (`CompletionJob.reservation`);
+    # with `final`, the job ends with this call and the ledger releases the
+    # reservation in the transaction that records this row.
+    reservation: str | None = None
     final: bool = False
     currency: str = "USD"
     v: int = 1
@@ -64,8 +66,8 @@ class CostBatch(msgspec.Struct, kw_only=True):
 
     events: list[CostEvent]
     v: int = 1
-    # Jobs that ended without a billed last call: their budget reservations
-    # are released (a job's last billed call says so with `final`).
+    # Reservations of jobs that ended without a billed last call, released
+    # (a job's last billed call says so with `final`).
     releases: list[str] = msgspec.field(default_factory=list)
 
 

@@ -176,9 +176,9 @@ class CompletionJob(msgspec.Struct, kw_only=True, omit_defaults=True):
     fallbacks: Annotated[list[Label], Meta(max_length=16)] | None = None
     next_hop: NextHop | None = None
     constraints: Constraints | None = None
-    # Set by admission: budget reservations are held for this job until
-    # `reserved_until` (unix seconds), and its end must release them.
-    reserved: bool = False
+    # Set by admission: the budget reservation held for this job (its id)
+    # until `reserved_until` (unix seconds); the job's end releases it.
+    reservation: Label | None = None
     reserved_until: float | None = None
 
     def deadline_passed(self, now: float) -> bool:

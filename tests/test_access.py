@@ -141,9 +141,10 @@ async def test_approvals_keep_their_whole_history(conn: asyncpg.Connection) -> N
 # Budgets.
 
 
-def claim(amount: str, team: str = "acme") -> Claim:
+def claim(amount: str, team: str = "acme", job_id: str | None = None) -> Claim:
     return Claim(
-        job_id=uuid.uuid4().hex,
+        reservation=uuid.uuid4().hex,
+        job_id=job_id or uuid.uuid4().hex,
         amount=Decimal(amount),
         subjects=(("global", ""), ("team", team)),
     )
@@ -170,8 +171,10 @@ async def test_reservations_stop_at_the_limit_and_say_which_budget(
     assert "team acme (monthly)" in message
     assert "limit $1.00" in message
     assert "resets at" in message
-    # The same job again (its message came back after a crash): not charged twice.
-    assert await reserve(conn, [first[0]]) == [True]
+    # The same job id admitted again (a producer reusing it, or a redelivery
+    # after a router crash) is a new reservation: no room for it here.
+    again = claim("0.30", job_id=first[0].job_id)
+    assert isinstance((await reserve(conn, [again]))[0], Budget)
     (acme,) = await budgets.current(conn)
     assert acme.reserved == Decimal("0.9")
     # A team without a budget is not limited by acme's.
@@ -199,7 +202,14 @@ async def test_concurrent_admissions_on_many_connections_never_pass_the_limit(
     assert acme.reserved <= acme.limit
 
 
-def cost_event(job_id: str, cost: str, *, final: bool = False, team: str = "acme") -> CostEvent:
+def cost_event(
+    job_id: str,
+    cost: str,
+    *,
+    final: bool = False,
+    team: str = "acme",
+    reservation: str | None = None,
+) -> CostEvent:
     return CostEvent(
         event_id=uuid.uuid4(),
         job_id=job_id,
@@ -213,6 +223,7 @@ def cost_event(job_id: str, cost: str, *, final: bool = False, team: str = "acme
         price_source="override",
         team=team,
         final=final,
+        reservation=reservation,
     )
 
 
@@ -222,8 +233,8 @@ async def test_the_ledger_settles_spend_once_and_releases_with_the_last_call(
     await budgets.set_budget(conn, "team", "acme", period="daily", limit=Decimal("1"))
     job = claim("0.50")
     assert await reserve(conn, [job]) == [True]
-    billed_failure = cost_event(job.job_id, "0.01")
-    last = cost_event(job.job_id, "0.04", final=True)
+    billed_failure = cost_event(job.job_id, "0.01", reservation=job.reservation)
+    last = cost_event(job.job_id, "0.04", final=True, reservation=job.reservation)
 
     await store.write_batch(conn, [billed_failure])
     (acme,) = await budgets.current(conn)
@@ -236,7 +247,7 @@ async def test_the_ledger_settles_spend_once_and_releases_with_the_last_call(
     assert await conn.fetchval("SELECT count(*) FROM budget_reservations") == 0
     unbilled = claim("0.5")
     await reserve(conn, [unbilled])
-    await store.write_batch(conn, [], releases=[unbilled.job_id])  # ended without a bill
+    await store.write_batch(conn, [], releases=[unbilled.reservation])  # ended unbilled
     (acme,) = await budgets.current(conn)
     assert acme.reserved == Decimal("0")
 
@@ -286,7 +297,9 @@ async def test_spend_lands_in_the_period_its_job_was_admitted_in(
         "UPDATE budget_reservations SET period_start = period_start - interval '1 day'"
     )
 
-    await store.write_batch(conn, [cost_event(job.job_id, "0.15", final=True)])
+    await store.write_batch(
+        conn, [cost_event(job.job_id, "0.15", final=True, reservation=job.reservation)]
+    )
 
     rows = await conn.fetch(
         "SELECT period_start, spent, reserved FROM budget_usage "
@@ -299,7 +312,13 @@ async def test_spend_lands_in_the_period_its_job_was_admitted_in(
 # Admission as a library.
 
 
-def access_config(database_url: str, **access: Any) -> Config:
+def access_config(
+    database_url: str,
+    *,
+    more_deployments: dict[str, Any] | None = None,
+    more_models: dict[str, Any] | None = None,
+    **access: Any,
+) -> Config:
     deployment = {"provider": "openai", "model": "gpt-4o-mini", "pool": "p"}
     doc = {
         "database_url": database_url,
@@ -319,6 +338,8 @@ def access_config(database_url: str, **access: Any) -> Config:
             "odd": {"deployments": [{"deployment": "mystery"}]},
         },
     }
+    doc["deployments"] |= more_deployments or {}
+    doc["models"] |= more_models or {}
     return parse(doc, {}, PROVIDERS)
 
 
@@ -413,7 +434,7 @@ async def test_a_job_reserves_its_worst_case_at_the_dearest_deployment_it_may_re
     (verdict,) = await gate.admit([capped])
 
     assert verdict is None
-    assert capped.reserved
+    assert capped.reservation is not None
     assert capped.request.max_tokens == 4096  # the cap, enforced from now on
     amount = await conn.fetchval(
         "SELECT amount FROM budget_reservations WHERE job_id = $1 AND scope = 'team'", capped.id
@@ -530,3 +551,24 @@ async def test_a_team_is_held_to_its_models_and_deployment_tags(
     # Its fallback (`large`) is not a model the team may use: never reached.
     assert pinned.constraints is not None
     assert "big" not in (pinned.constraints.deployments or [])
+
+
+async def test_the_worst_case_reaches_every_chain_of_every_fallback(access_db: str) -> None:
+    """`chat` falls back to `large`, whose context-window fallback is `huge`:
+    a job for `chat` may end on `huge`, so it is priced there too."""
+    giant = {"provider": "openai", "model": "gpt-4o", "pool": "p", "price": _price("100", "400")}
+    config = access_config(
+        access_db,
+        more_deployments={"giant": giant},
+        more_models={
+            "large": {"deployments": [{"deployment": "big"}], "context_window_fallbacks": ["huge"]},
+            "huge": {"deployments": [{"deployment": "giant"}]},
+        },
+    )
+    gate = Admission(config, build_route_table(config))
+    try:
+        reached = {group.name for group in gate._reachable(job())}
+    finally:
+        await gate.close()
+
+    assert reached == {"chat", "large", "huge"}

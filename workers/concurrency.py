@@ -62,6 +62,7 @@ class ConcurrencyLease:
         self.waiting = 0
         self.valid_until = 0.0  # monotonic
         self._changed = asyncio.Condition()
+        self._wanted = asyncio.Event()  # callers wait: the keeper should ask for more
         self._idle_since = time.monotonic()
         self._closed = False
         self._keeper: asyncio.Task[None] | None = None
@@ -77,6 +78,7 @@ class ConcurrencyLease:
         self._closed = True
         async with self._changed:
             self._changed.notify_all()
+        self._wanted.set()
 
     async def release(self) -> None:
         """Give the lease back (once no call of this worker is in flight)."""
@@ -96,7 +98,7 @@ class ConcurrencyLease:
                 while not self._free():
                     if self._closed:
                         raise SlotsClosed("the worker is stopping")
-                    self._changed.notify_all()  # wake the keeper: more slots wanted
+                    self._wanted.set()  # the keeper asks for more
                     await self._changed.wait()
             finally:
                 self.waiting -= 1
@@ -121,9 +123,9 @@ class ConcurrencyLease:
             except (*TRANSIENT, ConnectionError) as exc:  # the lease runs out
                 log.warning("concurrency lease not renewed", error=str(exc))
             await asyncio.sleep(MIN_GAP_S)
-            async with self._changed:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._changed.wait(), LEASE_S / 3)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wanted.wait(), LEASE_S / 3)
+            self._wanted.clear()
 
     async def _renew(self) -> None:
         busy = self.in_use + self.waiting

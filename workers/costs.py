@@ -27,10 +27,10 @@ class CostPublisher:
         """Return once `event` is confirmed by the broker (raises if the publish failed)."""
         await self._batches.add("cost", event)
 
-    async def release(self, job_id: str) -> None:
+    async def release(self, reservation: str) -> None:
         """Tell the ledger a job ended without a billed last call, so its
-        budget reservations are released; returns once confirmed."""
-        await self._batches.add("cost", job_id)
+        budget reservation is released; returns once confirmed."""
+        await self._batches.add("cost", reservation)
 
     async def _send(self, _key: str, items: list[CostEvent | str]) -> None:
         events = [item for item in items if isinstance(item, CostEvent)]

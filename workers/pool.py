@@ -98,6 +98,7 @@ def cost_event(
         latency_ms=round(latency_ms, 3),
         provider_request_id=billed.request_id,
         key_id=job.key_id,
+        reservation=job.reservation,
         team=meta.team,
         project=meta.project,
         user=meta.user,
@@ -447,13 +448,13 @@ class Worker:
             publishes = [self._replies.add(job.reply_to, (job.id, encode(result)))]
         else:
             publishes = [send_reply(self.broker, job.reply_to, result)]
-        if isinstance(result, JobResult) and job.reserved:
+        if isinstance(result, JobResult) and job.reservation is not None:
             # The job ends here: its budget reservations go, with its last
             # cost in the same ledger transaction when it was billed.
             if cost is not None:
                 cost.final = True
             else:
-                publishes.append(self._costs.release(job.id))
+                publishes.append(self._costs.release(job.reservation))
         if cost is not None:
             publishes.append(self._costs.publish(cost))
         await asyncio.gather(*publishes)
@@ -525,7 +526,15 @@ class Worker:
         if (late := _reservation_too_old(job, deployment)) is not None:
             return late
         if limiter is not None:
-            await limiter.acquire(sum(estimated_tokens(job.request)))
+            tokens = sum(estimated_tokens(job.request))
+            if limiter.tpm is not None and tokens > limiter.tpm:
+                return job_error(
+                    ErrorKind.RATE_LIMITED,
+                    f"the job needs about {tokens} tokens, more than {deployment.name}'s "
+                    f"whole minute ({limiter.tpm} tpm); it can never run there",
+                    retryable=False,
+                )
+            await limiter.acquire(tokens)
             if job.deadline_passed(time.time()):
                 return job_error(
                     ErrorKind.DEADLINE_EXCEEDED,
