@@ -554,10 +554,12 @@ class Worker:
             )
             return error_result(job, error, redelivered=redelivered), None
         limiter = self._limits.get(deployment.name)
-        if (refusal := await self._cleared(job, deployment, limiter)) is not None:
-            return error_result(job, refusal, redelivered=redelivered), None
         cap = self._caps.get(deployment.name)
+        # The concurrency slot first, then the minute's capacity: capacity
+        # is spent in the bucket that counted it, never after a long wait.
         async with cap.slot() if cap is not None else contextlib.nullcontext():
+            if (refusal := await self._cleared(job, deployment, limiter)) is not None:
+                return error_result(job, refusal, redelivered=redelivered), None
             started = time.time()
             self.health.started(deployment.name)
             call = await self._made(job, deployment, redelivered=redelivered, started=started)

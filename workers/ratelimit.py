@@ -33,6 +33,9 @@ from workers.lanes import SlotsClosed
 
 log = structlog.get_logger("modelyard.ratelimit")
 
+# A lease stops this long before its bucket ends: a call it pays for must
+# reach the provider (and be counted there) within the bucket.
+LEASE_MARGIN_S = 0.25
 # How much of a deployment's limit one lease takes at most.
 SLICE_SHARE = 0.02
 
@@ -93,6 +96,8 @@ class DeploymentLimiter:
         """Lease a new slice; the seconds to wait when none is left."""
         wall = time.time()
         bucket, bucket_end_in = ratewindow.bucket_at(wall)
+        if bucket_end_in <= LEASE_MARGIN_S:
+            return bucket_end_in + 0.001  # too late in this bucket: lease from the next
         want_requests = max(1, math.floor((self.rpm or 0) * SLICE_SHARE)) if self.rpm else 1_000_000
         want_tokens = max(tokens, math.floor((self.tpm or 0) * SLICE_SHARE)) if self.tpm else 10**12
         granted = await self.db.run(
@@ -103,7 +108,11 @@ class DeploymentLimiter:
             # Full: the oldest bucket of the window leaves it at the end of this one.
             return bucket_end_in + 0.01
         requests, leased_tokens = granted
-        self._lease = Lease(requests, leased_tokens, time.monotonic() + bucket_end_in)
+        # Spent only until shortly before its bucket ends, so every call it
+        # pays for reaches the provider inside that bucket.
+        bucket_ends = wall + bucket_end_in  # wall clock, as read before the lease
+        until = time.monotonic() + (bucket_ends - LEASE_MARGIN_S - time.time())
+        self._lease = Lease(requests, leased_tokens, until)
         return 0.0
 
     async def _take(
