@@ -24,7 +24,7 @@ from typing import Any
 import asyncpg
 import msgspec
 
-KEY_PREFIX = "my-"
+from schemas.jobs import KEY_PREFIX
 
 
 class KeyRecord(msgspec.Struct, kw_only=True):
@@ -71,11 +71,6 @@ def new_secret() -> str:
 def digest(secret: str) -> bytes:
     """What the database keeps of a secret."""
     return hashlib.sha256(secret.encode("utf-8")).digest()
-
-
-def looks_like_key(value: str) -> bool:
-    """Whether a string has a key's shape (for refusing it in logs and metadata)."""
-    return value.startswith(KEY_PREFIX) and len(value) >= len(KEY_PREFIX) + 32
 
 
 _COLUMNS = (

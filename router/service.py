@@ -25,6 +25,7 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from modelyard.batching import Batcher, Encoded, encoded_size, settle_all
 from modelyard.broker import Broker, Consumer, resent, settle
 from modelyard.config import Config, ModelGroup
+from modelyard.handoffs import handoff_batcher
 from modelyard.replies import error_result, reply_batcher, send_reply
 from modelyard.topology import (
     RETRY_DELAYS_MS,
@@ -97,11 +98,8 @@ class Router:
         self._replies = reply_batcher(
             self.broker, max_items=lane.max_jobs, linger_s=lane.linger_ms / 1000
         )
-        self._deferred: Batcher[int, Encoded] = Batcher(
-            self._send_deferred,
-            max_items=lane.max_jobs,
-            linger_s=lane.linger_ms / 1000,
-            size=encoded_size,
+        self._deferred = handoff_batcher(
+            self.broker, max_items=lane.max_jobs, linger_s=lane.linger_ms / 1000
         )
         self._releases: Batcher[str, str] = Batcher(
             self._send_releases, max_items=500, linger_s=lane.linger_ms / 1000
@@ -326,10 +324,6 @@ class Router:
             return self._answer(job, error_result(job, error))
         log.info("job waits for its deployments", wait_s=round(wait_s, 3))
         return self._deferred.put(step, (job.id, encode(job)))
-
-    async def _send_deferred(self, step_ms: int, jobs: list[Encoded]) -> None:
-        body = encode_job_batch([job for _, job in jobs])
-        await self.broker.defer(step_ms, body, correlation_id=jobs[0][0], batch=True)
 
     def _dispatch(self, job: CompletionJob, pool: str) -> Awaitable[None]:
         log.debug("routed", deployment=job.route.deployment if job.route else None, pool=pool)

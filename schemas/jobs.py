@@ -46,9 +46,11 @@ Label = Annotated[str, Meta(max_length=MAX_LABEL_CHARS, pattern=_NO_NUL)]
 CustomId = Annotated[str, Meta(max_length=MAX_CUSTOM_ID_CHARS, pattern=_NO_NUL)]
 
 
-# A virtual key's shape (`my-` and 32 URL-safe characters): wherever a
-# message or a log line might carry one, it is found by this and hidden.
-VIRTUAL_KEY = re.compile(r"my-[A-Za-z0-9_\-]{32}")
+# A virtual key's shape (`my-` and 32 URL-safe characters, made by
+# `router/keys.py`): wherever a message or a log line might carry one, it is
+# found by this and hidden.
+KEY_PREFIX = "my-"
+VIRTUAL_KEY = re.compile(KEY_PREFIX + r"[A-Za-z0-9_\-]{32}")
 _VIRTUAL_KEY_BYTES = re.compile(VIRTUAL_KEY.pattern.encode())
 KEY_REDACTED = "my-[redacted]"
 

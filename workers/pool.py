@@ -27,10 +27,10 @@ import msgspec
 import structlog
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
-from modelyard.batching import Batcher, Encoded, encoded_size
 from modelyard.broker import Broker, Consumer, PublishFailed, resent, settle
 from modelyard.config import Config, ConfigError, Deployment
 from modelyard.database import Database
+from modelyard.handoffs import handoff_batcher
 from modelyard.prices import PriceCard, cost_of, estimated_tokens, price_card
 from modelyard.replies import error_result, reply_batcher, route_notes, send_reply, timings_for
 from modelyard.topology import build_topology, dispatch_key, worker_queue
@@ -206,11 +206,10 @@ class Worker:
         # Batch-lane jobs sent on travel together too, one message per step
         # of the retry ladder (0: straight back to the router to fall back),
         # waiting longer for company: failures trickle in far slower than jobs.
-        self._handoffs: Batcher[int, Encoded] = Batcher(
-            self._send_handoffs,
+        self._handoffs = handoff_batcher(
+            self.broker,
             max_items=lane.max_jobs,
             linger_s=max(lane.linger_ms / 1000, HANDOFF_LINGER_S),
-            size=encoded_size,
         )
         await self._consumer.start()
         await self._batch_consumer.start()
@@ -428,14 +427,6 @@ class Worker:
             await self.broker.defer(step, encode(job), correlation_id=job.id)
         else:
             await self.broker.resubmit(encode(job), correlation_id=job.id)
-
-    async def _send_handoffs(self, step_ms: int, jobs: list[Encoded]) -> None:
-        body = encode_job_batch([job for _, job in jobs])
-        first = jobs[0][0]
-        if step_ms:
-            await self.broker.defer(step_ms, body, correlation_id=first, batch=True)
-        else:
-            await self.broker.resubmit(body, correlation_id=first, batch=True)
 
     async def _publish(
         self, job: CompletionJob, lane: Lane, result: JobResult | Handoff, cost: CostEvent | None
