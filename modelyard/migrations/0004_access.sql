@@ -58,23 +58,17 @@ CREATE TABLE budget_usage (
     PRIMARY KEY (scope, subject, period_start)
 );
 
--- What one admission of a job set aside in each budget it falls under,
--- until the job ends (released) or, if nobody says so, until `expires_at`.
--- Keyed by the admission (`reservation`), not the job id: producers choose
--- job ids, and two admissions of one id are two reservations.
+-- What admission set aside for a job in each budget it falls under, until
+-- the job ends (released) or, if nobody says so, until `expires_at`.
 CREATE TABLE budget_reservations (
-    reservation  text            NOT NULL,
     job_id       text            NOT NULL,
     scope        text            NOT NULL,
     subject      text            NOT NULL,
     period_start timestamptz     NOT NULL,
     amount       numeric(24, 12) NOT NULL,
     expires_at   timestamptz     NOT NULL,
-    PRIMARY KEY (reservation, scope, subject)
+    PRIMARY KEY (job_id, scope, subject)
 );
-
--- Which reservation a billed call settles (and in which period it counts).
-ALTER TABLE ledger ADD COLUMN reservation text;
 CREATE INDEX budget_reservations_expiry ON budget_reservations (expires_at);
 
 -- The period a moment falls in, in a budget's time zone: one definition
