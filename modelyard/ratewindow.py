@@ -8,6 +8,11 @@ most `WINDOW_BUCKETS` consecutive buckets, so whoever adds to the current
 bucket only while the last `WINDOW_BUCKETS` (it included) stay within the
 limit keeps every 60 seconds within it. Callers lock the subject's current
 bucket row first: everyone counting against one subject queues there.
+
+What is counted ahead of the event it pays for (a worker's lease, spent by
+calls that reach the provider a moment later) asks for `LATE_WINDOW_BUCKETS`:
+one bucket more, so a call that arrives up to a bucket after the one that
+paid for it still falls inside the window that counted it.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from modelyard.database import Conn
 BUCKET_S = 5
 # 60 s spans 12 buckets, and can touch 13 consecutive ones.
 WINDOW_BUCKETS = math.ceil(60 / BUCKET_S) + 1
-_SPAN = timedelta(seconds=(WINDOW_BUCKETS - 1) * BUCKET_S)
+LATE_WINDOW_BUCKETS = WINDOW_BUCKETS + 1
 
 _OPEN = "INSERT INTO rate_usage (deployment, bucket) VALUES ($1, $2) ON CONFLICT DO NOTHING"
 _PRUNE = "DELETE FROM rate_usage WHERE deployment = $1 AND bucket < $2::timestamptz - $3::interval"
@@ -41,6 +46,7 @@ class Window(NamedTuple):
     """A subject's last minute, as counted, with its current bucket locked."""
 
     bucket: datetime  # the current bucket's start
+    buckets: int  # how many buckets it spans, the current one included
     requests: int
     tokens: int
     oldest: datetime | None  # the oldest bucket with anything in it
@@ -52,14 +58,18 @@ def bucket_at(wall: float) -> tuple[datetime, float]:
     return datetime.fromtimestamp(start, UTC), start + BUCKET_S - wall
 
 
-async def lock(conn: Conn, subject: str, bucket: datetime) -> Window:
-    """Lock `subject`'s current bucket and read its window (in the caller's transaction)."""
+async def lock(
+    conn: Conn, subject: str, bucket: datetime, buckets: int = WINDOW_BUCKETS
+) -> Window:
+    """Lock `subject`'s current bucket and read its window of `buckets`
+    buckets (in the caller's transaction)."""
     await conn.execute(_OPEN, subject, bucket)
     await conn.execute(_PRUNE, subject, bucket, timedelta(minutes=10))
     await conn.execute(_LOCK, subject, bucket)
-    row = await conn.fetchrow(_SUM, subject, bucket, _SPAN)
+    span = timedelta(seconds=(buckets - 1) * BUCKET_S)
+    row = await conn.fetchrow(_SUM, subject, bucket, span)
     assert row is not None
-    return Window(bucket, int(row["requests"]), int(row["tokens"]), row["oldest"])
+    return Window(bucket, buckets, int(row["requests"]), int(row["tokens"]), row["oldest"])
 
 
 async def add(conn: Conn, subject: str, bucket: datetime, requests: int, tokens: int) -> None:
@@ -71,5 +81,5 @@ def reopens_in(window: Window, now: float) -> float:
     """Seconds until the oldest counted bucket leaves the window (room again)."""
     if window.oldest is None:
         return float(BUCKET_S)
-    leaves = window.oldest.timestamp() + WINDOW_BUCKETS * BUCKET_S
+    leaves = window.oldest.timestamp() + window.buckets * BUCKET_S
     return max(leaves - now, 0.0) + 0.01

@@ -433,9 +433,9 @@ async def test_jobs_waiting_in_retry_delays_survive_router_and_worker_kills(
         by_prompt.setdefault(call["prompt_digest"], []).append(call)
     assert len(by_prompt) == WAITING
     for tries in by_prompt.values():
-        tries.sort(key=lambda c: c["at"])
+        tries.sort(key=lambda c: c["received_at"])
         assert [c["status"] for c in tries] == [429, 200]  # none lost, none twice
-        assert tries[1]["at"] - tries[0]["at"] >= RETRY_AFTER_S  # none early
+        assert tries[1]["received_at"] - tries[0]["received_at"] >= RETRY_AFTER_S  # none early
     rows = await eventually(
         lambda: ledger_request_ids(stack.database_url), lambda r: len(r) >= WAITING
     )

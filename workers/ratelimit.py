@@ -5,9 +5,11 @@ database round trip per call: a worker leases a slice of capacity (a few
 requests and their tokens) and spends it locally; when the slice is spent
 it leases another. Leases are counted in the sliding minute of
 `modelyard/ratewindow.py`, so no 60 seconds ever see more calls than the
-limit, whatever the number of workers. A slice is good only until the end
-of the bucket it was counted in (unused, it is forfeited), so a call always
-falls in the bucket that paid for it.
+limit, whatever the number of workers. A slice is good only until shortly
+before the end of the bucket it was counted in (unused, it is forfeited),
+and the window it is counted in is one bucket longer than a minute needs:
+a call that reaches the provider late (a busy host, a slow connection) is
+still inside the window that paid for it.
 
 When the window is full the worker waits for a bucket to fall out of it,
 holding the job's message unacked: the job stays in the broker (another
@@ -119,7 +121,9 @@ class DeploymentLimiter:
         self, conn: Conn, bucket: datetime, requests: int, tokens: int, minimum_tokens: int
     ) -> tuple[int, int] | None:
         # Every worker of the deployment queues on its bucket: leases are serial.
-        window = await ratewindow.lock(conn, self.deployment, bucket)
+        window = await ratewindow.lock(
+            conn, self.deployment, bucket, ratewindow.LATE_WINDOW_BUCKETS
+        )
         free_requests = (self.rpm - window.requests) if self.rpm else requests
         free_tokens = (self.tpm - window.tokens) if self.tpm else tokens
         grant_requests = min(requests, free_requests)

@@ -40,11 +40,13 @@ class LogEntry(msgspec.Struct, frozen=True):
     cached_tokens: int
     reasoning_tokens: int
     stream: bool
-    at: float
+    at: float  # when the exchange ended
     cache_write_tokens: int = 0
     # Which conversation was asked (a digest of its turns): tests count how
     # often the same prompt reached the provider.
     prompt_digest: str = ""
+    # When the request arrived: what a provider's own rate limits count.
+    received_at: float = 0.0
 
 
 class Exchange:
@@ -56,6 +58,7 @@ class Exchange:
         "path",
         "prompt_digest",
         "provider",
+        "received_at",
         "reply",
         "request_id",
         "status",
@@ -72,6 +75,7 @@ class Exchange:
         self.stream = False
         self.reply: Reply | None = None
         self.prompt_digest = ""
+        self.received_at = time.time()
 
     def entry(self) -> LogEntry:
         """The log entry for the exchange as it stands now."""
@@ -91,6 +95,7 @@ class Exchange:
             at=time.time(),
             cache_write_tokens=reply.cache_write_tokens if reply else 0,
             prompt_digest=self.prompt_digest,
+            received_at=self.received_at,
         )
 
 

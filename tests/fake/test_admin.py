@@ -63,6 +63,7 @@ async def test_log_records_each_exchange(server: FakeServer) -> None:
     )
     assert entries[1]["reasoning_tokens"] > 0
     assert before <= first["at"] <= entries[1]["at"] <= time.time()
+    assert before <= first["received_at"] <= first["at"]
 
 
 @pytest.mark.asyncio
