@@ -58,9 +58,7 @@ def bucket_at(wall: float) -> tuple[datetime, float]:
     return datetime.fromtimestamp(start, UTC), start + BUCKET_S - wall
 
 
-async def lock(
-    conn: Conn, subject: str, bucket: datetime, buckets: int = WINDOW_BUCKETS
-) -> Window:
+async def lock(conn: Conn, subject: str, bucket: datetime, buckets: int = WINDOW_BUCKETS) -> Window:
     """Lock `subject`'s current bucket and read its window of `buckets`
     buckets (in the caller's transaction)."""
     await conn.execute(_OPEN, subject, bucket)
