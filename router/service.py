@@ -5,68 +5,40 @@ effect is safe: each job is confirmed on a pool's queue, or its error result
 is confirmed on the reply queue, or it is parked on the dead queue. A crash
 before that redelivers the message; jobs routed again are marked.
 
-Interactive jobs go to their pool's queue one per message, at once. Batch-lane
-jobs are packed per pool into `JobBatch` messages (up to `batch_lane.max_jobs`
-jobs, waiting at most `batch_lane.linger_ms`), which is most of what makes a
-large batch cheap to run.
+What happens to a decoded job (admission, routing, the batch lane's
+packing) is `router/dispatch.py`, which the HTTP gateway shares; this module
+is the AMQP service around it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import random
 import time
-import uuid
 from collections.abc import Awaitable
 
 import structlog
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
-from modelyard.batching import Batcher, Encoded, encoded_size, settle_all
+from modelyard.batching import settle_all
 from modelyard.broker import Broker, Consumer, resent, settle
-from modelyard.config import Config, ModelGroup
-from modelyard.handoffs import handoff_batcher
-from modelyard.replies import error_result, reply_batcher, send_reply
-from modelyard.topology import (
-    RETRY_DELAYS_MS,
-    ROUTER_INTERNAL_QUEUE,
-    ROUTER_QUEUE,
-    build_topology,
-    delay_step_ms,
-    health_topology,
-)
-from modelyard.tracing import job_span
-from router.admission import Admission
-from router.health import HealthView
-from router.routing import Choice, RouteTable, build_route_table
-from schemas.codec import (
-    InvalidMessage,
-    decode_health,
-    decode_job,
-    encode,
-    encode_job_batch,
-    salvage_envelope,
-    split_job_batch,
-)
-from schemas.costs import CostBatch
-from schemas.errors import ErrorKind, JobError, job_error
-from schemas.jobs import JOB_BATCH_TYPE, CompletionJob, Lane, NextHop, Route
+from modelyard.config import Config
+from modelyard.replies import send_reply
+from modelyard.topology import ROUTER_INTERNAL_QUEUE, ROUTER_QUEUE
+from router.dispatch import Dispatcher, shielded
+from schemas.codec import InvalidMessage, decode_job, salvage_envelope, split_job_batch
+from schemas.jobs import JOB_BATCH_TYPE, CompletionJob
 from schemas.results import JobResult, Timings
 
 log = structlog.get_logger("modelyard.router")
 
 
 class Router:
-    """Consumes `router.jobs`; publishes to `modelyard.dispatch`."""
+    """Consumes `router.jobs` and `router.internal`; publishes to `modelyard.dispatch`."""
 
     def __init__(self, config: Config, connection: AbstractRobustConnection) -> None:
         self.config = config
         self.connection = connection
-        self.routes: RouteTable = build_route_table(config)
-        self.rng = random.Random()
-        self.broker = Broker(connection)
-        self.health = HealthView(config.health, config.deployments)
-        self.admission = Admission(config, self.routes)
+        self.dispatcher = Dispatcher(config, connection)
         self._consumer = Consumer(
             connection, ROUTER_QUEUE, self.handle, prefetch=config.router.concurrency
         )
@@ -76,34 +48,15 @@ class Router:
             self.handle_internal,
             prefetch=config.router.concurrency,
         )
-        self._health_topology = health_topology(uuid.uuid4().hex[:16])
-        self._health_consumer = Consumer(
-            connection, self._health_topology.queues[0].name, self._on_health, prefetch=64
-        )
+
+    @property
+    def broker(self) -> Broker:
+        """The router's broker facade."""
+        return self.dispatcher.broker
 
     async def start(self) -> None:
-        """Declare the topology and start consuming: workers' health reports
-        first, so the first jobs are routed knowing what they say."""
-        topology = build_topology(self.config.pool_names())
-        await self.broker.declare(topology)
-        await self.broker.declare(self._health_topology)
-        await self._health_consumer.start()
-        lane = self.config.batch_lane
-        self._batches: Batcher[tuple[str, Lane], Encoded] = Batcher(
-            self._send_batch,
-            max_items=lane.max_jobs,
-            linger_s=lane.linger_ms / 1000,
-            size=encoded_size,
-        )
-        self._replies = reply_batcher(
-            self.broker, max_items=lane.max_jobs, linger_s=lane.linger_ms / 1000
-        )
-        self._deferred = handoff_batcher(
-            self.broker, max_items=lane.max_jobs, linger_s=lane.linger_ms / 1000
-        )
-        self._releases: Batcher[str, str] = Batcher(
-            self._send_releases, max_items=500, linger_s=lane.linger_ms / 1000
-        )
+        """Declare the topology, follow health reports, then start consuming."""
+        await self.dispatcher.start()
         await self._internal.start()
         await self._consumer.start()
         log.info("router started", queue=ROUTER_QUEUE, concurrency=self.config.router.concurrency)
@@ -111,19 +64,7 @@ class Router:
     async def stop(self) -> None:
         """Stop taking jobs, let those in flight finish, close the channel."""
         await asyncio.gather(self._consumer.stop(), self._internal.stop())
-        await self._health_consumer.stop(grace_s=1)
-        await self.broker.close()
-        await self.admission.close()
-
-    async def _on_health(self, message: AbstractIncomingMessage) -> None:
-        """A worker's health report, into the view routing reads."""
-        try:
-            report = decode_health(message.body)
-        except InvalidMessage as exc:
-            log.warning("unreadable health report dropped", reason=str(exc))
-        else:
-            self.health.observe(report, time.time())
-        await settle(message)
+        await self.dispatcher.stop()
 
     async def handle(self, message: AbstractIncomingMessage) -> None:
         """A producer's message (`router.jobs`): admit, route and forward its
@@ -147,8 +88,8 @@ class Router:
             return
         if job.reply_to is None and message.reply_to:
             job.reply_to = message.reply_to
-        waits = await self._admit([job], redelivered=resent(message), admitted=admitted)
-        await settle_all(map(_shielded, waits))
+        waits = await self.dispatcher.admit([job], redelivered=resent(message), admitted=admitted)
+        await settle_all(map(shielded, waits))
         await settle(message)
 
     async def _handle_batch(self, message: AbstractIncomingMessage, *, admitted: bool) -> None:
@@ -173,12 +114,12 @@ class Router:
                 jobs.append(decoded)
             else:
                 waits.append(decoded)
-        waits += await self._admit(jobs, redelivered=redelivered, admitted=admitted)
+        waits += await self.dispatcher.admit(jobs, redelivered=redelivered, admitted=admitted)
         # Jobs share the few outgoing batches they join: wait on each once.
         unique = {id(wait): wait for wait in waits}
         # A failure is raised once all have settled; the consumer's guard then
         # requeues the message, and jobs it had sent are marked when sent again.
-        await settle_all(map(_shielded, unique.values()))
+        await settle_all(map(shielded, unique.values()))
         await settle(message)
 
     def _decode_raw(
@@ -194,183 +135,10 @@ class Router:
             if job_id is None or reply_to is None:
                 return self.broker.dead_letter(raw, f"invalid job, nobody to tell: {exc}")
             result = invalid_result(job_id, exc, redelivered)
-            return self._replies.put(reply_to, (job_id, encode(result)))
+            return self.dispatcher.reply(reply_to, job_id, result)
         if job.reply_to is None:
             job.reply_to = reply_to
         return job
-
-    async def _admit(
-        self, jobs: list[CompletionJob], *, redelivered: bool, admitted: bool
-    ) -> list[Awaitable[None]]:
-        """Admission for a producer's jobs (all of a message at once), then
-        routing; what to wait on before the message is acked."""
-        if admitted:
-            refusals: list[JobError | None] = [None] * len(jobs)
-        else:
-            for job in jobs:
-                _only_as_submitted(job)
-            refusals = await self.admission.admit(jobs)
-        waits = []
-        for job, refusal in zip(jobs, refusals, strict=True):
-            if refusal is None:
-                waits.append(self._decide(job, redelivered=redelivered))
-                continue
-            job.redelivered = job.redelivered or redelivered
-            log.info("job refused", job_id=job.id, kind=refusal.kind, reason=refusal.message)
-            waits.append(self._answer(job, error_result(job, refusal)))
-        return waits
-
-    def _decide(self, job: CompletionJob, *, redelivered: bool) -> Awaitable[None]:
-        job.redelivered = job.redelivered or redelivered
-        with (
-            structlog.contextvars.bound_contextvars(
-                job_id=job.id, trace_id=job.trace.trace_id() if job.trace else None
-            ),
-            job_span(job, ROUTER_QUEUE),
-        ):
-            return self._route(job)
-
-    def _route(self, job: CompletionJob) -> Awaitable[None]:
-        """Where the job goes, decided now; the publish to wait on is returned
-        (for a batch-lane job, the future its outgoing batch shares)."""
-        now = time.time()
-        group = self.routes.resolve(job.request.model)
-        if (refusal := self._refusal(job, group, now)) is not None:
-            return self._answer(job, error_result(job, refusal))
-        assert group is not None
-        chosen = self._choose(job, group, now)
-        if isinstance(chosen, JobError):
-            return self._answer(job, error_result(job, chosen))
-        deployment = chosen.deployment
-        if chosen.wait_until is not None:
-            return self._defer(job, chosen.wait_until - now, now)  # its next hop kept
-        job.next_hop = None
-        self.health.sent(deployment.name, now)
-        if chosen.note is not None:
-            log.warning("every deployment cooling down", deployment=deployment.name)
-        job.route = Route(
-            deployment=deployment.name,
-            pool=deployment.pool,
-            routed_at=now,
-            note=chosen.note,
-            model=chosen.model,
-        )
-        if not self.broker.reply_queue_known(job.reply_to):
-            return self._check_reply_queue(job, deployment.pool)
-        return self._dispatch(job, deployment.pool)
-
-    def _refusal(self, job: CompletionJob, group: ModelGroup | None, now: float) -> JobError | None:
-        """Why the job cannot be routed at all, if it cannot."""
-        if job.deadline_passed(now):
-            return job_error(ErrorKind.DEADLINE_EXCEEDED, "deadline passed before routing")
-        if group is None:
-            return job_error(
-                ErrorKind.UNKNOWN_MODEL,
-                f"no model or alias named {job.request.model!r}",
-                field="$.request.model",
-            )
-        return self._check_fallbacks(job)
-
-    def _choose(self, job: CompletionJob, group: ModelGroup, now: float) -> Choice | JobError:
-        """A deployment for a new job, or for one a worker sent on; the
-        error to answer when there is none."""
-        hop = job.next_hop
-        if hop is None:
-            chosen = self.routes.choose(group, job, self.rng, health=self.health, now=now)
-            return _unsatisfiable(group.name) if chosen is None else chosen
-        if (chosen := self._next(job, hop, now)) is None:
-            return _exhausted(hop)
-        return chosen
-
-    def _next(self, job: CompletionJob, hop: NextHop, now: float) -> Choice | None:
-        own = job.fallbacks if self.config.allow_job_fallbacks else None
-        chosen = self.routes.next_hop(job, hop, self.rng, own, health=self.health, now=now)
-        if chosen is not None:
-            name = chosen.deployment.name
-            kind = "retry" if not hop.fallback and name == hop.deployment else "fallback"
-            log.info(kind, deployment=name, reason=hop.reason, attempts=len(job.attempts))
-        return chosen
-
-    def _check_fallbacks(self, job: CompletionJob) -> JobError | None:
-        """A job's own fallback list: allowed by the config, naming models."""
-        if not job.fallbacks:
-            return None
-        if not self.config.allow_job_fallbacks:
-            return job_error(
-                ErrorKind.INVALID_JOB,
-                "this gateway does not accept a job's own fallbacks (allow_job_fallbacks: false)",
-                field="$.fallbacks",
-            )
-        for i, label in enumerate(job.fallbacks):
-            if self.routes.resolve(label) is None:
-                return job_error(
-                    ErrorKind.INVALID_JOB,
-                    f"no model or alias named {label!r}",
-                    field=f"$.fallbacks[{i}]",
-                )
-        return None
-
-    def _defer(self, job: CompletionJob, wait_s: float, now: float) -> Awaitable[None]:
-        """A job every deployment of which asked us to wait: it waits in the
-        broker's retry ladder, then comes back here to be routed again.
-        One whose deadline comes first is answered now."""
-        step = delay_step_ms(wait_s) or RETRY_DELAYS_MS[-1]
-        if job.deadline is not None and now + step / 1000 >= job.deadline.timestamp():
-            error = job_error(
-                ErrorKind.DEADLINE_EXCEEDED,
-                f"every deployment this job may use asked to wait {wait_s:.1f}s, "
-                "past the job's deadline",
-            )
-            return self._answer(job, error_result(job, error))
-        log.info("job waits for its deployments", wait_s=round(wait_s, 3))
-        return self._deferred.put(step, (job.id, encode(job)))
-
-    def _dispatch(self, job: CompletionJob, pool: str) -> Awaitable[None]:
-        log.debug("routed", deployment=job.route.deployment if job.route else None, pool=pool)
-        if job.priority == "batch":
-            # A retried or fallen-back batch job has waited its turn once: it
-            # goes ahead of the batch backlog, in batches on the pool's
-            # interactive queue (whose workers still run it as batch work).
-            lane: Lane = "interactive" if job.attempts else "batch"
-            return self._batches.put((pool, lane), (job.id, encode(job)))
-        return self._send_job(job, pool)
-
-    async def _check_reply_queue(self, job: CompletionJob, pool: str) -> None:
-        """Dispatch only a job whose answer can be delivered: one whose
-        `reply_to` is a special address, too long, or a missing queue is
-        parked on the dead queue with the reason, and no provider is paid."""
-        problem = await self.broker.reply_queue_problem(job.reply_to)
-        if problem is None:
-            await _shielded(self._dispatch(job, pool))
-            return
-        log.warning("job not run: its answer cannot be delivered", reason=problem)
-        await self.broker.dead_letter(encode(job), f"job not run: {problem}")
-        if job.reservation is not None:
-            await self._releases.add("ended", job.reservation)
-
-    def _answer(self, job: CompletionJob, result: JobResult) -> Awaitable[None]:
-        """An error answer, batched with others for batch-lane jobs; a job
-        that holds budget reservations has them released too."""
-        if job.priority == "batch" and job.reply_to is not None:
-            sent: Awaitable[None] = self._replies.put(job.reply_to, (job.id, encode(result)))
-        else:
-            sent = send_reply(self.broker, job.reply_to, result)
-        if job.reservation is None:
-            return sent
-        released = self._releases.put("ended", job.reservation)
-        return settle_all([_shielded(sent), asyncio.shield(released)])
-
-    async def _send_releases(self, _key: str, reservations: list[str]) -> None:
-        body = encode(CostBatch(events=[], releases=reservations))
-        await self.broker.cost(body, correlation_id=reservations[0])
-
-    async def _send_job(self, job: CompletionJob, pool: str) -> None:
-        await self.broker.dispatch(pool, "interactive", encode(job), correlation_id=job.id)
-
-    async def _send_batch(self, to: tuple[str, Lane], jobs: list[Encoded]) -> None:
-        body = encode_job_batch([job for _, job in jobs])
-        pool, lane = to
-        await self.broker.dispatch(pool, lane, body, correlation_id=jobs[0][0], batch=True)
 
     async def _reject_invalid(self, message: AbstractIncomingMessage, exc: InvalidMessage) -> None:
         """Answer a message that does not decode, or park it when nobody can be answered."""
@@ -388,39 +156,8 @@ class Router:
             await settle(message)
             return
         result = invalid_result(job_id, exc, bool(message.redelivered))
-        await send_reply(self.broker, reply_to, result)
+        await send_reply(self.dispatcher.broker, reply_to, result)
         await settle(message)
-
-
-def _only_as_submitted(job: CompletionJob) -> None:
-    """Forget what only modelyard may set on a job: a producer cannot send
-    one in as a retry, a fallback or an admitted job."""
-    job.route, job.next_hop, job.attempts = None, None, []
-    job.reservation, job.reserved_until = None, None
-
-
-def _shielded(wait: Awaitable[None]) -> Awaitable[None]:
-    """A batch's shared future must not be cancelled by one waiter giving up."""
-    return asyncio.shield(wait) if isinstance(wait, asyncio.Future) else wait
-
-
-def _unsatisfiable(model: str) -> JobError:
-    """The answer when the job's constraints leave none of its model's deployments."""
-    return job_error(
-        ErrorKind.INVALID_JOB,
-        f"no deployment of {model!r} satisfies the job's constraints "
-        "(providers, deployments, maximum prices): widen them or ask for another model",
-        field="$.constraints",
-    )
-
-
-def _exhausted(hop: NextHop) -> JobError:
-    """The answer when nothing is left to try: the last failure, said so."""
-    return job_error(
-        hop.reason,
-        f"every deployment this job may use failed; the last: {hop.message}",
-        retryable=False,
-    )
 
 
 def invalid_result(job_id: str, exc: InvalidMessage, redelivered: bool) -> JobResult:
