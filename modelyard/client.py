@@ -21,22 +21,21 @@ from types import TracebackType
 from typing import Any, Self
 
 import structlog
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
+from aio_pika.abc import AbstractRobustConnection
 from aio_pika.exceptions import ChannelClosed
 from aiormq.exceptions import ChannelAccessRefused, ChannelNotFoundEntity
 
 from modelyard import broker
 from modelyard.broker import LOST, Broker, settle
+from modelyard.inbox import Inbox
 from modelyard.topology import (
     build_topology,
-    reply_queue,
-    reply_queue_arguments,
     results_queue_arguments,
 )
 from schemas.chat import ChatRequest, Message
 from schemas.codec import InvalidMessage, decode_reply, encode, encode_job_batch
 from schemas.jobs import CompletionJob, Constraints, Lane, Metadata, TraceContext
-from schemas.results import JobResult, Reply, StreamChunk, unpack
+from schemas.results import JobResult, StreamChunk, unpack
 
 
 def new_trace() -> TraceContext:
@@ -92,10 +91,7 @@ class Client:
     def __init__(self, connection: AbstractRobustConnection, broker: Broker) -> None:
         self.connection = connection
         self.broker = broker
-        self._rpc_channel: AbstractChannel | None = None
-        self._rpc_queue: str | None = None
-        self._waiting: dict[str, asyncio.Future[JobResult]] = {}
-        self._streams: dict[str, asyncio.Queue[JobResult | StreamChunk]] = {}
+        self.inbox = Inbox(connection, broker)
 
     @classmethod
     async def connect(
@@ -121,13 +117,7 @@ class Client:
 
     async def close(self) -> None:
         """Close the connection; pending `complete` calls fail."""
-        for future in self._waiting.values():
-            if not future.done():
-                future.set_exception(ConnectionError("the client was closed"))
-        if self._rpc_channel is not None and self._rpc_queue is not None:
-            # Not left to expire: nothing will read it again.
-            with contextlib.suppress(*LOST, ChannelClosed):
-                await self._rpc_channel.queue_delete(self._rpc_queue)
+        await self.inbox.close()
         await self.connection.close()
 
     async def submit(self, job: CompletionJob, reply_to: str | None = None) -> None:
@@ -280,16 +270,15 @@ class Client:
 
     async def complete(self, job: CompletionJob, timeout: float = 60.0) -> JobResult:
         """Submit and wait for the result (AMQP request/reply)."""
-        reply_to = await self._private_queue()
-        future: asyncio.Future[JobResult] = asyncio.get_running_loop().create_future()
-        self._waiting[job.id] = future
+        reply_to = await self.inbox.queue()
+        future = self.inbox.expect(job.id)
         try:
             await self.submit(job, reply_to)
             return await asyncio.wait_for(future, timeout)
         except TimeoutError as exc:
             raise ResultTimeoutError(f"no result for job {job.id} within {timeout:g}s") from exc
         finally:
-            self._waiting.pop(job.id, None)
+            self.inbox.forget(job.id)
 
     async def stream(
         self, job: CompletionJob, timeout: float = 60.0
@@ -300,10 +289,9 @@ class Client:
         with `redelivered` set, starting again at `seq` 0, and what was
         received before should be discarded.
         """
-        reply_to = await self._private_queue()
+        reply_to = await self.inbox.queue()
         job.request.stream = True
-        chunks: asyncio.Queue[JobResult | StreamChunk] = asyncio.Queue()
-        self._streams[job.id] = chunks
+        chunks = self.inbox.expect_stream(job.id)
         try:
             await self.submit(job, reply_to)
             while True:
@@ -315,38 +303,7 @@ class Client:
                 if isinstance(item, JobResult):
                     return
         finally:
-            self._streams.pop(job.id, None)
-
-    async def _private_queue(self) -> str:
-        """This client's reply queue, created on first use. It is durable
-        and outlives a dropped connection (answers sent meanwhile wait in
-        it; the robust channel consumes it again on reconnect), and expires
-        once the client is gone."""
-        if self._rpc_queue is None:
-            self._rpc_channel = channel = await broker.open_channel(self.connection, prefetch=256)
-            queue = await channel.declare_queue(
-                reply_queue(uuid.uuid4().hex), durable=True, arguments=reply_queue_arguments()
-            )
-            await queue.consume(self._on_reply)
-            self._rpc_queue = queue.name
-        return self._rpc_queue
-
-    async def _on_reply(self, message: AbstractIncomingMessage) -> None:
-        try:
-            self._deliver(decode_reply(message.body))
-        except InvalidMessage as exc:
-            await self.broker.dead_letter(message.body, f"not a reply: {exc}")
-        await settle(message)
-
-    def _deliver(self, message: Reply) -> None:
-        """Hand each answer in a reply message to the call waiting for it."""
-        for reply in unpack(message):
-            if (chunks := self._streams.get(reply.job_id)) is not None:
-                chunks.put_nowait(reply)
-                continue
-            future = self._waiting.get(reply.job_id)
-            if isinstance(reply, JobResult) and future is not None and not future.done():
-                future.set_result(reply)
+            self.inbox.forget(job.id)
 
 
 # A batch message stays well under the router's `max_batch_bytes`, whatever

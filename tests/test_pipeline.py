@@ -335,11 +335,10 @@ async def test_a_stream_longer_than_its_cap_ends_in_timeout(
 async def test_chunks_of_a_redelivered_stream_are_marked(config: Config, client: Client) -> None:
     """A job whose first delivery was not acked (a worker died) streams again,
     and every chunk of the new attempt says so."""
-    reply_queue = await client._private_queue()
+    reply_queue = await client.inbox.queue()
     job = ask("crash", "stream after a crash")
     job.request.stream = True  # type: ignore[attr-defined]
-    chunks: asyncio.Queue[object] = asyncio.Queue()
-    client._streams[job.id] = chunks  # type: ignore[attr-defined]
+    chunks = client.inbox.expect_stream(job.id)
     connection = await broker.connect(config.broker_url, "test-dying-worker")
     try:
         await client.submit(job, reply_queue)  # type: ignore[arg-type]
@@ -355,7 +354,7 @@ async def test_chunks_of_a_redelivered_stream_are_marked(config: Config, client:
             items.append(item)
         await worker.stop()
     finally:
-        client._streams.pop(job.id, None)  # type: ignore[attr-defined]
+        client.inbox.forget(job.id)
         await connection.close()
 
     assert item.redelivered is True
