@@ -50,6 +50,11 @@ def cmd_serve(roles: list[str]) -> Callable[[argparse.Namespace], int]:
         from modelyard.runtime import serve  # noqa: PLC0415
 
         config = _config(args)
+        if getattr(args, "ops_port", None) is not None:
+            config.ops.port = args.ops_port
+        if getattr(args, "port", None) is not None:
+            config.gateway.port = args.port
+        wanted = [r for r in roles if not (r == "gateway" and getattr(args, "no_gateway", False))]
         pools = config.pool_names()
         if getattr(args, "pool", None):
             unknown = [p for p in args.pool if p not in pools]
@@ -58,9 +63,9 @@ def cmd_serve(roles: list[str]) -> Callable[[argparse.Namespace], int]:
             pools = args.pool
         if getattr(args, "fake_provider", False):
             return int(
-                _run(_with_fake(serve(config, roles, pools, "modelyard-up"), args.fake_port))
+                _run(_with_fake(serve(config, wanted, pools, "modelyard-up"), args.fake_port))
             )
-        _run(serve(config, roles, pools, f"modelyard-{'-'.join(roles)}"))
+        _run(serve(config, wanted, pools, f"modelyard-{'-'.join(wanted)}"))
         return 0
 
     return command
@@ -286,6 +291,34 @@ def _day(value: str) -> date:
         raise argparse.ArgumentTypeError(f"not a date (YYYY-MM-DD): {value!r}") from exc
 
 
+def _add_serving(sub: Any) -> None:
+    """The commands that run roles until stopped."""
+    up = sub.add_parser(
+        "up", help="router, every worker pool, the ledger and the HTTP gateway in one process"
+    )
+    up.add_argument("--fake-provider", action="store_true", help="also start the fake provider")
+    up.add_argument("--fake-port", type=int, default=8900)
+    up.add_argument("--no-gateway", action="store_true", help="no HTTP gateway")
+    up.add_argument("--port", type=int, help="the gateway's port (default: gateway.port)")
+    up.set_defaults(func=cmd_serve(["ledger", "worker", "router", "gateway"]))
+    router = sub.add_parser("router", help="run a router")
+    router.set_defaults(func=cmd_serve(["router"]))
+    worker = sub.add_parser("worker", help="run worker pool(s)")
+    worker.add_argument("--pool", action="append", required=True, help="pool name (repeatable)")
+    worker.set_defaults(func=cmd_serve(["worker"]))
+    ledger = sub.add_parser("ledger", help="run the ledger writer")
+    ledger.set_defaults(func=cmd_serve(["ledger"]))
+    gateway = sub.add_parser("gateway", help="run the HTTP gateway (OpenAI and Anthropic APIs)")
+    gateway.add_argument("--port", type=int, help="default: the config's gateway.port")
+    gateway.set_defaults(func=cmd_serve(["gateway"]))
+    for serving in (up, router, worker, ledger):
+        serving.add_argument(
+            "--ops-port",
+            type=int,
+            help="serve /healthz, /readyz, /metrics here (default: ops.port)",
+        )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every subcommand."""
     parser = argparse.ArgumentParser(prog="modelyard", description=__doc__.splitlines()[0])
@@ -301,15 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    up = sub.add_parser("up", help="router, every worker pool and the ledger in one process")
-    up.add_argument("--fake-provider", action="store_true", help="also start the fake provider")
-    up.add_argument("--fake-port", type=int, default=8900)
-    up.set_defaults(func=cmd_serve(["ledger", "worker", "router"]))
-    sub.add_parser("router", help="run a router").set_defaults(func=cmd_serve(["router"]))
-    worker = sub.add_parser("worker", help="run worker pool(s)")
-    worker.add_argument("--pool", action="append", required=True, help="pool name (repeatable)")
-    worker.set_defaults(func=cmd_serve(["worker"]))
-    sub.add_parser("ledger", help="run the ledger writer").set_defaults(func=cmd_serve(["ledger"]))
+    _add_serving(sub)
     sub.add_parser("migrate", help="create the database and apply migrations").set_defaults(
         func=cmd_migrate
     )

@@ -225,6 +225,29 @@ class AccessSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     teams: dict[Name, TeamPolicy] = msgspec.field(default_factory=dict)
 
 
+class GatewaySettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """The HTTP gateway (`modelyard gateway`): where it listens, the largest
+    body it reads, and how long a request may take unless the client says
+    less (the OpenAI SDKs send their timeout; it becomes the job's deadline)."""
+
+    host: str = "127.0.0.1"
+    port: Annotated[int, Meta(ge=0, le=65535)] = 8080
+    max_body_bytes: Annotated[int, Meta(ge=1024)] = 8 * 1024 * 1024
+    timeout_s: Annotated[float, Meta(gt=0, le=3600)] = 600.0
+    # The environment variable holding the master key that guards `/admin/`;
+    # unset, the admin API answers 403 to everyone.
+    master_key_env: str = "MODELYARD_MASTER_KEY"
+
+
+class OpsSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """`/healthz`, `/readyz` and `/metrics` of router, worker and ledger
+    processes (the gateway serves them on its own port). Off unless a port
+    is set here or with `--ops-port`."""
+
+    host: str = "127.0.0.1"
+    port: Annotated[int, Meta(ge=0, le=65535)] | None = None
+
+
 class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """The whole file."""
 
@@ -240,6 +263,8 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     ledger: LedgerSettings = msgspec.field(default_factory=LedgerSettings)
     health: HealthSettings = msgspec.field(default_factory=HealthSettings)
     access: AccessSettings = msgspec.field(default_factory=AccessSettings)
+    gateway: GatewaySettings = msgspec.field(default_factory=GatewaySettings)
+    ops: OpsSettings = msgspec.field(default_factory=OpsSettings)
     # Whether a job's own `fallbacks` list is followed (instead of its
     # model's chain); false makes the chains the platform's alone.
     allow_job_fallbacks: bool = True

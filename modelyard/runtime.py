@@ -8,10 +8,14 @@ from typing import Protocol
 
 import structlog
 from aio_pika.abc import AbstractRobustConnection
+from aiohttp import web
 
+from gateway.service import Gateway
 from ledger.service import Ledger
-from modelyard import broker
+from modelyard import broker, ops
 from modelyard.config import Config
+from modelyard.metrics import process_registry
+from modelyard.ops import Readiness, broker_check, database_check
 from modelyard.tracing import configure_tracing
 from router.service import Router
 from workers.pool import Worker
@@ -49,24 +53,42 @@ async def serve(config: Config, roles: list[str], pools: list[str], name: str) -
     configure_tracing()
     connection = await broker.connect(config.broker_url, name)
     started: list[Component] = []
+    readiness = Readiness()
+    readiness.add("broker", broker_check(connection))
+    readiness.add("database", database_check(config.database_url))
+    ops_runner = await _serve_ops(config, readiness)
     try:
         for component in _components(config, roles, pools, connection):
             await component.start()
             started.append(component)
+        readiness.started = True
         log.info("running", roles=roles, pools=pools)
         await wait_for_signal()
         log.info("stopping")
     finally:
         for component in reversed(started):
             await component.stop()
+        if ops_runner is not None:
+            await ops_runner.cleanup()
         await connection.close()
+
+
+async def _serve_ops(config: Config, readiness: Readiness) -> web.AppRunner | None:
+    """`/healthz`, `/readyz` and `/metrics` on `ops.port`, when one is set."""
+    if config.ops.port is None:
+        return None
+    app = web.Application()
+    ops.add_routes(app, readiness, process_registry())
+    runner = await ops.serve_app(app, config.ops.host, config.ops.port)
+    log.info("ops endpoints", url=f"http://{config.ops.host}:{ops.bound_port(runner)}")
+    return runner
 
 
 def _components(
     config: Config, roles: list[str], pools: list[str], connection: AbstractRobustConnection
 ) -> list[Component]:
     """The components for the roles, in start order: the ledger first (so cost
-    events have a consumer), the router last (so jobs have workers)."""
+    events have a consumer), the router and gateway last (so jobs have workers)."""
     components: list[Component] = []
     if "ledger" in roles:
         components.append(Ledger(config, connection))
@@ -74,4 +96,6 @@ def _components(
         components.extend(Worker(config, pool, connection) for pool in pools)
     if "router" in roles:
         components.append(Router(config, connection))
+    if "gateway" in roles:
+        components.append(Gateway(config, connection))
     return components

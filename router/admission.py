@@ -36,6 +36,7 @@ from modelyard.prices import estimated_cost, estimated_tokens, token_bound
 from router import approvals
 from router.keys import KeyCache, KeyRecord
 from router.routing import RouteTable
+from schemas.chat import ChatRequest, Message
 from schemas.errors import ErrorKind, JobError, job_error
 from schemas.jobs import CompletionJob, Constraints
 
@@ -86,6 +87,26 @@ class Admission:
             for i, refusal in zip(admitted, refusals, strict=True):
                 verdicts[i] = refusal
         return verdicts
+
+    async def usable_models(self, secret: str | None) -> list[str] | JobError:
+        """The model groups a caller holding `secret` may use now (allowed
+        for its key and team, and approved where approval is required), or
+        why the key is refused; for `GET /v1/models`."""
+        probe = CompletionJob(
+            id="models", request=ChatRequest(model="-", messages=[Message(role="user")])
+        )
+        probe.api_key = secret
+        records = await self._key_records([probe])
+        record = records.get(secret) if secret else None
+        if (refusal := self._identify(probe, secret, record, datetime.now(UTC))) is not None:
+            return refusal
+        approved = await self._approved_models() if self.settings.require_approval else None
+        usable = []
+        for name in sorted(self.config.models):
+            probe.request.model, probe.constraints = name, None
+            if self._models(probe, record, approved) is None:
+                usable.append(name)
+        return usable
 
     # Who.
 

@@ -101,7 +101,15 @@ class Dispatcher:
             self.health.observe(report, time.time())
         await settle(message)
 
-    async def admit(
+    async def admit(self, jobs: list[CompletionJob]) -> list[JobError | None]:
+        """Admission for a producer's jobs, all at once: None for each one
+        admitted (and ready to `route`), else why it is refused. What only
+        modelyard may set on a job is forgotten first."""
+        for job in jobs:
+            _only_as_submitted(job)
+        return await self.admission.admit(jobs)
+
+    async def take(
         self, jobs: list[CompletionJob], *, redelivered: bool, admitted: bool
     ) -> list[Awaitable[None]]:
         """Admission for a producer's jobs (all of a message at once), then
@@ -109,9 +117,7 @@ class Dispatcher:
         if admitted:
             refusals: list[JobError | None] = [None] * len(jobs)
         else:
-            for job in jobs:
-                _only_as_submitted(job)
-            refusals = await self.admission.admit(jobs)
+            refusals = await self.admit(jobs)
         waits = []
         for job, refusal in zip(jobs, refusals, strict=True):
             if refusal is None:

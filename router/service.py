@@ -88,7 +88,7 @@ class Router:
             return
         if job.reply_to is None and message.reply_to:
             job.reply_to = message.reply_to
-        waits = await self.dispatcher.admit([job], redelivered=resent(message), admitted=admitted)
+        waits = await self.dispatcher.take([job], redelivered=resent(message), admitted=admitted)
         await settle_all(map(shielded, waits))
         await settle(message)
 
@@ -114,7 +114,7 @@ class Router:
                 jobs.append(decoded)
             else:
                 waits.append(decoded)
-        waits += await self.dispatcher.admit(jobs, redelivered=redelivered, admitted=admitted)
+        waits += await self.dispatcher.take(jobs, redelivered=redelivered, admitted=admitted)
         # Jobs share the few outgoing batches they join: wait on each once.
         unique = {id(wait): wait for wait in waits}
         # A failure is raised once all have settled; the consumer's guard then

@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from schemas.chat import FieldFault
+from schemas.chat import ChatRequest, FieldFault
 from schemas.costs import CostBatch
 from schemas.errors import ErrorKind, JobError, job_error
 from schemas.health import HealthReport
@@ -42,6 +42,8 @@ _raw_batch_decoder = msgspec.json.Decoder(_RawBatch)
 _reply_decoder: msgspec.json.Decoder[Reply] = msgspec.json.Decoder(Reply)
 _cost_decoder = msgspec.json.Decoder(CostBatch)
 _health_decoder = msgspec.json.Decoder(HealthReport)
+_chat_decoder = msgspec.json.Decoder(ChatRequest)
+_fields_decoder = msgspec.json.Decoder(dict[str, msgspec.Raw])
 
 
 class _Envelope(msgspec.Struct):
@@ -73,6 +75,17 @@ def encode(value: Any) -> bytes:
     return encoder.encode(value)
 
 
+def decode_with(decoder: msgspec.json.Decoder[T], body: bytes) -> T:
+    """Decode `body` with `decoder`; `InvalidMessage` with the JSON path at fault."""
+    return _decode(decoder, body)
+
+
+def validated(request: ChatRequest) -> ChatRequest:
+    """`request` (built in code, which checks no constraint) as a decoder
+    would accept it, or `InvalidMessage` naming the field at fault."""
+    return _decode(_chat_decoder, encoder.encode(request))
+
+
 def _decode(decoder: msgspec.json.Decoder[T], body: bytes) -> T:
     try:
         return decoder.decode(body)
@@ -96,6 +109,13 @@ def decode_job(body: bytes, max_bytes: int = DEFAULT_MAX_JOB_BYTES) -> Completio
     if len(body) > max_bytes:
         raise InvalidMessage(f"job is {len(body)} bytes, over the {max_bytes}-byte limit", "$")
     return _decode(_job_decoder, body)
+
+
+def decode_chat_request(body: bytes) -> tuple[ChatRequest, list[str]]:
+    """An OpenAI chat completion request (an HTTP body), and the names of its
+    top-level fields, for the caller to tell which it ignores."""
+    request = _decode(_chat_decoder, body)
+    return request, list(_fields_decoder.decode(body))
 
 
 def split_job_batch(body: bytes, max_bytes: int) -> list[bytes]:

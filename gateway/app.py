@@ -1,0 +1,75 @@
+"""The gateway's aiohttp application: routes, and the middleware that counts
+every request and turns anything unexpected into a clean 500 (logged, never
+a traceback to the client)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+
+import structlog
+from aiohttp import web
+from aiohttp.typedefs import Middleware
+
+from gateway import anthropic_api, openai_api
+from gateway.http import MODEL, json_response
+from gateway.openapi import document
+from gateway.service import Gateway
+from modelyard import ops
+
+log = structlog.get_logger("modelyard.gateway")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def build_app(gateway: Gateway) -> web.Application:
+    """The application one gateway instance serves."""
+    app = web.Application(middlewares=[_observed(gateway)])
+    app[openai_api.GATEWAY] = gateway
+    app.router.add_post("/v1/chat/completions", openai_api.chat_completions)
+    app.router.add_get("/v1/models", openai_api.list_models)
+    app.router.add_get("/v1/models/{model}", openai_api.get_model)
+    app.router.add_post("/v1/messages", anthropic_api.messages)
+    app.router.add_get("/openapi.json", _openapi)
+    ops.add_routes(app, gateway.readiness, gateway.registry)
+    return app
+
+
+async def _openapi(_: web.Request) -> web.Response:
+    return json_response(document())
+
+
+def _observed(gateway: Gateway) -> Middleware:
+    metrics = gateway.metrics
+
+    @web.middleware
+    async def observed(request: web.Request, handler: Handler) -> web.StreamResponse:
+        route = request.match_info.route.resource
+        name = route.canonical if route is not None else "unmatched"
+        metrics.in_flight.labels(name).inc()
+        started = time.perf_counter()
+        status = 500
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        except web.HTTPException as exc:
+            status = exc.status
+            raise
+        except Exception:
+            log.exception("request failed", route=name)
+            error = {"message": "internal error", "type": "api_error", "param": None, "code": None}
+            return json_response({"error": error}, status=500)
+        finally:
+            metrics.in_flight.labels(name).dec()
+            metrics.latency.labels(name).observe(time.perf_counter() - started)
+            metrics.requests.labels(name, str(status), _model_label(gateway, request)).inc()
+
+    return observed
+
+
+def _model_label(gateway: Gateway, request: web.Request) -> str:
+    """The model group asked for: a configured name only, so a client
+    cannot grow the metrics without bound by inventing names."""
+    group = gateway.dispatcher.routes.resolve(request.get(MODEL) or "")
+    return group.name if group is not None else ""

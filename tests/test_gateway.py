@@ -1,0 +1,491 @@
+"""The HTTP gateway, driven by the official OpenAI and Anthropic SDKs, over
+the real broker and database, with the fake provider behind it.
+
+Two gateways run in this process on the session's pipeline: an open one
+(no key required) and a guarded one (keys required, models approved)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from decimal import Decimal
+from typing import Any
+
+import aiohttp
+import anthropic
+import msgspec
+import openai
+import pytest
+import pytest_asyncio
+
+from gateway.service import Gateway
+from modelyard import broker, budgets
+from modelyard.config import AccessSettings, Config, GatewaySettings
+from modelyard.database import connect
+from router import approvals, keys
+from tests.conftest import FakeControl
+from tests.pipeline import eventually, ledger_rows
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+BODY_LIMIT = 4096
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def open_gateway(config: Config, pipeline: None) -> AsyncIterator[Gateway]:
+    async with _Running(config, "test-gateway-open") as gateway:
+        yield gateway
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def guarded_gateway(config: Config, pipeline: None) -> AsyncIterator[Gateway]:
+    guarded = msgspec.structs.replace(
+        config,
+        access=AccessSettings(require_key=True, require_approval=True, cache_s=0.2),
+        gateway=GatewaySettings(port=0, max_body_bytes=BODY_LIMIT),
+    )
+    async with _Running(guarded, "test-gateway-guarded") as gateway:
+        yield gateway
+
+
+class _Running:
+    def __init__(self, config: Config, name: str) -> None:
+        self.config, self.name = config, name
+
+    async def __aenter__(self) -> Gateway:
+        self.connection = await broker.connect(self.config.broker_url, self.name)
+        self.gateway = Gateway(self.config, self.connection, port=0)
+        await self.gateway.start()
+        return self.gateway
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.gateway.stop()
+        await self.connection.close()
+
+
+_opened: list[openai.AsyncOpenAI | anthropic.AsyncAnthropic] = []
+
+
+@pytest_asyncio.fixture(autouse=True, loop_scope="session")
+async def _close_clients() -> AsyncIterator[None]:
+    yield
+    while _opened:
+        await _opened.pop().close()
+
+
+def openai_client(gateway: Gateway, key: str = "sk-anything") -> openai.AsyncOpenAI:
+    client = openai.AsyncOpenAI(base_url=f"{gateway.url}/v1", api_key=key, max_retries=0)
+    _opened.append(client)
+    return client
+
+
+def anthropic_client(gateway: Gateway, key: str = "sk-anything") -> anthropic.AsyncAnthropic:
+    client = anthropic.AsyncAnthropic(base_url=gateway.url, api_key=key, max_retries=0)
+    _opened.append(client)
+    return client
+
+
+async def issue_key(config: Config, **options: Any) -> str:
+    conn = await connect(config.database_url)
+    try:
+        issued = await keys.create(conn, team=options.pop("team", "gw-team"), **options)
+    finally:
+        await conn.close()
+    return issued.secret
+
+
+async def approve(config: Config, *models: str) -> None:
+    conn = await connect(config.database_url)
+    try:
+        for model in models:
+            await approvals.record(conn, model, "approve", actor="test")
+    finally:
+        await conn.close()
+
+
+HELLO = [{"role": "user", "content": "hello gateway"}]
+
+
+# --- OpenAI's API -------------------------------------------------------------
+
+
+async def test_a_chat_completion_is_answered_and_billed(open_gateway: Gateway) -> None:
+    client = openai_client(open_gateway)
+    raw = await client.chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=HELLO
+    )
+    completion = raw.parse()
+
+    assert completion.choices[0].message.content
+    assert completion.choices[0].finish_reason == "stop"
+    assert completion.usage is not None
+    assert completion.usage.prompt_tokens > 0
+    job_id = raw.headers["x-request-id"]
+    assert raw.headers["x-modelyard-deployment"] == "mini"
+    assert raw.headers["x-modelyard-provider"] == "openai"
+    rows = await eventually(
+        lambda: ledger_rows(open_gateway.config.database_url, "job_id = $1", job_id),
+        lambda r: len(r) == 1,
+    )
+    assert [r["cost"] for r in rows] == [Decimal(raw.headers["x-modelyard-cost"])]
+    assert rows[0]["input_tokens"] == completion.usage.prompt_tokens
+
+
+async def test_a_stream_ends_with_usage_when_asked(open_gateway: Gateway) -> None:
+    client = openai_client(open_gateway)
+    stream = await client.chat.completions.create(
+        model="gpt-4o-mini",
+        messages=HELLO,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = [chunk async for chunk in stream]
+
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    reasons = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert text
+    assert reasons[-1] == "stop"
+    assert reasons.count("stop") == 1
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert not chunks[-1].choices  # the usage chunk has no choices
+    assert chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens > 0
+
+
+async def test_a_stream_without_usage_has_none(open_gateway: Gateway) -> None:
+    stream = await openai_client(open_gateway).chat.completions.create(
+        model="gpt-4o-mini", messages=HELLO, stream=True
+    )
+    chunks = [chunk async for chunk in stream]
+    assert chunks
+    assert all(c.usage is None and c.choices for c in chunks)
+
+
+async def test_tool_calls_come_back(open_gateway: Gateway) -> None:
+    tool = {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+        },
+    }
+    completion = await openai_client(open_gateway).chat.completions.create(
+        model="gpt-4o-mini",
+        messages=[{"role": "user", "content": "weather in Paris?"}],
+        tools=[tool],  # type: ignore[list-item]
+        tool_choice="required",
+    )
+    calls = completion.choices[0].message.tool_calls
+    assert completion.choices[0].finish_reason == "tool_calls"
+    assert calls
+    assert calls[0].function.name == "get_weather"
+    json.loads(calls[0].function.arguments)  # type: ignore[union-attr]
+
+
+async def test_a_json_schema_answer_is_json(open_gateway: Gateway) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"name": {"type": "string"}},
+        "required": ["name"],
+    }
+    completion = await openai_client(open_gateway).chat.completions.create(
+        model="gpt-4o-mini",
+        messages=HELLO,
+        response_format={
+            "type": "json_schema",
+            "json_schema": {"name": "person", "schema": schema, "strict": True},
+        },
+    )
+    answer = json.loads(completion.choices[0].message.content or "")
+    assert isinstance(answer, dict)
+    assert isinstance(answer["name"], str)
+
+
+async def test_an_empty_message_list_is_a_bad_request_naming_it(open_gateway: Gateway) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        await openai_client(open_gateway).chat.completions.create(model="gpt-4o-mini", messages=[])
+    assert caught.value.status_code == 400
+    assert caught.value.param == "messages"  # type: ignore[attr-defined]
+
+
+async def test_a_wrong_type_is_a_bad_request_naming_the_field(open_gateway: Gateway) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        await openai_client(open_gateway).chat.completions.create(
+            model="gpt-4o-mini",
+            messages=HELLO,
+            temperature="hot",  # type: ignore[arg-type]
+        )
+    assert caught.value.param == "temperature"  # type: ignore[attr-defined]
+    assert "Expected `float" in caught.value.message
+
+
+async def test_invalid_json_is_a_400_and_nothing_reaches_a_provider(
+    open_gateway: Gateway, fake: FakeControl
+) -> None:
+    before = len(await fake.requests())
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{open_gateway.url}/v1/chat/completions", data=b"{not json") as response,
+    ):
+        body = await response.json()
+    assert response.status == 400
+    assert body["error"]["type"] == "invalid_request_error"
+    assert "not valid JSON" in body["error"]["message"]
+    assert len(await fake.requests()) == before
+
+
+async def test_an_unknown_model_is_not_found(open_gateway: Gateway) -> None:
+    with pytest.raises(openai.NotFoundError) as caught:
+        await openai_client(open_gateway).chat.completions.create(
+            model="no-such-model", messages=HELLO
+        )
+    assert "no-such-model" in caught.value.message
+
+
+async def test_exhausted_deployments_are_a_bad_gateway(open_gateway: Gateway) -> None:
+    # `badkey`'s only deployment holds a key the provider refuses.
+    with pytest.raises(openai.InternalServerError) as caught:
+        await openai_client(open_gateway).chat.completions.create(model="badkey", messages=HELLO)
+    assert caught.value.status_code == 502
+
+
+async def test_a_deadline_already_gone_is_a_gateway_timeout(open_gateway: Gateway) -> None:
+    client = openai_client(open_gateway)
+    with pytest.raises(openai.APIStatusError) as caught:
+        await client.chat.completions.create(
+            model="gpt-4o-mini",
+            messages=HELLO,
+            extra_headers={"x-modelyard-timeout": "0.000001"},
+        )
+    assert caught.value.status_code == 504
+
+
+async def test_a_body_over_the_limit_is_413(guarded_gateway: Gateway) -> None:
+    client = openai_client(guarded_gateway, await issue_key(guarded_gateway.config))
+    with pytest.raises(openai.APIStatusError) as caught:
+        await client.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "x" * BODY_LIMIT}]
+        )
+    assert caught.value.status_code == 413
+
+
+async def test_an_unknown_key_is_unauthorized(guarded_gateway: Gateway) -> None:
+    with pytest.raises(openai.AuthenticationError) as caught:
+        await openai_client(guarded_gateway, "my-" + "x" * 32).chat.completions.create(
+            model="gpt-4o-mini", messages=HELLO
+        )
+    assert "not a key this gateway issued" in caught.value.message
+
+
+async def test_an_unapproved_model_is_forbidden(guarded_gateway: Gateway) -> None:
+    client = openai_client(guarded_gateway, await issue_key(guarded_gateway.config))
+    with pytest.raises(openai.PermissionDeniedError) as caught:
+        await client.chat.completions.create(model="priced", messages=HELLO)
+    assert "modelyard models approve priced" in caught.value.message
+
+
+async def test_a_model_the_key_may_not_use_is_forbidden(guarded_gateway: Gateway) -> None:
+    await approve(guarded_gateway.config, "gpt-4o-mini", "via-anthropic")
+    key = await issue_key(guarded_gateway.config, allowed_models=["via-anthropic"])
+    with pytest.raises(openai.PermissionDeniedError) as caught:
+        await openai_client(guarded_gateway, key).chat.completions.create(
+            model="gpt-4o-mini", messages=HELLO
+        )
+    assert "may not use 'gpt-4o-mini'" in caught.value.message
+
+
+async def test_models_lists_what_the_key_may_use(guarded_gateway: Gateway) -> None:
+    await approve(guarded_gateway.config, "gpt-4o-mini", "via-anthropic")
+    key = await issue_key(guarded_gateway.config, allowed_models=["via-anthropic", "priced"])
+    client = openai_client(guarded_gateway, key)
+    await asyncio.sleep(0.3)  # the approval cache
+
+    listed = [model.id async for model in client.models.list()]
+    assert listed == ["via-anthropic"]  # `priced` is allowed but never approved
+    assert (await client.models.retrieve("via-anthropic")).id == "via-anthropic"
+    with pytest.raises(openai.NotFoundError):
+        await client.models.retrieve("gpt-4o-mini")
+
+
+async def test_a_key_over_its_rate_limit_is_told_when_to_come_back(
+    guarded_gateway: Gateway,
+) -> None:
+    await approve(guarded_gateway.config, "gpt-4o-mini")
+    client = openai_client(guarded_gateway, await issue_key(guarded_gateway.config, rpm=1))
+    await client.chat.completions.create(model="gpt-4o-mini", messages=HELLO)
+    with pytest.raises(openai.RateLimitError) as caught:
+        await client.chat.completions.create(model="gpt-4o-mini", messages=HELLO)
+    assert int(caught.value.response.headers["retry-after"]) >= 1
+
+
+async def test_a_spent_budget_is_a_rate_limit_naming_the_budget(guarded_gateway: Gateway) -> None:
+    config = guarded_gateway.config
+    await approve(config, "priced")
+    conn = await connect(config.database_url)
+    try:
+        issued = await keys.create(conn, team="gw-budget")
+        await budgets.set_budget(
+            conn, "key", issued.record.id, period="none", limit=Decimal("0.000001")
+        )
+    finally:
+        await conn.close()
+    await asyncio.sleep(0.3)  # the budget cache
+    with pytest.raises(openai.RateLimitError) as caught:
+        await openai_client(guarded_gateway, issued.secret).chat.completions.create(
+            model="priced", messages=HELLO, max_tokens=100
+        )
+    assert "budget" in caught.value.message
+    assert caught.value.response.headers["retry-after"]
+
+
+# --- Anthropic's API ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("model", ["gpt-4o-mini", "via-anthropic"])
+async def test_messages_are_answered_by_any_provider(open_gateway: Gateway, model: str) -> None:
+    client = anthropic_client(open_gateway)
+    message = await client.messages.create(
+        model=model,
+        max_tokens=100,
+        system="be brief",
+        messages=[{"role": "user", "content": "hello gateway"}],
+    )
+    assert message.type == "message"
+    assert message.role == "assistant"
+    assert message.content[0].type == "text"
+    assert message.content[0].text
+    assert message.stop_reason == "end_turn"
+    assert message.usage.output_tokens > 0
+
+
+@pytest.mark.parametrize("model", ["gpt-4o-mini", "via-anthropic"])
+async def test_messages_stream_as_anthropic_events(open_gateway: Gateway, model: str) -> None:
+    client = anthropic_client(open_gateway)
+    async with client.messages.stream(
+        model=model, max_tokens=100, messages=[{"role": "user", "content": "hello gateway"}]
+    ) as stream:
+        kinds = [event.type async for event in stream]
+        final = await stream.get_final_message()
+
+    assert kinds[0] == "message_start"
+    assert kinds[-1] == "message_stop"
+    assert "content_block_delta" in kinds
+    assert final.content[0].type == "text"
+    assert final.content[0].text
+    assert final.stop_reason == "end_turn"
+    assert final.usage.output_tokens > 0
+
+
+async def test_messages_tool_use_round_trip(open_gateway: Gateway) -> None:
+    client = anthropic_client(open_gateway)
+    tools = [
+        {
+            "name": "get_weather",
+            "description": "weather for a city",
+            "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}},
+        }
+    ]
+    first = await client.messages.create(
+        model="gpt-4o-mini",
+        max_tokens=100,
+        tools=tools,  # type: ignore[arg-type]
+        tool_choice={"type": "any"},
+        messages=[{"role": "user", "content": "weather in Paris?"}],
+    )
+    use = first.content[-1]
+    assert first.stop_reason == "tool_use"
+    assert use.type == "tool_use"
+    assert isinstance(use.input, dict)
+    second = await client.messages.create(
+        model="gpt-4o-mini",
+        max_tokens=100,
+        tools=tools,  # type: ignore[arg-type]
+        messages=[
+            {"role": "user", "content": "weather in Paris?"},
+            {"role": "assistant", "content": [use.model_dump()]},  # type: ignore[list-item]
+            {
+                "role": "user",
+                "content": [{"type": "tool_result", "tool_use_id": use.id, "content": "sunny"}],
+            },
+        ],
+    )
+    assert second.content[0].type == "text"
+
+
+async def test_messages_errors_come_in_anthropics_shape(guarded_gateway: Gateway) -> None:
+    with pytest.raises(anthropic.AuthenticationError):
+        await anthropic_client(guarded_gateway, "my-" + "y" * 32).messages.create(
+            model="gpt-4o-mini", max_tokens=10, messages=[{"role": "user", "content": "hi"}]
+        )
+    client = anthropic_client(guarded_gateway, await issue_key(guarded_gateway.config))
+    with pytest.raises(anthropic.BadRequestError) as caught:
+        await client.messages.create(
+            model="gpt-4o-mini",
+            max_tokens=10,
+            messages=[{"role": "user", "content": [{"type": "video", "url": "x"}]}],  # type: ignore[list-item]
+        )
+    assert caught.value.body["error"]["type"] == "invalid_request_error"  # type: ignore[index]
+    assert "messages[0].content" in caught.value.message
+    with pytest.raises(anthropic.NotFoundError):
+        await client.messages.create(
+            model="no-such-model", max_tokens=10, messages=[{"role": "user", "content": "hi"}]
+        )
+
+
+# --- operations -----------------------------------------------------------------
+
+
+async def test_health_readiness_metrics_and_the_openapi_document(open_gateway: Gateway) -> None:
+    await openai_client(open_gateway).chat.completions.create(model="fast", messages=HELLO)
+    async with aiohttp.ClientSession(open_gateway.url) as session:
+        async with session.get("/healthz") as alive:
+            assert alive.status == 200
+        async with session.get("/readyz") as ready:
+            report = await ready.json()
+        async with session.get("/metrics") as scraped:
+            metrics = await scraped.text()
+        async with session.get("/openapi.json") as described:
+            document = await described.json()
+
+    assert ready.status == 200
+    assert report["checks"] == {"broker": "ok", "database": "ok", "topology": "ok"}
+    assert (
+        'modelyard_http_requests_total{model="gpt-4o-mini",route="/v1/chat/completions",'
+        'status="200"}' in metrics
+    )
+    assert "modelyard_http_request_duration_seconds_bucket" in metrics
+    assert 'modelyard_tokens_total{direction="output",model="fast"}' in metrics
+    assert {"/v1/chat/completions", "/v1/messages", "/v1/models"} <= set(document["paths"])
+    assert "ChatRequest" in document["components"]["schemas"]
+
+
+async def test_a_client_leaving_mid_stream_leaves_nothing_waiting(
+    open_gateway: Gateway, fake: FakeControl
+) -> None:
+    await fake.set(stream_gap_ms=50)
+    try:
+        async with aiohttp.ClientSession() as session:
+            response = await session.post(
+                f"{open_gateway.url}/v1/chat/completions",
+                json={"model": "gpt-4o-mini", "messages": HELLO, "stream": True},
+            )
+            job_id = response.headers["x-request-id"]
+            await response.content.readline()  # the first event
+            response.close()
+        waiting = await eventually(
+            lambda: _async(open_gateway.inbox.waiting()), lambda n: n == 0, timeout=30
+        )
+        rows = await eventually(
+            lambda: ledger_rows(open_gateway.config.database_url, "job_id = $1", job_id),
+            lambda r: len(r) == 1,
+            timeout=30,
+        )
+    finally:
+        await fake.set()
+    assert waiting == 0
+    assert len(rows) == 1  # what the provider billed is in the ledger
+
+
+async def _async(value: int) -> int:
+    return value
