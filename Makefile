@@ -40,6 +40,7 @@ bench: install services
 	$(BIN)/python bench/pipeline.py
 	$(BIN)/python bench/floor.py
 	$(BIN)/python bench/faults.py
+	$(BIN)/python bench/gateway_http.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache demo-out
