@@ -38,6 +38,7 @@ from tests.services import (
     Processes,
     config_document,
     fake_deployment,
+    free_port,
     fresh_database,
     fresh_vhost,
     write_config,
@@ -431,3 +432,47 @@ async def test_falling_back_to_a_dearer_deployment_never_breaks_the_limit(
     assert any(r.error and r.error.kind == ErrorKind.BUDGET_EXCEEDED for r in results)
     assert final["spent"] <= limit
     assert (final["held"], final["reserved"]) == (0, 0)
+
+
+async def test_two_gateways_share_one_budget_without_overspending_it(stack: Stack) -> None:
+    processes, _, database_url = stack
+    issued = await in_db(database_url, lambda c: keys.create(c, team="acme"))
+    body = {
+        "model": "metered",
+        "messages": [{"role": "user", "content": "question"}],
+        "max_tokens": MAX_TOKENS,
+    }
+    limit = (worst_case(processes, ask("question")) * 60).quantize(Decimal("0.01"), ROUND_UP)
+    await set_budget(database_url, limit)
+    start(processes, "ledger", "worker")
+    ports = [free_port(), free_port()]
+    for n, port in enumerate(ports, 1):
+        processes.start(f"gateway-{n}", "gateway", "--port", str(port))
+    for n in (1, 2):
+        processes.wait_for(f"gateway-{n}", "gateway started")
+
+    async def one(session: aiohttp.ClientSession, i: int) -> tuple[int, str, str | None]:
+        url = f"http://127.0.0.1:{ports[i % 2]}/v1/chat/completions"
+        async with session.post(url, json=body) as response:
+            answer = await response.json()
+            code = answer["error"]["code"] if response.status != 200 else "ok"
+            return response.status, code, response.headers.get("x-modelyard-cost")
+
+    headers = {"authorization": f"Bearer {issued.secret}"}
+    connector = aiohttp.TCPConnector(limit=64)
+    async with aiohttp.ClientSession(headers=headers, connector=connector) as session:
+        answers = await asyncio.gather(*(one(session, i) for i in range(300)))
+    final = await eventually(lambda: figures(database_url), settled, timeout=30)
+
+    codes = Counter(code for _, code, _ in answers)
+    assert set(codes) == {"ok", "budget_exceeded"}
+    assert codes["budget_exceeded"] > 0  # the budget did bind
+    assert all(status == 429 for status, code, _ in answers if code == "budget_exceeded")
+    assert final["spent"] <= limit
+    billed = sum(Decimal(cost) for status, _, cost in answers if status == 200 and cost)
+    assert final["spent"] == final["ledger"] == billed
+    # Both gateways admitted and refused: the guarantee held across processes.
+    for i in (0, 1):
+        mine = [code for n, (_, code, _) in enumerate(answers) if n % 2 == i]
+        assert "ok" in mine
+        assert "budget_exceeded" in mine
