@@ -85,6 +85,7 @@ async def _stream(
     `error` event (it cannot be taken back)."""
     events = MessageStream(job.id, job.request.model)
     response: web.StreamResponse | None = None
+    again = False  # serving a second attempt from its start
     async for item in gateway.stream(job):
         if response is None and isinstance(item, JobResult) and item.error is not None:
             gateway.metrics.result(job.request.model, item)
@@ -101,7 +102,7 @@ async def _stream(
                 for name, data in events.finish(item):
                     await response.write(sse(data, name))
             return response
-        if item.redelivered and events.sent_content:
+        if item.redelivered and not again and events.sent_content:
             await _error_event(
                 response,
                 502,
@@ -109,6 +110,7 @@ async def _stream(
                 "cannot be taken back: send the request again",
             )
             return response
+        again = again or item.redelivered
         for name, data in events.chunk(item):
             await response.write(sse(data, name))
     return response or web.Response(status=500)

@@ -90,6 +90,7 @@ async def _stream(
     completion_id, created, model = f"chatcmpl-{job.id}", int(time.time()), job.request.model
     response: web.StreamResponse | None = None
     finished = False
+    again = False  # serving a second attempt from its start
     async for item in gateway.stream(job):
         if isinstance(item, JobResult):
             gateway.metrics.result(model, item)
@@ -111,7 +112,7 @@ async def _stream(
                 )
             await response.write(b"data: [DONE]\n\n")
             return response
-        if item.redelivered and response is not None:
+        if item.redelivered and not again and response is not None:
             error = job_error(
                 ErrorKind.SERVER_ERROR,
                 "the worker running this request stopped mid-stream; "
@@ -119,6 +120,7 @@ async def _stream(
             )
             await response.write(sse(error_body(error)))
             return response
+        again = again or item.redelivered
         first = response is None
         if response is None:
             response = await open_sse(request, headers)

@@ -24,6 +24,8 @@ from modelyard import broker, budgets
 from modelyard.config import AccessSettings, Config, GatewaySettings
 from modelyard.database import connect
 from router import approvals, keys
+from schemas.codec import decode_job, encode
+from schemas.results import Completion, JobResult, StreamChunk
 from tests.conftest import FakeControl
 from tests.pipeline import eventually, ledger_rows
 
@@ -489,3 +491,75 @@ async def test_a_client_leaving_mid_stream_leaves_nothing_waiting(
 
 async def _async(value: int) -> int:
     return value
+
+
+async def _job_waiting_on(config: Config, queue: str) -> Any:
+    """The job a gateway put on a pool queue nobody consumes (taken off it)."""
+    connection = await broker.connect(config.broker_url, "test-stand-in-worker")
+    try:
+        channel = await connection.channel()
+        source = await channel.get_queue(queue)
+        message = await eventually(lambda: source.get(fail=False), lambda m: m is not None)
+        assert message is not None
+        await message.ack()
+        return decode_job(message.body)
+    finally:
+        await connection.close()
+
+
+async def _as_a_worker(config: Config, job: Any, *replies: Any) -> None:
+    """Publish what a worker would, on the job's reply queue."""
+    connection = await broker.connect(config.broker_url, "test-stand-in-worker")
+    try:
+        facade = broker.Broker(connection)
+        for reply in replies:
+            await facade.reply(job.reply_to, encode(reply), correlation_id=job.id)
+        await facade.close()
+    finally:
+        await connection.close()
+
+
+async def test_a_stream_run_again_after_chunks_went_out_ends_in_an_error(
+    open_gateway: Gateway,
+) -> None:
+    # Nothing consumes the `crash` pool here: a stand-in worker answers.
+    async with aiohttp.ClientSession() as session:
+        call = asyncio.ensure_future(
+            session.post(
+                f"{open_gateway.url}/v1/chat/completions",
+                json={"model": "crash", "messages": HELLO, "stream": True},
+            )
+        )
+        job = await _job_waiting_on(open_gateway.config, "worker.crash")
+        first = StreamChunk(job_id=job.id, seq=0, content="Hel")
+        again = StreamChunk(job_id=job.id, seq=0, content="Hel", redelivered=True)
+        await _as_a_worker(open_gateway.config, job, first, again)
+        response = await call
+        events = (await response.read()).decode().strip().split("\n\n")
+
+    assert json.loads(events[0].removeprefix("data: "))["choices"][0]["delta"]["content"] == "Hel"
+    error = json.loads(events[-1].removeprefix("data: "))["error"]
+    assert "cannot be taken back" in error["message"]
+    assert len(events) == 2  # no [DONE]: the stream ended in an error
+
+
+async def test_a_stream_run_again_before_any_chunk_went_out_is_served(
+    open_gateway: Gateway,
+) -> None:
+    client = openai_client(open_gateway)
+    call = asyncio.ensure_future(
+        client.chat.completions.create(model="crash", messages=HELLO, stream=True)
+    )
+    job = await _job_waiting_on(open_gateway.config, "worker.crash")
+    again = StreamChunk(job_id=job.id, seq=0, content="Hello", redelivered=True)
+    done = StreamChunk(job_id=job.id, seq=1, finish_reason="stop", redelivered=True)
+    result = JobResult(
+        job_id=job.id,
+        status="ok",
+        response=Completion(id="c", model="gpt-4o-mini", content="Hello"),
+        redelivered=True,
+    )
+    await _as_a_worker(open_gateway.config, job, again, done, result)
+    chunks = [chunk async for chunk in await call]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "Hello"
+    assert chunks[-1].choices[0].finish_reason == "stop"
