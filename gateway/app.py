@@ -11,7 +11,7 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from gateway import anthropic_api, openai_api
+from gateway import anthropic_api, batch_api, openai_api
 from gateway.http import MODEL, json_response
 from gateway.openapi import document
 from gateway.service import Gateway
@@ -24,12 +24,23 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 def build_app(gateway: Gateway) -> web.Application:
     """The application one gateway instance serves."""
-    app = web.Application(middlewares=[_observed(gateway)])
+    # Uploads are read part by part against `max_file_bytes`, not this limit.
+    app = web.Application(
+        middlewares=[_observed(gateway)], client_max_size=gateway.settings.max_body_bytes
+    )
     app[openai_api.GATEWAY] = gateway
     app.router.add_post("/v1/chat/completions", openai_api.chat_completions)
     app.router.add_get("/v1/models", openai_api.list_models)
     app.router.add_get("/v1/models/{model}", openai_api.get_model)
     app.router.add_post("/v1/messages", anthropic_api.messages)
+    app.router.add_post("/v1/files", batch_api.upload_file)
+    app.router.add_get("/v1/files/{file_id}", batch_api.get_file)
+    app.router.add_get("/v1/files/{file_id}/content", batch_api.file_content)
+    app.router.add_delete("/v1/files/{file_id}", batch_api.delete_file)
+    app.router.add_post("/v1/batches", batch_api.create_batch)
+    app.router.add_get("/v1/batches", batch_api.list_batches)
+    app.router.add_get("/v1/batches/{batch_id}", batch_api.get_batch)
+    app.router.add_post("/v1/batches/{batch_id}/cancel", batch_api.cancel_batch)
     app.router.add_get("/openapi.json", _openapi)
     ops.add_routes(app, gateway.readiness, gateway.registry)
     return app

@@ -38,9 +38,11 @@ from schemas.results import JobResult
 GATEWAY: web.AppKey[Gateway] = web.AppKey("gateway", Gateway)
 
 
-def error_response(error: JobError, headers: dict[str, str] | None = None) -> web.Response:
+def error_response(
+    error: JobError, headers: dict[str, str] | None = None, *, status: int | None = None
+) -> web.Response:
     """A typed error in OpenAI's shape, with its status (and `retry-after`)."""
-    status = STATUS[error.kind]
+    status = status or STATUS[error.kind]
     extra = retry_after(error.retry_after_s) if status == 429 else {}
     return json_response(error_body(error), status=status, headers={**(headers or {}), **extra})
 

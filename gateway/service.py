@@ -25,8 +25,10 @@ import structlog
 from aio_pika.abc import AbstractRobustConnection
 from aiohttp import web
 
+from gateway.batch_runner import BatchRunner
+from modelyard.client import Client
 from modelyard.config import Config
-from modelyard.database import TRANSIENT
+from modelyard.database import TRANSIENT, Database
 from modelyard.inbox import Inbox
 from modelyard.metrics import HttpMetrics, process_registry
 from modelyard.ops import Readiness, bound_port, broker_check, database_check, serve_app
@@ -55,6 +57,10 @@ class Gateway:
         self.settings = config.gateway
         self.dispatcher = Dispatcher(config, connection)
         self.inbox = Inbox(connection, self.dispatcher.broker)
+        self.db = Database(config.database_url)
+        self.batches = BatchRunner(
+            self.dispatcher, Client(connection, self.dispatcher.broker), self.db
+        )
         self.registry = process_registry()
         self.metrics = HttpMetrics(self.registry)
         self.readiness = Readiness()
@@ -78,14 +84,18 @@ class Gateway:
         self.readiness.started = True
         self._runner = await serve_app(build_app(self), self.settings.host, self.port)
         self.port = bound_port(self._runner)
+        self.batches.start()
         log.info("gateway started", url=self.url)
 
     async def stop(self) -> None:
-        """Stop listening (requests in progress finish), then close."""
+        """Stop listening (requests in progress finish) and running batches
+        (handed back for another gateway to take over), then close."""
         if self._runner is not None:
             await self._runner.cleanup()
+        await self.batches.stop()
         await self.inbox.close()
         await self.dispatcher.stop()
+        await self.db.close()
 
     def job(self, request: ChatRequest, secret: str | None, timeout_s: float) -> CompletionJob:
         """A job for one HTTP request, answered on this instance's queue."""

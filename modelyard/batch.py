@@ -70,6 +70,7 @@ def parse_line(
         line = _line_decoder.decode(raw)
         custom_id = line.custom_id
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        custom_id = _salvaged_custom_id(raw) or custom_id
         return custom_id, _bad_line(batch_id, custom_id, f"line {number}: {exc}", None)
     except RecursionError:
         message = f"line {number}: JSON nested too deeply to decode"
@@ -87,6 +88,21 @@ def parse_line(
         trace=new_trace(),
     )
     return custom_id, job
+
+
+class _CustomIdOnly(msgspec.Struct):
+    custom_id: str
+
+
+_custom_id_decoder = msgspec.json.Decoder(_CustomIdOnly)
+
+
+def _salvaged_custom_id(raw: bytes) -> str | None:
+    """The `custom_id` of a line that is otherwise bad, so its answer names it."""
+    try:
+        return _custom_id_decoder.decode(raw).custom_id
+    except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):
+        return None
 
 
 def _bad_line(batch_id: str, custom_id: str, message: str, field: str | None) -> JobResult:

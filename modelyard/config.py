@@ -233,6 +233,8 @@ class GatewaySettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     host: str = "127.0.0.1"
     port: Annotated[int, Meta(ge=0, le=65535)] = 8080
     max_body_bytes: Annotated[int, Meta(ge=1024)] = 8 * 1024 * 1024
+    # The largest Batch API input file (`POST /v1/files`); kept in Postgres.
+    max_file_bytes: Annotated[int, Meta(ge=1024)] = 64 * 1024 * 1024
     timeout_s: Annotated[float, Meta(gt=0, le=3600)] = 600.0
     # The environment variable holding the master key that guards `/admin/`;
     # unset, the admin API answers 403 to everyone.

@@ -48,6 +48,9 @@ T = TypeVar("T")
 # message is handed back to the broker (its jobs wait there, nothing lost).
 DATABASE_PATIENCE_S = 10.0
 
+# Stands in for the secret of a key identified before admission (`owner`).
+_OWNER = "\x00owner"
+
 
 class Admission:
     """Admission decisions for one router (or gateway) process."""
@@ -65,12 +68,23 @@ class Admission:
         """Close the database pool."""
         await self.db.close()
 
-    async def admit(self, jobs: list[CompletionJob]) -> list[JobError | None]:
+    async def admit(
+        self, jobs: list[CompletionJob], *, owner: KeyRecord | None = None
+    ) -> list[JobError | None]:
         """One decision per job (None: admitted, and changed as the module
         says). Raises only when the database stayed away too long: the
-        caller then hands the message back to the broker."""
+        caller then hands the message back to the broker.
+
+        `owner`: every job is for this key, identified earlier (a Batch API
+        batch runs long after its key was shown, and only its id is kept);
+        it is still refused if the key was revoked or expired since."""
         now = datetime.now(UTC)
-        records = await self._key_records(jobs)
+        if owner is not None:
+            for job in jobs:
+                job.api_key = _OWNER
+            records: dict[str, KeyRecord | None] = {_OWNER: owner}
+        else:
+            records = await self._key_records(jobs)
         approved = await self._approved_models() if self.settings.require_approval else None
         verdicts: list[JobError | None] = []
         for job in jobs:
@@ -87,6 +101,17 @@ class Admission:
             for i, refusal in zip(admitted, refusals, strict=True):
                 verdicts[i] = refusal
         return verdicts
+
+    async def identify(self, secret: str | None) -> KeyRecord | JobError | None:
+        """The key a caller holds (None without one, where keys are
+        optional), or why it is refused."""
+        probe = CompletionJob(
+            id="identify", request=ChatRequest(model="-", messages=[Message(role="user")])
+        )
+        probe.api_key = secret
+        record = (await self._key_records([probe])).get(secret) if secret else None
+        refusal = self._identify(probe, secret, record, datetime.now(UTC))
+        return refusal if refusal is not None else record
 
     async def usable_models(self, secret: str | None) -> list[str] | JobError:
         """The model groups a caller holding `secret` may use now (allowed

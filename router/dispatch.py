@@ -36,6 +36,7 @@ from modelyard.topology import (
 from modelyard.tracing import job_span
 from router.admission import Admission
 from router.health import HealthView
+from router.keys import KeyRecord
 from router.routing import Choice, RouteTable, build_route_table
 from schemas.codec import InvalidMessage, decode_health, encode, encode_job_batch
 from schemas.costs import CostBatch
@@ -101,13 +102,16 @@ class Dispatcher:
             self.health.observe(report, time.time())
         await settle(message)
 
-    async def admit(self, jobs: list[CompletionJob]) -> list[JobError | None]:
+    async def admit(
+        self, jobs: list[CompletionJob], *, owner: KeyRecord | None = None
+    ) -> list[JobError | None]:
         """Admission for a producer's jobs, all at once: None for each one
         admitted (and ready to `route`), else why it is refused. What only
-        modelyard may set on a job is forgotten first."""
+        modelyard may set on a job is forgotten first. `owner`: the key
+        every job is for, identified earlier (see `Admission.admit`)."""
         for job in jobs:
             _only_as_submitted(job)
-        return await self.admission.admit(jobs)
+        return await self.admission.admit(jobs, owner=owner)
 
     async def take(
         self, jobs: list[CompletionJob], *, redelivered: bool, admitted: bool

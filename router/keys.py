@@ -144,6 +144,14 @@ async def create(
     return Issued(record=_record(row), secret=secret)
 
 
+async def by_id(
+    conn: asyncpg.Connection | asyncpg.pool.PoolConnectionProxy, key_id: str
+) -> KeyRecord | None:
+    """A key's record by its id (revoked or not), or None."""
+    row = await conn.fetchrow(f"SELECT {_COLUMNS} FROM api_keys WHERE id = $1", key_id)
+    return _record(row) if row is not None else None
+
+
 async def listing(
     conn: asyncpg.Connection | asyncpg.pool.PoolConnectionProxy, *, include_revoked: bool = False
 ) -> list[KeyRecord]:

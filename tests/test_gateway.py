@@ -563,3 +563,131 @@ async def test_a_stream_run_again_before_any_chunk_went_out_is_served(
     chunks = [chunk async for chunk in await call]
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == "Hello"
     assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+# --- the Batch API --------------------------------------------------------------
+
+
+def batch_file(lines: list[dict[str, Any]]) -> bytes:
+    return b"".join(json.dumps(line).encode() + b"\n" for line in lines)
+
+
+def chat_line(custom_id: str, text: str, model: str = "gpt-4o-mini") -> dict[str, Any]:
+    body = {"model": model, "messages": [{"role": "user", "content": text}]}
+    return {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions", "body": body}
+
+
+async def finished(client: openai.AsyncOpenAI, batch_id: str, timeout: float = 60) -> Any:
+    return await eventually(
+        lambda: client.batches.retrieve(batch_id),
+        lambda b: b.status in ("completed", "failed", "cancelled"),
+        timeout=timeout,
+    )
+
+
+async def test_a_batch_runs_on_the_batch_lane_and_every_line_is_answered(
+    open_gateway: Gateway,
+) -> None:
+    client = openai_client(open_gateway)
+    lines = [chat_line(f"q-{i}", f"question {i}") for i in range(40)]
+    lines.append(chat_line("bad", "x", model="no-such-model"))
+    lines.append({"custom_id": "broken", "method": "POST", "url": "/v1/chat/completions"})
+    uploaded = await client.files.create(file=("in.jsonl", batch_file(lines)), purpose="batch")
+    assert (await client.files.retrieve(uploaded.id)).bytes == len(batch_file(lines))
+    batch = await client.batches.create(
+        input_file_id=uploaded.id,
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+        metadata={"run": "nightly"},
+    )
+    assert batch.status == "validating"
+
+    done = await finished(client, batch.id)
+    assert done.status == "completed"
+    assert done.request_counts is not None
+    assert (done.request_counts.total, done.request_counts.completed) == (42, 40)
+    assert done.request_counts.failed == 2
+    assert done.metadata == {"run": "nightly"}
+    output = (await client.files.content(done.output_file_id or "")).content
+    errors = (await client.files.content(done.error_file_id or "")).content
+    answered = [json.loads(line) for line in output.splitlines()]
+    assert [a["custom_id"] for a in answered] == [f"q-{i}" for i in range(40)]
+    assert all(a["response"]["status_code"] == 200 for a in answered)
+    failed = {json.loads(line)["custom_id"]: json.loads(line) for line in errors.splitlines()}
+    assert set(failed) == {"bad", "broken"}
+    assert failed["bad"]["response"]["status_code"] == 404
+    rows = await eventually(
+        lambda: ledger_rows(open_gateway.config.database_url, "batch_id = $1", batch.id),
+        lambda r: len(r) == 40,
+    )
+    cost = Decimal((done.model_extra or {})["modelyard"]["cost"])
+    assert len(rows) == 40
+    assert cost == sum(r["cost"] for r in rows) > 0
+    assert {r["custom_id"] for r in rows} == {f"q-{i}" for i in range(40)}
+    listed = await client.batches.list(limit=5)
+    assert batch.id in [b.id for b in listed.data]
+
+
+async def test_files_and_batches_belong_to_their_key(guarded_gateway: Gateway) -> None:
+    await approve(guarded_gateway.config, "gpt-4o-mini")
+    mine = openai_client(guarded_gateway, await issue_key(guarded_gateway.config))
+    theirs = openai_client(guarded_gateway, await issue_key(guarded_gateway.config))
+    uploaded = await mine.files.create(
+        file=("in.jsonl", batch_file([chat_line("only", "hi")])), purpose="batch"
+    )
+    with pytest.raises(openai.NotFoundError):
+        await theirs.files.retrieve(uploaded.id)
+    with pytest.raises(openai.NotFoundError):
+        await theirs.batches.create(
+            input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+    batch = await mine.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    assert (await finished(mine, batch.id)).status == "completed"
+    with pytest.raises(openai.NotFoundError):
+        await theirs.batches.retrieve(batch.id)
+    assert (await mine.files.delete(uploaded.id)).deleted
+    with pytest.raises(openai.NotFoundError):
+        await mine.files.retrieve(uploaded.id)
+
+
+async def test_a_file_that_is_not_a_batch_fails_it(open_gateway: Gateway) -> None:
+    client = openai_client(open_gateway)
+    lines = [chat_line("same", "one"), chat_line("same", "two")]
+    uploaded = await client.files.create(file=("in.jsonl", batch_file(lines)), purpose="batch")
+    batch = await client.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    done = await finished(client, batch.id)
+    assert done.status == "failed"
+    assert done.errors is not None and done.errors.data
+    assert "custom_id 'same' appears more than once" in (done.errors.data[0].message or "")
+
+
+async def test_a_cancelled_batch_sends_no_more_lines(
+    open_gateway: Gateway, fake: FakeControl
+) -> None:
+    client = openai_client(open_gateway)
+    await fake.set(latency_ms=200)
+    try:
+        lines = [chat_line(f"c-{i}", f"slow {i}") for i in range(3000)]
+        uploaded = await client.files.create(file=("in.jsonl", batch_file(lines)), purpose="batch")
+        batch = await client.batches.create(
+            input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+        await eventually(
+            lambda: client.batches.retrieve(batch.id),
+            lambda b: b.status == "in_progress" and (b.request_counts.completed or 0) > 0,  # type: ignore[union-attr]
+        )
+        cancelling = await client.batches.cancel(batch.id)
+        assert cancelling.status == "cancelling"
+        done = await finished(client, batch.id, timeout=120)
+    finally:
+        await fake.set()
+    assert done.status == "cancelled"
+    assert done.request_counts is not None
+    assert done.request_counts.completed < 3000
+    assert done.request_counts.completed + done.request_counts.failed == 3000
+    errors = (await client.files.content(done.error_file_id or "")).content.splitlines()
+    assert all(json.loads(e)["error"]["code"] == "batch_cancelled" for e in errors)

@@ -1,0 +1,330 @@
+"""Running Batch API batches: every gateway instance runs the batches it
+holds a lease on, and takes over any whose holder stopped renewing.
+
+A batch goes `validating` (its file read into lines; bad lines answered at
+once, a file that cannot be a batch fails it), `in_progress` (lines
+admitted with the owner's key, budgets and limits included, and sent on the
+batch lane, a window at a time; answers read from the batch's durable
+results queue and written onto their lines, each acked only once written),
+`finalizing` (output and error files written) and `completed`; or, when
+cancelled, `cancelling` (lines not yet sent are answered `batch_cancelled`;
+those sent are awaited) and `cancelled`.
+
+Nothing is billed twice across a takeover: a line is marked `sent` once the
+broker confirmed it and is never sent again; only a line whose publish was
+confirmed in the instant before its holder died can be sent a second time,
+and it goes marked as a repeat, which workers skip when the first copy
+already ran. Job ids are fixed per line, so the ledger and the results
+count each line once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from datetime import timedelta
+from typing import Any
+
+import msgspec
+import structlog
+
+from gateway import batch_store as store
+from modelyard.batch import BatchInputError, _check_unique, parse_line
+from modelyard.batching import settle_all
+from modelyard.client import Client
+from modelyard.database import TRANSIENT, Database
+from modelyard.openai_format import batch_output_line
+from modelyard.topology import batch_results_queue
+from router.dispatch import Dispatcher
+from router.keys import KeyRecord
+from schemas.codec import decode_job, encode
+from schemas.errors import ErrorKind, job_error
+from schemas.jobs import CompletionJob, Metadata
+from schemas.results import JobResult, Timings
+
+log = structlog.get_logger("modelyard.batches")
+
+LEASE = timedelta(seconds=15)
+RENEW_EVERY_S = 4.0
+# Lines sent and not yet answered, per batch: enough to keep a pool busy,
+# few enough that a cancel stops most of a large batch.
+WINDOW = 2000
+# Answers written to Postgres together.
+RECORD_EVERY_S = 0.05
+
+
+class BatchRunner:
+    """One gateway's share of the Batch API's work."""
+
+    def __init__(self, dispatcher: Dispatcher, client: Client, db: Database) -> None:
+        self.dispatcher, self.client, self.db = dispatcher, client, db
+        self.name = uuid.uuid4().hex[:12]
+        self._running: dict[str, asyncio.Task[None]] = {}
+        self._loop: asyncio.Task[None] | None = None
+        self.wake = asyncio.Event()  # a new batch: look at once
+
+    def start(self) -> None:
+        """Start claiming and renewing leases."""
+        self._loop = asyncio.create_task(self._supervise())
+
+    async def stop(self) -> None:
+        """Stop every runner and hand their batches back at once."""
+        if self._loop is not None:
+            self._loop.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop
+        for task in self._running.values():
+            task.cancel()
+        await asyncio.gather(*self._running.values(), return_exceptions=True)
+        held = list(self._running)
+        if held:
+            with contextlib.suppress(*TRANSIENT, ConnectionError):
+                await self.db.run(
+                    lambda c: store.release(c, self.name, held),
+                    what="batch release",
+                    give_up_after_s=2,
+                )
+
+    async def _supervise(self) -> None:
+        while True:
+            try:
+                await self._tend()
+            except (*TRANSIENT, ConnectionError) as exc:
+                log.warning("batch leases unavailable", error=str(exc))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), RENEW_EVERY_S)
+            self.wake.clear()
+
+    async def _tend(self) -> None:
+        """Renew what we hold, drop what we lost, take what nobody holds."""
+        for batch_id, task in list(self._running.items()):
+            if task.done():
+                del self._running[batch_id]
+        held = list(self._running)
+        if held:
+            kept = await self.db.run(
+                lambda c: store.renew(c, self.name, held, LEASE), what="batch lease renewal"
+            )
+            for lost in set(held) - kept:
+                log.warning("batch lease lost", batch_id=lost)
+                self._running.pop(lost).cancel()
+        claimed = await self.db.run(
+            lambda c: store.claim(c, self.name, LEASE, 16), what="batch claim"
+        )
+        for batch_id in claimed:
+            log.info("batch taken", batch_id=batch_id, runner=self.name)
+            self._running[batch_id] = asyncio.create_task(self._run(batch_id))
+
+    async def _run(self, batch_id: str) -> None:
+        try:
+            await _Run(self, batch_id).run()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # Left to the lease: another runner (or this one) takes it again.
+            log.exception("batch run failed; it will be taken over", batch_id=batch_id)
+
+
+class _Run:
+    """One batch, while this gateway holds it."""
+
+    def __init__(self, runner: BatchRunner, batch_id: str) -> None:
+        self.runner = runner
+        self.db = runner.db
+        self.batch_id = batch_id
+        self.queue = batch_results_queue(batch_id)
+        self.answered = asyncio.Event()
+
+    async def run(self) -> None:
+        row = await self._row()
+        if row["status"] == "validating":
+            if not await self._validate(row):
+                return
+            row = await self._row()
+        await self.runner.client.declare_results_queue(self.queue)
+        reader = asyncio.create_task(self._read_answers())
+        try:
+            owner = await self._owner(row)
+            resumed = True  # lines pending now may have been sent by a runner that died
+            while True:
+                row = await self._row()
+                tally = await self.db.run(
+                    lambda c: store.counts(c, self.batch_id), what="batch counts"
+                )
+                if row["status"] == "cancelling" and tally["pending"]:
+                    await self._cancel_pending()
+                    continue
+                if tally["pending"] and tally["sent"] < WINDOW:
+                    await self._send(owner, WINDOW - tally["sent"], resumed)
+                    resumed = False
+                    continue
+                if not tally["pending"] and not tally["sent"]:
+                    break
+                self.answered.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.answered.wait(), 1.0)
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+        await self._finalize()
+
+    async def _row(self) -> Any:
+        row = await self.db.run(
+            lambda c: c.fetchrow("SELECT * FROM batches WHERE id = $1", self.batch_id),
+            what="batch read",
+        )
+        assert row is not None
+        return row
+
+    async def _owner(self, row: Any) -> KeyRecord | None:
+        if row["owner_key"] is None:
+            return None
+        from router import keys  # noqa: PLC0415
+
+        return await self.db.run(lambda c: keys.by_id(c, row["owner_key"]), what="batch owner")
+
+    async def _validate(self, row: Any) -> bool:
+        """Read the input file into lines; False when the batch failed."""
+        file = await self.db.run(
+            lambda c: store.get_file(c, row["input_file_id"], row["owner_key"]), what="batch file"
+        )
+        owner = Metadata(team=row["team"], project=row["project"], user=row["user_id"])
+        try:
+            content = bytes(file["content"]) if file is not None else b""
+            lines = _lines(content, self.batch_id, owner, row["expires_at"])
+        except BatchInputError as exc:
+            errors = [{"code": "invalid_file", "message": str(exc), "param": None, "line": None}]
+            await self.db.run(
+                lambda c: store.set_status(
+                    c, self.batch_id, "failed", errors=msgspec.json.encode(errors).decode()
+                ),
+                what="batch failed",
+            )
+            log.info("batch failed validation", batch_id=self.batch_id, reason=str(exc))
+            return False
+
+        async def save(conn: Any) -> None:
+            await store.add_lines(conn, self.batch_id, lines)
+            await store.set_status(conn, self.batch_id, "in_progress")
+
+        await self.db.run(save, what="batch lines")
+        log.info("batch in progress", batch_id=self.batch_id, lines=len(lines))
+        return True
+
+    async def _send(self, owner: KeyRecord | None, room: int, resumed: bool) -> None:
+        """The next window of lines, admitted and sent; refused ones answered."""
+        rows = await self.db.run(
+            lambda c: store.pending(c, self.batch_id, room), what="batch pending"
+        )
+        jobs: list[tuple[int, CompletionJob]] = []
+        for row in rows:
+            job = decode_job(bytes(row["body"]))
+            job.reply_to = self.queue
+            job.redelivered = resumed
+            jobs.append((row["line"], job))
+        refusals = await self.runner.dispatcher.admit([job for _, job in jobs], owner=owner)
+        refused: list[tuple[str, bytes, bool, Any]] = []
+        sends = []
+        sent: list[int] = []
+        for (line, job), refusal in zip(jobs, refusals, strict=True):
+            if refusal is None:
+                sends.append(self.runner.dispatcher.route(job))
+                sent.append(line)
+            else:
+                result = JobResult(job_id=job.id, status="error", error=refusal, timings=Timings())
+                custom_id = job.metadata.custom_id or ""
+                refused.append((job.id, batch_output_line(result, custom_id), True, None))
+        await settle_all(sends)
+
+        async def save(conn: Any) -> None:
+            await store.mark_sent(conn, self.batch_id, sent)
+            await store.record(conn, self.batch_id, refused)
+
+        await self.db.run(save, what="batch sent")
+
+    async def _read_answers(self) -> None:
+        """Answers from the batch's queue onto their lines; each message is
+        acked (by asking for the next) only after its answers are written."""
+        async for result in self.runner.client.results(self.queue):
+            custom_id = result.metadata.custom_id or ""
+            answers = [
+                (
+                    result.job_id,
+                    batch_output_line(result, custom_id),
+                    result.status != "ok",
+                    result.cost,
+                )
+            ]
+            await self._record(answers)
+            self.answered.set()
+
+    async def _record(self, answers: list[tuple[str, bytes, bool, Any]]) -> None:
+        await self.db.run(lambda c: store.record(c, self.batch_id, answers), what="batch answer")
+
+    async def _cancel_pending(self) -> None:
+        rows = await self.db.run(
+            lambda c: store.pending(c, self.batch_id, 10_000), what="batch pending"
+        )
+        error = job_error(
+            ErrorKind.INVALID_JOB, "the batch was cancelled before this line was sent"
+        )
+        outputs = []
+        for row in rows:
+            job = decode_job(bytes(row["body"]))
+            result = JobResult(job_id=job.id, status="error", error=error, timings=Timings())
+            line = batch_output_line(result, row["custom_id"])
+            outputs.append((row["line"], line.replace(b'"invalid_job"', b'"batch_cancelled"')))
+        await self.db.run(
+            lambda c: store.settle_cancelled(c, self.batch_id, outputs), what="batch cancel"
+        )
+
+    async def _finalize(self) -> None:
+        """Write the output and error files, total the cost, and close the batch."""
+        row = await self._row()
+        final = "cancelled" if row["status"] == "cancelling" else "completed"
+
+        async def finish(conn: Any) -> None:
+            await store.set_status(conn, self.batch_id, "finalizing")
+            columns: dict[str, Any] = {}
+            for failed, column in ((False, "output_file_id"), (True, "error_file_id")):
+                content = await store.outputs(conn, self.batch_id, failed)
+                if content:
+                    name = f"{self.batch_id}_{'error' if failed else 'output'}.jsonl"
+                    made = await store.add_file(
+                        conn,
+                        purpose="batch_output",
+                        filename=name,
+                        content=content,
+                        owner=row["owner_key"],
+                    )
+                    columns[column] = made["id"]
+            tally = await store.counts(conn, self.batch_id)
+            await store.set_status(conn, self.batch_id, final, cost=tally["cost"], **columns)
+
+        await self.db.run(finish, what="batch finalize")
+        await self.runner.client.delete_queue(self.queue)
+        log.info("batch finished", batch_id=self.batch_id, status=final)
+
+
+def _lines(
+    data: bytes, batch_id: str, owner: Metadata, deadline: Any
+) -> list[tuple[int, str, str, bytes | None, bytes | None, bool]]:
+    """The file's lines as stored: a job to send, or the error line a bad one gets."""
+    lines: list[tuple[int, str, str, bytes | None, bytes | None, bool]] = []
+    for number, raw in enumerate(data.splitlines(), start=1):
+        if not raw.strip():
+            continue
+        custom_id, parsed = parse_line(raw, number, batch_id, owner)
+        if isinstance(parsed, JobResult):
+            lines.append(
+                (number, custom_id, parsed.job_id, None, batch_output_line(parsed, custom_id), True)
+            )
+        else:
+            parsed.deadline = deadline
+            lines.append((number, custom_id, parsed.id, encode(parsed), None, False))
+    if not lines:
+        raise BatchInputError("the input file is empty, or no longer exists")
+    _check_unique([custom_id for _, custom_id, *_ in lines])
+    return lines
