@@ -661,7 +661,8 @@ async def test_a_file_that_is_not_a_batch_fails_it(open_gateway: Gateway) -> Non
     )
     done = await finished(client, batch.id)
     assert done.status == "failed"
-    assert done.errors is not None and done.errors.data
+    assert done.errors is not None
+    assert done.errors.data
     assert "custom_id 'same' appears more than once" in (done.errors.data[0].message or "")
 
 
