@@ -11,7 +11,7 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from gateway import anthropic_api, batch_api, openai_api
+from gateway import admin_api, anthropic_api, batch_api, openai_api
 from gateway.http import MODEL, json_response
 from gateway.openapi import document
 from gateway.service import Gateway
@@ -42,6 +42,7 @@ def build_app(gateway: Gateway) -> web.Application:
     app.router.add_get("/v1/batches/{batch_id}", batch_api.get_batch)
     app.router.add_post("/v1/batches/{batch_id}/cancel", batch_api.cancel_batch)
     app.router.add_get("/openapi.json", _openapi)
+    admin_api.add_routes(app)
     ops.add_routes(app, gateway.readiness, gateway.registry)
     return app
 

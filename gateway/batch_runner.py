@@ -63,6 +63,7 @@ class BatchRunner:
         self._running: dict[str, asyncio.Task[None]] = {}
         self._loop: asyncio.Task[None] | None = None
         self.wake = asyncio.Event()  # a new batch: look at once
+        self._stopping = asyncio.Event()
 
     def start(self) -> None:
         """Start claiming and renewing leases."""
@@ -71,9 +72,10 @@ class BatchRunner:
     async def stop(self) -> None:
         """Stop every runner and hand their batches back at once."""
         if self._loop is not None:
-            self._loop.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._loop
+            # Not cancelled mid-statement: a pool cut off while connecting leaks.
+            self._stopping.set()
+            self.wake.set()
+            await self._loop
         for task in self._running.values():
             task.cancel()
         await asyncio.gather(*self._running.values(), return_exceptions=True)
@@ -87,7 +89,7 @@ class BatchRunner:
                 )
 
     async def _supervise(self) -> None:
-        while True:
+        while not self._stopping.is_set():
             try:
                 await self._tend()
             except (*TRANSIENT, ConnectionError) as exc:

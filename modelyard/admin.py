@@ -9,13 +9,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
-from typing import Any
+from typing import Any, Literal, NamedTuple
 
 import msgspec
 
+from modelyard.budgets import Period, Scope
 from modelyard.config import Config
 from modelyard.database import Conn, connect
 
@@ -74,57 +75,215 @@ def add_parsers(sub: Any, run_command: Callable[[argparse.Namespace], int]) -> N
         parser.set_defaults(func=run_command)
 
 
-def command(args: argparse.Namespace, config: Config, run: Runner) -> int:
-    """Run one admin command against the config's database."""
-    handlers: dict[str, Callable[[Conn, argparse.Namespace, Config], Awaitable[Any]]] = {
-        "keys": _keys,
-        "models": _models,
-        "budgets": _budgets,
-    }
-
-    async def main() -> Any:
-        conn = await connect(config.database_url)
-        try:
-            return await handlers[args.command](conn, args, config)
-        finally:
-            await conn.close()
-
-    rows = run(main())
-    _print(rows, args.format)
-    return 0
+# The operations, one Struct each: the CLI builds them from its arguments,
+# the admin HTTP API (`gateway/admin_api.py`) from JSON, and `perform` runs
+# them, so both call the same code.
 
 
-async def _keys(conn: Conn, args: argparse.Namespace, _config: Config) -> Any:
-    from router import keys  # noqa: PLC0415
+class CreateKey(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Issue a key for a team, project or user; its secret is in the answer only."""
 
+    name: str = ""
+    team: str | None = None
+    project: str | None = None
+    user: str | None = None
+    models: list[str] | None = None
+    tags: list[str] | None = None
+    expires_in: str | None = None  # 30d, 12h, ...
+    metadata: dict[str, Any] | None = None
+    rpm: int | None = None
+    tpm: int | None = None
+
+
+class ListKeys(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Keys, never their secrets."""
+
+    all: bool = False  # revoked ones too
+
+
+class RotateKey(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """A new secret; the old one keeps working for `grace`."""
+
+    key_id: str
+    grace: str = "0s"
+
+
+class RevokeKey(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Stop a key now."""
+
+    key_id: str
+
+
+class ListModels(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Every configured model and whether it is approved."""
+
+
+class DecideModel(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Approve or revoke a model, recorded with who and why."""
+
+    model: str
+    action: Literal["approve", "revoke"]
+    by: str
+    note: str = ""
+
+
+class ModelHistory(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Every approval and revocation (of one model, or all)."""
+
+    model: str | None = None
+
+
+class SetBudget(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Create or change a budget."""
+
+    scope: Scope
+    subject: str = ""
+    limit: str  # USD, exact: "50" or "49.99"
+    period: Period
+    alert_at: str = "0.8"
+    timezone: str = "UTC"
+
+
+class ShowBudget(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """One budget with spend, reserved and remaining."""
+
+    scope: Scope
+    subject: str = ""
+
+
+class ListBudgets(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Every budget with spend, reserved and remaining."""
+
+
+Operation = (
+    CreateKey
+    | ListKeys
+    | RotateKey
+    | RevokeKey
+    | ListModels
+    | DecideModel
+    | ModelHistory
+    | SetBudget
+    | ShowBudget
+    | ListBudgets
+)
+
+
+class NotFound(ValueError):
+    """The operation names a key, model or budget that does not exist."""
+
+
+class Outcome(NamedTuple):
+    """An operation's rows, and what to tell the person who asked."""
+
+    rows: list[dict[str, Any]]
+    note: str | None = None
+
+
+async def perform(conn: Conn, op: Operation, config: Config) -> Outcome:
+    """Run one operation; `ValueError` (or `NotFound`) says what was wrong with it."""
+    if isinstance(op, CreateKey | ListKeys | RotateKey | RevokeKey):
+        return await _keys(conn, op)
+    if isinstance(op, ListModels | DecideModel | ModelHistory):
+        return await _models(conn, op, config)
+    return await _budgets(conn, op)
+
+
+def operation(args: argparse.Namespace) -> Operation:
+    """The operation a command line asks for."""
+    if args.command == "keys":
+        return _key_operation(args)
+    if args.command == "models":
+        if args.action in ("approve", "revoke"):
+            return DecideModel(model=args.model, action=args.action, by=args.by, note=args.note)
+        return ModelHistory(model=args.model) if args.action == "history" else ListModels()
+    if args.action == "set":
+        return SetBudget(
+            scope=args.scope,
+            subject=args.subject,
+            limit=args.limit,
+            period=args.period,
+            alert_at=args.alert_at,
+            timezone=args.timezone,
+        )
+    return (
+        ShowBudget(scope=args.scope, subject=args.subject)
+        if args.action == "show"
+        else ListBudgets()
+    )
+
+
+def _key_operation(args: argparse.Namespace) -> Operation:
     if args.action == "create":
-        issued = await keys.create(
-            conn,
+        return CreateKey(
             name=args.name,
             team=args.team,
             project=args.project,
             user=args.user,
-            allowed_models=_list(args.models),
-            allowed_tags=_list(args.tags),
+            models=_list(args.models),
+            tags=_list(args.tags),
+            expires_in=args.expires_in,
             metadata=_json_object(args.metadata),
-            expires_at=datetime.now(UTC) + _duration(args.expires_in) if args.expires_in else None,
             rpm=args.rpm,
             tpm=args.tpm,
         )
-        _say(f"key {issued.record.id} created; its secret is shown once, keep it now:")
-        return [{"id": issued.record.id, "secret": issued.secret}]
     if args.action == "list":
-        return [_key_row(r) for r in await keys.listing(conn, include_revoked=args.all)]
+        return ListKeys(all=args.all)
     if args.action == "rotate":
-        grace = _duration(args.grace).total_seconds()
-        rotated = await keys.rotate(conn, args.key_id, grace_s=grace)
+        return RotateKey(key_id=args.key_id, grace=args.grace)
+    return RevokeKey(key_id=args.key_id)
+
+
+def command(args: argparse.Namespace, config: Config, run: Runner) -> int:
+    """Run one admin command against the config's database."""
+    op = operation(args)
+
+    async def main() -> Outcome:
+        conn = await connect(config.database_url)
+        try:
+            return await perform(conn, op, config)
+        finally:
+            await conn.close()
+
+    outcome = run(main())
+    if outcome.note:
+        _say(outcome.note)
+    _print(outcome.rows, args.format)
+    return 0
+
+
+async def _keys(conn: Conn, op: CreateKey | ListKeys | RotateKey | RevokeKey) -> Outcome:
+    from router import keys  # noqa: PLC0415
+
+    if isinstance(op, CreateKey):
+        issued = await keys.create(
+            conn,
+            name=op.name,
+            team=op.team,
+            project=op.project,
+            user=op.user,
+            allowed_models=op.models or None,
+            allowed_tags=op.tags or None,
+            metadata=op.metadata,
+            expires_at=datetime.now(UTC) + _duration(op.expires_in) if op.expires_in else None,
+            rpm=op.rpm,
+            tpm=op.tpm,
+        )
+        note = f"key {issued.record.id} created; its secret is shown once, keep it now:"
+        return Outcome([{"id": issued.record.id, "secret": issued.secret}], note)
+    if isinstance(op, ListKeys):
+        return Outcome([_key_row(r) for r in await keys.listing(conn, include_revoked=op.all)])
+    if isinstance(op, RotateKey):
+        grace = _duration(op.grace).total_seconds()
+        rotated = await keys.rotate(conn, op.key_id, grace_s=grace)
         if rotated is None:
-            raise ValueError(f"no live key {args.key_id}")
-        _say(f"key {args.key_id} replaced by {rotated.record.id}; the new secret is shown once:")
-        return [{"id": rotated.record.id, "secret": rotated.secret, "replaces": args.key_id}]
-    if not await keys.revoke(conn, args.key_id):
-        raise ValueError(f"no live key {args.key_id}")
-    return [{"id": args.key_id, "revoked": True}]
+            raise NotFound(f"no live key {op.key_id}")
+        note = f"key {op.key_id} replaced by {rotated.record.id}; the new secret is shown once:"
+        row = {"id": rotated.record.id, "secret": rotated.secret, "replaces": op.key_id}
+        return Outcome([row], note)
+    if not await keys.revoke(conn, op.key_id):
+        raise NotFound(f"no live key {op.key_id}")
+    return Outcome([{"id": op.key_id, "revoked": True}])
 
 
 def _key_row(record: Any) -> dict[str, Any]:
@@ -144,19 +303,19 @@ def _key_row(record: Any) -> dict[str, Any]:
     }
 
 
-async def _models(conn: Conn, args: argparse.Namespace, config: Config) -> Any:
+async def _models(
+    conn: Conn, op: ListModels | DecideModel | ModelHistory, config: Config
+) -> Outcome:
     from router import approvals  # noqa: PLC0415
 
-    if args.action in ("approve", "revoke"):
-        if args.model not in config.models:
+    if isinstance(op, DecideModel):
+        if op.model not in config.models:
             known = ", ".join(sorted(config.models))
-            raise ValueError(f"no model named {args.model!r} in the config (one of: {known})")
-        decision = await approvals.record(
-            conn, args.model, args.action, actor=args.by, note=args.note
-        )
-        return [msgspec.to_builtins(decision)]
-    if args.action == "history":
-        return [msgspec.to_builtins(d) for d in await approvals.history(conn, args.model)]
+            raise NotFound(f"no model named {op.model!r} in the config (one of: {known})")
+        decision = await approvals.record(conn, op.model, op.action, actor=op.by, note=op.note)
+        return Outcome([msgspec.to_builtins(decision)])
+    if isinstance(op, ModelHistory):
+        return Outcome([msgspec.to_builtins(d) for d in await approvals.history(conn, op.model)])
     latest = await approvals.latest(conn)
     rows = []
     for name in sorted(config.models):
@@ -171,29 +330,29 @@ async def _models(conn: Conn, args: argparse.Namespace, config: Config) -> Any:
                 "enforced": config.access.require_approval,
             }
         )
-    return rows
+    return Outcome(rows)
 
 
-async def _budgets(conn: Conn, args: argparse.Namespace, _config: Config) -> Any:
+async def _budgets(conn: Conn, op: SetBudget | ShowBudget | ListBudgets) -> Outcome:
     from modelyard import budgets  # noqa: PLC0415
 
-    if args.action == "set":
+    if isinstance(op, SetBudget):
         await budgets.set_budget(
             conn,
-            args.scope,
-            args.subject,
-            period=args.period,
-            limit=_money(args.limit),
-            alert_share=_money(args.alert_at),
-            timezone=args.timezone,
+            op.scope,
+            op.subject,
+            period=op.period,
+            limit=_money(op.limit),
+            alert_share=_money(op.alert_at),
+            timezone=op.timezone,
         )
     rows = [_budget_row(b) for b in await budgets.current(conn)]
-    if args.action in ("set", "show"):
-        subject = "" if args.scope == "global" else args.subject
-        rows = [r for r in rows if (r["scope"], r["subject"]) == (args.scope, subject)]
+    if isinstance(op, SetBudget | ShowBudget):
+        subject = "" if op.scope == "global" else op.subject
+        rows = [r for r in rows if (r["scope"], r["subject"]) == (op.scope, subject)]
         if not rows:
-            raise ValueError(f"no budget for {args.scope} {subject}".rstrip())
-    return rows
+            raise NotFound(f"no budget for {op.scope} {subject}".rstrip())
+    return Outcome(rows)
 
 
 def _budget_row(budget: Any) -> dict[str, Any]:

@@ -69,11 +69,16 @@ class Database:
         self.url = url
         self.max_size = max_size
         self._pool: asyncpg.Pool | None = None
+        self._opening = asyncio.Lock()
 
     async def open(self) -> None:
-        """Connect (a `ConnectionError` naming the server when it cannot)."""
-        if self._pool is None:
-            self._pool = await create_pool(self.url, max_size=self.max_size)
+        """Connect (a `ConnectionError` naming the server when it cannot).
+        Callers racing to open it share one pool (a second would leak)."""
+        if self._pool is not None:
+            return
+        async with self._opening:
+            if self._pool is None:
+                self._pool = await create_pool(self.url, max_size=self.max_size)
 
     async def close(self) -> None:
         """Close the pool."""

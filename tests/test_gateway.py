@@ -692,3 +692,78 @@ async def test_a_cancelled_batch_sends_no_more_lines(
     assert done.request_counts.completed + done.request_counts.failed == 3000
     errors = (await client.files.content(done.error_file_id or "")).content.splitlines()
     assert all(json.loads(e)["error"]["code"] == "batch_cancelled" for e in errors)
+
+
+# --- the admin API --------------------------------------------------------------
+
+MASTER = "master-" + "k" * 24
+
+
+async def admin_call(
+    gateway: Gateway, method: str, path: str, body: Any = None, key: str = MASTER
+) -> tuple[int, Any]:
+    headers = {"authorization": f"Bearer {key}"}
+    async with (
+        aiohttp.ClientSession(gateway.url, headers=headers) as session,
+        session.request(method, path, json=body) as response,
+    ):
+        return response.status, await response.json()
+
+
+async def test_the_admin_api_manages_keys_approvals_and_budgets(
+    guarded_gateway: Gateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MODELYARD_MASTER_KEY", MASTER)
+    status, made = await admin_call(
+        guarded_gateway, "POST", "/admin/keys", {"team": "admin-made", "models": ["via-openai"]}
+    )
+    assert status == 200
+    key_id, secret = made["data"][0]["id"], made["data"][0]["secret"]
+    status, _ = await admin_call(
+        guarded_gateway, "POST", "/admin/models/via-openai/approve", {"by": "ops", "note": "ok"}
+    )
+    assert status == 200
+    status, budget = await admin_call(
+        guarded_gateway, "PUT", f"/admin/budgets/key/{key_id}", {"limit": "5", "period": "daily"}
+    )
+    assert status == 200
+    assert Decimal(budget["data"][0]["limit"]) == 5
+    await asyncio.sleep(0.3)  # the admission caches
+
+    client = openai_client(guarded_gateway, secret)
+    await client.chat.completions.create(model="via-openai", messages=HELLO)
+    _, shown = await eventually(
+        lambda: admin_call(guarded_gateway, "GET", f"/admin/budgets/key/{key_id}"),
+        lambda answer: Decimal(answer[1]["data"][0]["spent"]) > 0,
+    )
+    assert Decimal(shown["data"][0]["spent"]) > 0  # the call's cost, settled by the ledger
+    status, listed = await admin_call(guarded_gateway, "GET", "/admin/keys")
+    assert key_id in [row["id"] for row in listed["data"]]
+    assert all("secret" not in row for row in listed["data"])
+    status, models = await admin_call(guarded_gateway, "GET", "/admin/models")
+    row = next(r for r in models["data"] if r["model"] == "via-openai")
+    assert (row["approved"], row["by"], row["note"]) == (True, "ops", "ok")
+
+    status, _ = await admin_call(guarded_gateway, "POST", f"/admin/keys/{key_id}/revoke")
+    assert status == 200
+    await asyncio.sleep(0.3)
+    with pytest.raises(openai.AuthenticationError):
+        await client.chat.completions.create(model="via-openai", messages=HELLO)
+    status, gone = await admin_call(guarded_gateway, "POST", f"/admin/keys/{key_id}/revoke")
+    assert status == 404
+    assert "no live key" in gone["error"]["message"]
+
+
+async def test_the_admin_api_needs_the_master_key(
+    guarded_gateway: Gateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("MODELYARD_MASTER_KEY", raising=False)
+    status, off = await admin_call(guarded_gateway, "GET", "/admin/keys")
+    assert status == 403
+    assert "MODELYARD_MASTER_KEY" in off["error"]["message"]
+    monkeypatch.setenv("MODELYARD_MASTER_KEY", MASTER)
+    status, _ = await admin_call(guarded_gateway, "GET", "/admin/keys", key="not-it")
+    assert status == 401
+    status, bad = await admin_call(guarded_gateway, "PUT", "/admin/budgets/team/x", {"limit": 5})
+    assert status == 400
+    assert "period" in bad["error"]["message"] or "limit" in bad["error"]["message"]
