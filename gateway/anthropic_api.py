@@ -12,6 +12,7 @@ from gateway.http import (
     MODEL,
     BodyTooLarge,
     bearer,
+    ignored_header,
     json_response,
     open_sse,
     read_body,
@@ -63,8 +64,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
     secret = virtual_key(token, required=gateway.config.access.require_key)
     job = gateway.job(chat, secret, timeout_s(request, gateway.settings))
     headers = {"x-request-id": job.id, "request-id": job.id}
-    if dropped:
-        headers["x-modelyard-ignored"] = ",".join(dropped)
+    headers.update(ignored_header(dropped))
     if chat.stream:
         return await _stream(request, gateway, job, headers)
     answer = await gateway.complete(job)

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 from msgspec import Meta
 
 from gateway import batch_store as store
@@ -59,34 +60,24 @@ async def upload_file(request: web.Request) -> web.Response:
         return error_response(owner)
     if not request.content_type.startswith("multipart/"):
         return _bad("upload the file as multipart/form-data with `file` and `purpose`", "file")
-    purpose, filename, content = None, "upload.jsonl", b""
     limit = gateway.settings.max_file_bytes
-    reader = await request.multipart()
-    while (part := await reader.next()) is not None:
-        if not isinstance(part, BodyPartReader):
-            continue
-        if part.name == "purpose":
-            purpose = (await part.text()).strip()
-        elif part.name == "file":
-            filename = part.filename or filename
-            read = await _read_part(part, limit)
-            if read is None:
-                return json_response(
-                    {
-                        "error": {
-                            "message": f"the file is over {limit} bytes",
-                            "type": "invalid_request_error",
-                            "param": "file",
-                            "code": None,
-                        }
-                    },
-                    status=413,
-                )
-            content = read
-    if purpose != "batch":
-        return _bad("only `purpose` `batch` is supported", "purpose")
-    if not content:
-        return _bad("the file is empty", "file")
+    try:
+        upload = await _upload(request, limit)
+    except (HttpProcessingError, ValueError, AssertionError) as exc:
+        # aiohttp's multipart reader raises these on a malformed body.
+        return _bad(f"the upload is not valid multipart/form-data: {exc}", "file")
+    if upload is None:
+        error = {
+            "message": f"the file is over {limit} bytes",
+            "type": "invalid_request_error",
+            "param": "file",
+            "code": None,
+        }
+        return json_response({"error": error}, status=413)
+    purpose, filename, content = upload
+    if purpose != "batch" or not content:
+        problem = "the file is empty" if content else "only `purpose` `batch` is supported"
+        return _bad(problem, "file" if purpose == "batch" else "purpose")
     made = await gateway.db.run(
         lambda c: store.add_file(
             c, purpose="batch", filename=filename, content=content, owner=_key_id(owner)
@@ -94,6 +85,25 @@ async def upload_file(request: web.Request) -> web.Response:
         what="file upload",
     )
     return json_response(made)
+
+
+async def _upload(request: web.Request, limit: int) -> tuple[str | None, str, bytes] | None:
+    """(purpose, filename, content) of a multipart upload; None when the
+    file is over `limit` bytes."""
+    purpose, filename, content = None, "upload.jsonl", b""
+    reader = await request.multipart()
+    while (part := await reader.next()) is not None:
+        if not isinstance(part, BodyPartReader):
+            continue
+        if part.name == "purpose":
+            purpose = (await part.text()).strip()
+        elif part.name == "file":
+            filename = _plain(part.filename) or filename
+            read = await _read_part(part, limit)
+            if read is None:
+                return None
+            content = read
+    return purpose, filename, content
 
 
 async def _read_part(part: BodyPartReader, limit: int) -> bytes | None:
@@ -240,6 +250,11 @@ async def list_batches(request: web.Request) -> web.Response:
         }
 
     return json_response(await gateway.db.run(read, what="batch list"))
+
+
+def _plain(name: str | None) -> str:
+    """A file name as kept: no control characters (Postgres refuses NUL), at most 255."""
+    return "".join(ch for ch in name or "" if ch.isprintable())[:255]
 
 
 def _key_id(owner: KeyRecord | None) -> str | None:

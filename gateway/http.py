@@ -4,6 +4,7 @@ timeout), the response headers a result earns, and Server-Sent Events."""
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 import msgspec
@@ -67,6 +68,22 @@ def timeout_s(request: web.Request, settings: GatewaySettings) -> float:
         if math.isfinite(asked) and asked > 0:
             return min(asked, settings.timeout_s)
     return settings.timeout_s
+
+
+_FIELD_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+_MAX_NAMED = 20
+
+
+def ignored_header(names: list[str]) -> dict[str, str]:
+    """`x-modelyard-ignored` naming the request fields that were dropped.
+    Only names that are plain words go in a header (a client's field name
+    may hold anything, control characters included); the rest are counted."""
+    if not names:
+        return {}
+    plain = [n for n in names if _FIELD_NAME.fullmatch(n)][:_MAX_NAMED]
+    others = len(names) - len(plain)
+    value = ",".join(plain + ([f"({others} more)"] if others else []))
+    return {"x-modelyard-ignored": value}
 
 
 def result_headers(result: JobResult) -> dict[str, str]:

@@ -12,6 +12,7 @@ from gateway.http import (
     MODEL,
     BodyTooLarge,
     bearer,
+    ignored_header,
     json_response,
     open_sse,
     read_body,
@@ -67,8 +68,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     secret = virtual_key(bearer(request), required=gateway.config.access.require_key)
     job = gateway.job(chat, secret, timeout_s(request, gateway.settings))
     headers = {"x-request-id": job.id}
-    if ignored := ignored_fields(fields):
-        headers["x-modelyard-ignored"] = ",".join(ignored)
+    headers.update(ignored_header(ignored_fields(fields)))
     if chat.stream:
         return await _stream(request, gateway, job, headers)
     answer = await gateway.complete(job)

@@ -10,6 +10,7 @@ from typing import Any
 
 import msgspec
 
+from modelyard import admin
 from modelyard.anthropic_format import MessagesRequest
 from schemas.chat import ChatRequest
 
@@ -84,6 +85,58 @@ _RESPONSES: dict[str, Any] = {
         data={"type": "array", "items": {"$ref": _REF.format(name="Model")}},
     ),
     "Status": _object(["status"], status=_STRING),
+    "File": _object(
+        ["id", "object", "bytes", "created_at", "filename", "purpose"],
+        id=_STRING,
+        object={"const": "file"},
+        bytes=_INT,
+        created_at=_INT,
+        filename=_STRING,
+        purpose=_STRING,
+    ),
+    "Deleted": _object(
+        ["id", "object", "deleted"], id=_STRING, object=_STRING, deleted={"type": "boolean"}
+    ),
+    "Batch": _object(
+        ["id", "object", "endpoint", "input_file_id", "status", "request_counts", "modelyard"],
+        id=_STRING,
+        object={"const": "batch"},
+        endpoint=_STRING,
+        input_file_id=_STRING,
+        status={
+            "enum": [
+                "validating",
+                "in_progress",
+                "finalizing",
+                "completed",
+                "failed",
+                "cancelling",
+                "cancelled",
+            ]
+        },
+        output_file_id={"type": ["string", "null"]},
+        error_file_id={"type": ["string", "null"]},
+        request_counts=_object(
+            ["total", "completed", "failed"], total=_INT, completed=_INT, failed=_INT
+        ),
+        modelyard=_object(["cost"], cost=_STRING),
+    ),
+    "BatchList": _object(
+        ["object", "data", "has_more"],
+        object={"const": "list"},
+        data={"type": "array", "items": {"$ref": _REF.format(name="Batch")}},
+        has_more={"type": "boolean"},
+    ),
+    "Rows": _object(
+        ["object", "data"],
+        object={"const": "list"},
+        data={"type": "array", "items": {"type": "object"}},
+    ),
+    "Upload": _object(
+        ["file", "purpose"],
+        file={"type": "string", "format": "binary"},
+        purpose={"const": "batch"},
+    ),
 }
 
 
@@ -106,6 +159,136 @@ def _completion_answers(ok: str, error: str) -> dict[str, Any]:
     answers = _answer(ok, error, *_COMPLETION_ERRORS)
     answers["200"]["content"]["text/event-stream"] = {"schema": {"type": "string"}}
     return answers
+
+
+_ADMIN_BODIES = (admin.CreateKey, admin.RotateKey, admin.DecideModel, admin.SetBudget)
+_ID = [{"name": "id", "in": "path", "required": True, "schema": _STRING}]
+
+
+def _path_params(*names: str) -> list[dict[str, Any]]:
+    return [{"name": n, "in": "path", "required": True, "schema": _STRING} for n in names]
+
+
+def _op(
+    summary: str, ok: str, *errors: int, body: str | None = None, **extra: Any
+) -> dict[str, Any]:
+    operation: dict[str, Any] = {
+        "summary": summary,
+        "security": _BEARER,
+        "responses": _answer(ok, "OpenAIError", 401, *errors),
+        **extra,
+    }
+    if body is not None:
+        operation["requestBody"] = {"required": True, "content": _json(body)}
+    return operation
+
+
+def _batch_paths() -> dict[str, Any]:
+    file_id, batch_id = _path_params("file_id"), _path_params("batch_id")
+    upload = {"multipart/form-data": {"schema": {"$ref": _REF.format(name="Upload")}}}
+    return {
+        "/v1/files": {
+            "post": _op(
+                "Upload a Batch API input file (JSONL, purpose `batch`)",
+                "File",
+                400,
+                413,
+                requestBody={"required": True, "content": upload},
+            )
+        },
+        "/v1/files/{file_id}": {
+            "get": _op("A file", "File", 404, parameters=file_id),
+            "delete": _op("Delete a file", "Deleted", 404, parameters=file_id),
+        },
+        "/v1/files/{file_id}/content": {
+            "get": {
+                "summary": "A file's content",
+                "security": _BEARER,
+                "parameters": file_id,
+                "responses": {
+                    "200": {
+                        "description": "the file",
+                        "content": {"application/jsonl": {"schema": _STRING}},
+                    },
+                    "401": {"description": "an error", "content": _json("OpenAIError")},
+                    "404": {"description": "an error", "content": _json("OpenAIError")},
+                },
+            }
+        },
+        "/v1/batches": {
+            "post": _op(
+                "Create a batch from an uploaded file", "Batch", 400, 404, body="BatchRequest"
+            ),
+            "get": _op(
+                "Batches, newest first",
+                "BatchList",
+                400,
+                parameters=[
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "schema": {"type": "integer", "minimum": 1, "maximum": 100},
+                    },
+                    {"name": "after", "in": "query", "schema": _STRING},
+                ],
+            ),
+        },
+        "/v1/batches/{batch_id}": {"get": _op("A batch", "Batch", 404, parameters=batch_id)},
+        "/v1/batches/{batch_id}/cancel": {
+            "post": _op("Cancel a batch", "Batch", 404, parameters=batch_id)
+        },
+    }
+
+
+def _admin_paths() -> dict[str, Any]:
+    guarded = (400, 403, 404)
+    key, model = _path_params("key_id"), _path_params("model")
+    scope = [
+        {
+            "name": "scope",
+            "in": "path",
+            "required": True,
+            "schema": {"enum": ["global", "team", "project", "user", "key"]},
+        }
+    ]
+    subject = [*scope, *_path_params("subject")]
+    return {
+        "/admin/keys": {
+            "post": _op(
+                "Issue a key (its secret is shown once)", "Rows", *guarded, body="CreateKey"
+            ),
+            "get": _op("Keys, never their secrets", "Rows", *guarded),
+        },
+        "/admin/keys/{key_id}/rotate": {
+            "post": _op("A new secret for a key", "Rows", *guarded, parameters=key)
+        },
+        "/admin/keys/{key_id}/revoke": {
+            "post": _op("Revoke a key now", "Rows", *guarded, parameters=key)
+        },
+        "/admin/models": {"get": _op("Models and their approval", "Rows", *guarded)},
+        "/admin/models/history": {"get": _op("Every approval and revocation", "Rows", *guarded)},
+        "/admin/models/{model}/approve": {
+            "post": _op("Approve a model", "Rows", *guarded, parameters=model, body="DecideModel")
+        },
+        "/admin/models/{model}/revoke": {
+            "post": _op(
+                "Revoke a model's approval", "Rows", *guarded, parameters=model, body="DecideModel"
+            )
+        },
+        "/admin/budgets": {
+            "get": _op("Budgets with spend, reserved and remaining", "Rows", *guarded)
+        },
+        "/admin/budgets/{scope}": {
+            "get": _op("The global budget", "Rows", *guarded, parameters=scope),
+            "put": _op(
+                "Set the global budget", "Rows", *guarded, parameters=scope, body="SetBudget"
+            ),
+        },
+        "/admin/budgets/{scope}/{subject}": {
+            "get": _op("One budget", "Rows", *guarded, parameters=subject),
+            "put": _op("Set a budget", "Rows", *guarded, parameters=subject, body="SetBudget"),
+        },
+    }
 
 
 @functools.cache
@@ -149,6 +332,8 @@ def document() -> dict[str, Any]:
                     "responses": _answer("Model", "OpenAIError", 401, 404),
                 }
             },
+            **_batch_paths(),
+            **_admin_paths(),
             "/healthz": {"get": {"summary": "Alive", "responses": _answer("Status", "Status")}},
             "/readyz": {
                 "get": {
