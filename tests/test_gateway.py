@@ -23,11 +23,13 @@ from gateway.service import Gateway
 from modelyard import broker, budgets
 from modelyard.config import AccessSettings, Config, GatewaySettings
 from modelyard.database import connect
+from modelyard.ops import Readiness, database_check
 from router import approvals, keys
 from schemas.codec import decode_job, encode
 from schemas.results import Completion, JobResult, StreamChunk
 from tests.conftest import FakeControl
 from tests.pipeline import eventually, ledger_rows
+from tests.services import free_port
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -767,3 +769,12 @@ async def test_the_admin_api_needs_the_master_key(
     status, bad = await admin_call(guarded_gateway, "PUT", "/admin/budgets/team/x", {"limit": 5})
     assert status == 400
     assert "period" in bad["error"]["message"] or "limit" in bad["error"]["message"]
+
+
+async def test_readiness_fails_when_the_database_is_unreachable(open_gateway: Gateway) -> None:
+    readiness = Readiness()
+    readiness.add("database", database_check(f"postgresql://127.0.0.1:{free_port()}/nowhere"))
+    readiness.started = True
+    ready, report = await readiness.report()
+    assert not ready
+    assert report["database"].startswith("unreachable")

@@ -105,3 +105,28 @@ async def test_a_batch_survives_the_gateway_running_it_being_killed(
     assert processes.events("gateway-2", "batch taken")  # the second gateway took it over
     rows = await ledger_rows(database_url, "batch_id = $1", batch.id)
     assert len(rows) == len({r["job_id"] for r in rows}) == LINES  # each line billed once
+
+
+async def test_router_worker_and_ledger_serve_health_readiness_and_metrics(
+    stack: Stack,
+) -> None:
+    processes, _ = stack
+    ports = {}
+    for role in ("router", "worker", "ledger"):
+        ports[role] = free_port()
+        extra = ["--pool", "main"] if role == "worker" else []
+        processes.start(f"{role}-ops", role, *extra, "--ops-port", str(ports[role]))
+    for role in ports:
+        processes.wait_for(f"{role}-ops", "running")
+    async with aiohttp.ClientSession() as session:
+        for role, port in ports.items():
+            base = f"http://127.0.0.1:{port}"
+            async with session.get(f"{base}/healthz") as alive:
+                assert alive.status == 200, role
+            async with session.get(f"{base}/readyz") as ready:
+                report = await ready.json()
+            assert ready.status == 200, role
+            assert report["checks"] == {"broker": "ok", "database": "ok", "topology": "ok"}
+            async with session.get(f"{base}/metrics") as scraped:
+                text = await scraped.text()
+            assert "process_resident_memory_bytes" in text, role
