@@ -12,6 +12,7 @@ from gateway.http import (
     MODEL,
     BodyTooLarge,
     bearer,
+    budget_header,
     ignored_header,
     json_response,
     open_sse,
@@ -70,6 +71,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
     answer = await gateway.complete(job)
     if isinstance(answer, JobError):
         return error_response(answer, headers)
+    headers.update(budget_header(job))
     gateway.metrics.result(chat.model, answer)
     if answer.error is not None:
         return error_response(answer.error, {**headers, **result_headers(answer)})

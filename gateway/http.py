@@ -11,7 +11,7 @@ import msgspec
 from aiohttp import web
 
 from modelyard.config import GatewaySettings
-from schemas.jobs import KEY_PREFIX
+from schemas.jobs import KEY_PREFIX, CompletionJob
 from schemas.results import JobResult
 
 _json = msgspec.json.Encoder(decimal_format="string")
@@ -84,6 +84,14 @@ def ignored_header(names: list[str]) -> dict[str, str]:
     others = len(names) - len(plain)
     value = ",".join(plain + ([f"({others} more)"] if others else []))
     return {"x-modelyard-ignored": value}
+
+
+def budget_header(job: CompletionJob) -> dict[str, str]:
+    """`x-modelyard-budget-remaining`: the least any budget over the request
+    had left once its worst case was reserved (USD); absent when none applies."""
+    if job.budget_left is None:
+        return {}
+    return {"x-modelyard-budget-remaining": str(job.budget_left)}
 
 
 def result_headers(result: JobResult) -> dict[str, str]:

@@ -174,7 +174,9 @@ class Claim(msgspec.Struct, kw_only=True, frozen=True):
     subjects: tuple[tuple[Scope, str], ...]
 
 
-Verdict = Budget | bool  # True: reserved; False: no budget applies; a Budget: refused by it
+# False: no budget applies; a Budget: refused by it; a Decimal: reserved,
+# and the least any of its budgets has left after this reservation.
+Verdict = Budget | Decimal | bool
 
 _CURRENT = """
 SELECT b.scope, b.subject, b.period, b.limit_usd, b.alert_share, b.timezone,
@@ -273,7 +275,7 @@ async def reserve(conn: Conn, claims: list[Claim], *, ttl_s: float) -> list[Verd
         for budget in applicable:
             budget.reserved += claim.amount
             taken.append((claim, budget))
-        verdicts.append(True)
+        verdicts.append(min(b.remaining for b in applicable))
     if taken:
         await conn.execute(_WRITE_USAGE, *columns, [b.reserved for b in budgets.values()])
         await conn.execute(

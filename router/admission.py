@@ -362,9 +362,10 @@ class Admission:
         for (i, claim), verdict in zip(claims, verdicts, strict=True):
             if isinstance(verdict, Budget):
                 refusals[i] = _over_budget(verdict, claim.amount)
-            elif verdict:
+            elif isinstance(verdict, Decimal):
                 jobs[i].reservation = claim.reservation
                 jobs[i].reserved_until = time.time() + ttl
+                jobs[i].budget_left = verdict
         return refusals
 
     def _worst_case(self, job: CompletionJob) -> Decimal | JobError:

@@ -294,7 +294,7 @@ def _only_as_submitted(job: CompletionJob) -> None:
     """Forget what only modelyard may set on a job: a producer cannot send
     one in as a retry, a fallback or an admitted job."""
     job.route, job.next_hop, job.attempts = None, None, []
-    job.reservation, job.reserved_until = None, None
+    job.reservation, job.reserved_until, job.budget_left = None, None, None
 
 
 def shielded(wait: Awaitable[None]) -> Awaitable[None]:

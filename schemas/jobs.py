@@ -182,6 +182,9 @@ class CompletionJob(msgspec.Struct, kw_only=True, omit_defaults=True):
     # until `reserved_until` (unix seconds); the job's end releases it.
     reservation: Label | None = None
     reserved_until: float | None = None
+    # Set by admission with the reservation: the least any budget over the
+    # job has left once it is reserved (USD), for the producer to be told.
+    budget_left: Decimal | None = None
 
     def deadline_passed(self, now: float) -> bool:
         """True when the job's absolute deadline is behind `now` (unix seconds)."""

@@ -163,7 +163,8 @@ async def test_reservations_stop_at_the_limit_and_say_which_budget(
 
     verdicts = await reserve(conn, first)
 
-    assert verdicts[:3] == [True, True, True]
+    # Reserved: each says what its budget had left after it.
+    assert verdicts[:3] == [Decimal("0.70"), Decimal("0.40"), Decimal("0.10")]
     refused = verdicts[3]
     assert isinstance(refused, Budget)
     assert (refused.scope, refused.subject, refused.reserved) == ("team", "acme", Decimal("0.9"))
@@ -195,7 +196,7 @@ async def test_concurrent_admissions_on_many_connections_never_pass_the_limit(
         results = await asyncio.gather(*(one_message() for _ in range(60)))
     finally:
         await pool.close()
-    admitted = sum(1 for verdicts in results for v in verdicts if v is True)
+    admitted = sum(1 for verdicts in results for v in verdicts if isinstance(v, Decimal))
     assert admitted == int(Decimal("10") / Decimal("0.07"))  # exactly what fits: 142
     (acme,) = await budgets.current(conn)
     assert acme.reserved == Decimal("0.07") * admitted
@@ -232,7 +233,7 @@ async def test_the_ledger_settles_spend_once_and_releases_with_the_last_call(
 ) -> None:
     await budgets.set_budget(conn, "team", "acme", period="daily", limit=Decimal("1"))
     job = claim("0.50")
-    assert await reserve(conn, [job]) == [True]
+    assert await reserve(conn, [job]) == [Decimal("0.50")]
     billed_failure = cost_event(job.job_id, "0.01", reservation=job.reservation)
     last = cost_event(job.job_id, "0.04", final=True, reservation=job.reservation)
 
@@ -256,15 +257,15 @@ async def test_reservations_nobody_settles_expire_and_the_budget_is_whole_again(
     conn: asyncpg.Connection,
 ) -> None:
     await budgets.set_budget(conn, "team", "acme", period="none", limit=Decimal("1"))
-    assert await reserve(conn, [claim("0.9")], ttl_s=1) == [True]  # its process then dies
-    assert not isinstance((await reserve(conn, [claim("0.9")]))[0], bool)  # refused
+    assert await reserve(conn, [claim("0.9")], ttl_s=1) == [Decimal("0.1")]  # its process then dies
+    assert isinstance((await reserve(conn, [claim("0.9")]))[0], Budget)  # refused
 
     await asyncio.sleep(1.1)
 
     assert await budgets.expire(conn) == 1  # the team budget got its share back
     (acme,) = await budgets.current(conn)
     assert acme.reserved == Decimal("0")
-    assert await reserve(conn, [claim("0.9")]) == [True]
+    assert await reserve(conn, [claim("0.9")]) == [Decimal("0.1")]
 
 
 async def test_a_period_is_taken_in_the_budgets_time_zone(conn: asyncpg.Connection) -> None:

@@ -733,7 +733,10 @@ async def test_the_admin_api_manages_keys_approvals_and_budgets(
     await asyncio.sleep(0.3)  # the admission caches
 
     client = openai_client(guarded_gateway, secret)
-    await client.chat.completions.create(model="via-openai", messages=HELLO)
+    raw = await client.chat.completions.with_raw_response.create(model="via-openai", messages=HELLO)
+    # What the budget had left once this request's worst case was reserved.
+    left = Decimal(raw.headers["x-modelyard-budget-remaining"])
+    assert 0 < left < 5
     _, shown = await eventually(
         lambda: admin_call(guarded_gateway, "GET", f"/admin/budgets/key/{key_id}"),
         lambda answer: Decimal(answer[1]["data"][0]["spent"]) > 0,
