@@ -44,8 +44,11 @@ log = structlog.get_logger("modelyard.admission")
 
 T = TypeVar("T")
 
-# How long admission keeps trying a database that is away before the
-# message is handed back to the broker (its jobs wait there, nothing lost).
+# How long admission keeps trying a database that is away before it gives
+# up (the gateway then answers 503). The router waits for as long as it
+# takes instead (`database_patience_s=None`), holding the message: handed
+# back again and again, it would reach the queue's delivery limit and be
+# dead-lettered by the broker with the producer's key still in it.
 DATABASE_PATIENCE_S = 10.0
 
 # Stands in for the secret of a key identified before admission (`owner`).
@@ -55,10 +58,17 @@ _OWNER = "\x00owner"
 class Admission:
     """Admission decisions for one router (or gateway) process."""
 
-    def __init__(self, config: Config, routes: RouteTable) -> None:
+    def __init__(
+        self,
+        config: Config,
+        routes: RouteTable,
+        *,
+        database_patience_s: float | None = DATABASE_PATIENCE_S,
+    ) -> None:
         self.config = config
         self.settings = config.access
         self.routes = routes
+        self.patience_s = database_patience_s
         self.db = Database(config.database_url)
         self.keys = KeyCache(self.settings.cache_s)
         self._approved: Cached[set[str]] = Cached(self.settings.cache_s)
@@ -396,7 +406,7 @@ class Admission:
         return worst
 
     async def _db(self, work: Callable[[Conn], Awaitable[T]], what: str) -> T:
-        return await self.db.run(work, what=what, give_up_after_s=DATABASE_PATIENCE_S)
+        return await self.db.run(work, what=what, give_up_after_s=self.patience_s)
 
 
 class Cached(Generic[T]):

@@ -34,7 +34,7 @@ from modelyard.topology import (
     health_topology,
 )
 from modelyard.tracing import job_span
-from router.admission import Admission
+from router.admission import DATABASE_PATIENCE_S, Admission
 from router.health import HealthView
 from router.keys import KeyRecord
 from router.routing import Choice, RouteTable, build_route_table
@@ -51,13 +51,19 @@ class Dispatcher:
     """Admits, routes and publishes jobs for one router or gateway process.
     It follows the workers' health reports on a queue of its own."""
 
-    def __init__(self, config: Config, connection: AbstractRobustConnection) -> None:
+    def __init__(
+        self,
+        config: Config,
+        connection: AbstractRobustConnection,
+        *,
+        database_patience_s: float | None = DATABASE_PATIENCE_S,
+    ) -> None:
         self.config = config
         self.routes: RouteTable = build_route_table(config)
         self.rng = random.Random()
         self.broker = Broker(connection)
         self.health = HealthView(config.health, config.deployments)
-        self.admission = Admission(config, self.routes)
+        self.admission = Admission(config, self.routes, database_patience_s=database_patience_s)
         self._health_topology = health_topology(uuid.uuid4().hex[:16])
         self._health_consumer = Consumer(
             connection, self._health_topology.queues[0].name, self._on_health, prefetch=64

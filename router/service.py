@@ -38,7 +38,9 @@ class Router:
     def __init__(self, config: Config, connection: AbstractRobustConnection) -> None:
         self.config = config
         self.connection = connection
-        self.dispatcher = Dispatcher(config, connection)
+        # While the database is away the router holds the messages it has
+        # (at most `concurrency`) and waits; the rest wait in the broker.
+        self.dispatcher = Dispatcher(config, connection, database_patience_s=None)
         self._consumer = Consumer(
             connection, ROUTER_QUEUE, self.handle, prefetch=config.router.concurrency
         )
@@ -69,7 +71,7 @@ class Router:
     async def handle(self, message: AbstractIncomingMessage) -> None:
         """A producer's message (`router.jobs`): admit, route and forward its
         job or jobs; every path ends in ack, or in a requeue when a publish
-        failed or the database stayed away."""
+        failed. While the database is away, admission waits for it."""
         await self._handle(message, admitted=False)
 
     async def handle_internal(self, message: AbstractIncomingMessage) -> None:

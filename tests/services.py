@@ -7,6 +7,7 @@ vhost and database and removes them afterwards.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -296,3 +297,47 @@ class Processes:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait(10)
+
+
+class TcpProxy:
+    """A TCP relay to a server, which a test can cut and restore: the
+    server seems to go away (every connection dropped, none accepted) and
+    come back, while it keeps running for everyone else."""
+
+    def __init__(self, target_port: int, host: str = "127.0.0.1") -> None:
+        self.host, self.target_port = host, target_port
+        self.port = free_port()
+        self._server: asyncio.Server | None = None
+        self._links: set[asyncio.StreamWriter] = set()
+
+    async def start(self) -> None:
+        """Accept and relay connections."""
+        self._server = await asyncio.start_server(self._relay, self.host, self.port)
+
+    async def cut(self) -> None:
+        """Refuse new connections and drop every open one."""
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+        for writer in list(self._links):
+            writer.transport.abort()
+        self._links.clear()
+
+    async def _relay(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        try:
+            server_r, server_w = await asyncio.open_connection(self.host, self.target_port)
+        except OSError:
+            client_w.transport.abort()
+            return
+        self._links |= {client_w, server_w}
+
+        async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+                while data := await reader.read(65536):
+                    writer.write(data)
+                    await writer.drain()
+            writer.transport.abort()
+
+        await asyncio.gather(pipe(client_r, server_w), pipe(server_r, client_w))
+        self._links -= {client_w, server_w}

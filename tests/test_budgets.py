@@ -36,6 +36,7 @@ from tests.conftest import FakeControl
 from tests.pipeline import eventually
 from tests.services import (
     Processes,
+    TcpProxy,
     config_document,
     fake_deployment,
     free_port,
@@ -476,3 +477,39 @@ async def test_two_gateways_share_one_budget_without_overspending_it(stack: Stac
         mine = [code for n, (_, code, _) in enumerate(answers) if n % 2 == i]
         assert "ok" in mine
         assert "budget_exceeded" in mine
+
+
+async def test_a_router_waits_out_a_database_outage_holding_its_messages(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """Admission needs Postgres (the key): while it is away the router holds
+    the message instead of handing it back until the broker's delivery limit
+    dead-letters it with the producer's key in it; once Postgres is back the
+    job runs."""
+    processes, broker_url, database_url = stack
+    issued = await in_db(database_url, lambda c: keys.create(c, team="acme"))
+    proxy = TcpProxy(target_port=5432)
+    await proxy.start()
+    doc = yaml.safe_load(processes.config.read_text())
+    doc["database_url"] = database_url.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}")
+    router = Processes(write_config(tmp_path / "router.yaml", doc), tmp_path)
+    start(processes, "ledger", "worker")
+    router.start("router", "router")
+    try:
+        router.wait_for("router", "router started")
+        await proxy.cut()
+        job = ask("while the database is away", key=issued.secret)
+        async with await Client.connect(broker_url) as client:
+            answer = asyncio.ensure_future(client.complete(job, timeout=90))
+            await asyncio.sleep(15)  # past the 10 s a gateway would wait
+            assert not answer.done()
+            await proxy.start()
+            result = await answer
+    finally:
+        router.stop()
+        await proxy.cut()
+
+    assert result.status == "ok"
+    assert not result.redelivered  # held, never handed back
+    assert not router.events("router", "handler failed; message requeued")
+    assert issued.secret not in "".join(await dead_letters(broker_url))
