@@ -208,6 +208,8 @@ async def test_lowest_latency_moves_traffic_off_a_slow_deployment(
 
 
 async def test_least_busy_moves_traffic_off_a_slow_deployment(strategy_client: Client) -> None:
+    await closed_loop(strategy_client, "idlest", callers=4, each=2)  # reports flowing
+    await asyncio.sleep(0.3)
     served = await closed_loop(strategy_client, "idlest", callers=8, each=8)
     assert served["quick"] >= 64 * 0.75, served
 
