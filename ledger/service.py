@@ -28,6 +28,10 @@ from schemas.costs import CostEvent
 
 log = structlog.get_logger("modelyard.ledger")
 
+# How soon to look again for expired reservations when the ledger was not
+# caught up with its queue.
+SWEEP_RETRY_S = 1.0
+
 
 class Ledger:
     """Consumes `ledger.costs` and writes the ledger table."""
@@ -132,9 +136,16 @@ class Ledger:
 
     async def _expire_reservations(self) -> None:
         """Now and then, return reservations nobody settled (a process died
-        holding them) to their budgets, even while no job is admitted."""
+        holding them) to their budgets. Only once every cost event waiting
+        for the ledger is written: after an outage of the ledger, a
+        reservation past its time may still have its cost on the way, and
+        returning it first would let the budget be spent twice. Until then
+        the budget stays reserved: it refuses more, it never spends more."""
         now = time.monotonic()
         if now < self._next_sweep:
+            return
+        if self._buffer or await self.broker.waiting([LEDGER_QUEUE]) != 0:
+            self._next_sweep = now + SWEEP_RETRY_S  # not caught up (or cannot tell)
             return
         self._next_sweep = now + min(self.config.access.reservation_ttl_s / 4, 30.0)
         async with self.db.pool.acquire() as conn:

@@ -200,10 +200,6 @@ JOIN unnest($1::text[], $2::text[], $3::timestamptz[]) AS k(scope, subject, peri
 ORDER BY u.scope, u.subject, u.period_start
 FOR UPDATE OF u
 """
-_EXPIRE = _give_back(
-    "DELETE FROM budget_reservations r USING unnest($1::text[], $2::text[]) AS k(scope, subject) "
-    "WHERE r.scope = k.scope AND r.subject = k.subject AND r.expires_at < now()"
-)
 _WRITE_USAGE = """
 UPDATE budget_usage u SET reserved = k.reserved
 FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::numeric[])
@@ -250,15 +246,11 @@ async def reserve(conn: Conn, claims: list[Claim], *, ttl_s: float) -> list[Verd
         [b.period_start for b in budgets.values()],
     )
     await conn.execute(_ENSURE_USAGE, *columns)
-    await conn.fetch(_LOCK_USAGE, *columns)  # every router queues here, in one order
-    for row in await conn.fetch(_EXPIRE, columns[0], columns[1]):
-        log.warning(
-            "expired budget reservations returned",
-            scope=row["scope"],
-            subject=row["subject"],
-            amount=str(row["amount"]),
-        )
-    for row in await conn.fetch(_LOCK_USAGE, *columns):  # the figures after the expiry
+    # Every router queues here, in one order. Reservations past their time
+    # are not returned here but by the ledger, once it has written every
+    # cost event waiting for it (`expire`): one whose cost is still on its
+    # way must not be given back first, or the budget could be spent twice.
+    for row in await conn.fetch(_LOCK_USAGE, *columns):
         budget = budgets[(row["scope"], row["subject"])]
         budget.spent, budget.reserved = row["spent"], row["reserved"]
     verdicts: list[Verdict] = []
