@@ -60,7 +60,7 @@ def _guarded(handler: Handler) -> Handler:
 async def _run(request: web.Request, op: admin.Operation) -> web.Response:
     gateway = request.app[GATEWAY]
     try:
-        outcome = await gateway.db.run(
+        outcome = await gateway.db_run(
             lambda conn: admin.perform(conn, op, gateway.config), what="admin"
         )
     except admin.NotFound as exc:

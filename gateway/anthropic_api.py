@@ -46,6 +46,8 @@ def error_response(error: JobError, headers: dict[str, str] | None = None) -> we
     """A typed error in Anthropic's shape, with its status (and `retry-after`)."""
     status = _OVERLOADED if error.kind == ErrorKind.OVERLOADED else STATUS[error.kind]
     extra = retry_after(error.retry_after_s) if status in (429, _OVERLOADED) else {}
+    if not error.retryable:
+        extra["x-should-retry"] = "false"  # the official SDK would retry a 429 or a 5xx
     body = job_error_body(status, error)
     return json_response(body, status=status, headers={**(headers or {}), **extra})
 
@@ -99,7 +101,12 @@ async def _stream(
         if isinstance(item, JobResult):
             gateway.metrics.result(job.request.model, item)
             if item.error is not None:
-                await _error_event(response, STATUS[item.error.kind], item.error.message)
+                status = (
+                    _OVERLOADED
+                    if item.error.kind == ErrorKind.OVERLOADED
+                    else STATUS[item.error.kind]
+                )
+                await _error_event(response, status, item.error.message)
             else:
                 for name, data in events.finish(item):
                     await response.write(sse(data, name))

@@ -12,10 +12,11 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from gateway import admin_api, anthropic_api, batch_api, openai_api
-from gateway.http import MODEL, json_response
+from gateway.http import MODEL, STREAMING, json_response
 from gateway.openapi import document
 from gateway.service import Gateway
 from modelyard import ops
+from modelyard.database import TRANSIENT
 
 log = structlog.get_logger("modelyard.gateway")
 
@@ -68,16 +69,32 @@ def _observed(gateway: Gateway) -> Middleware:
         except web.HTTPException as exc:
             status = exc.status
             raise
+        except ConnectionResetError:
+            status = 499  # the client went away mid-answer (nginx's code)
+            raise
+        except (*TRANSIENT, ConnectionError) as exc:
+            if request.get(STREAMING):
+                raise
+            log.warning("database unavailable", route=name, error=str(exc))
+            status = 503
+            return _error(503, "the gateway cannot reach its database; try again shortly")
         except Exception:
             log.exception("request failed", route=name)
-            error = {"message": "internal error", "type": "api_error", "param": None, "code": None}
-            return json_response({"error": error}, status=500)
+            if request.get(STREAMING):
+                raise  # its status line is out: the connection is closed instead
+            return _error(500, "internal error")
         finally:
             metrics.in_flight.labels(name).dec()
             metrics.latency.labels(name).observe(time.perf_counter() - started)
             metrics.requests.labels(name, str(status), _model_label(gateway, request)).inc()
 
     return observed
+
+
+def _error(status: int, message: str) -> web.Response:
+    error = {"message": message, "type": "api_error", "param": None, "code": None}
+    headers = {"retry-after": "5"} if status == 503 else None
+    return json_response({"error": error}, status=status, headers=headers)
 
 
 def _model_label(gateway: Gateway, request: web.Request) -> str:

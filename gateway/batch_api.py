@@ -78,7 +78,7 @@ async def upload_file(request: web.Request) -> web.Response:
     if purpose != "batch" or not content:
         problem = "the file is empty" if content else "only `purpose` `batch` is supported"
         return _bad(problem, "file" if purpose == "batch" else "purpose")
-    made = await gateway.db.run(
+    made = await gateway.db_run(
         lambda c: store.add_file(
             c, purpose="batch", filename=filename, content=content, owner=_key_id(owner)
         ),
@@ -96,7 +96,8 @@ async def _upload(request: web.Request, limit: int) -> tuple[str | None, str, by
         if not isinstance(part, BodyPartReader):
             continue
         if part.name == "purpose":
-            purpose = (await part.text()).strip()
+            text = await _read_part(part, 64)
+            purpose = text.decode(errors="replace").strip() if text is not None else "?"
         elif part.name == "file":
             filename = _plain(part.filename) or filename
             read = await _read_part(part, limit)
@@ -136,7 +137,7 @@ async def delete_file(request: web.Request) -> web.Response:
     if isinstance(owner, JobError):
         return error_response(owner)
     file_id = request.match_info["file_id"]
-    gone = await gateway.db.run(
+    gone = await gateway.db_run(
         lambda c: store.delete_file(c, file_id, _key_id(owner)), what="file delete"
     )
     if not gone:
@@ -150,7 +151,7 @@ async def _file(request: web.Request) -> Any:
     if isinstance(owner, JobError):
         return error_response(owner)
     file_id = request.match_info["file_id"]
-    found = await gateway.db.run(
+    found = await gateway.db_run(
         lambda c: store.get_file(c, file_id, _key_id(owner)), what="file read"
     )
     return found if found is not None else _not_found(f"file {file_id!r}")
@@ -166,7 +167,7 @@ async def create_batch(request: web.Request) -> web.Response:
         asked = decode_with(_batch_request, await request.read())
     except InvalidMessage as exc:
         return error_response(exc.to_error())
-    file = await gateway.db.run(
+    file = await gateway.db_run(
         lambda c: store.get_file(c, asked.input_file_id, _key_id(owner)), what="batch file"
     )
     if file is None:
@@ -179,7 +180,7 @@ async def create_batch(request: web.Request) -> web.Response:
         project=owner.project if owner else None,
         user=owner.user if owner else None,
     )
-    made = await gateway.db.run(
+    made = await gateway.db_run(
         lambda c: store.create_batch(
             c,
             input_file_id=asked.input_file_id,
@@ -216,7 +217,7 @@ async def _batch_answer(request: web.Request, *, cancel: bool) -> web.Response:
         row = await (store.cancel if cancel else store.get_batch)(conn, batch_id, key_id)
         return None if row is None else await store.batch_object(conn, row)
 
-    found = await gateway.db.run(read, what="batch read")
+    found = await gateway.db_run(read, what="batch read")
     if found is None:
         return _not_found(f"batch {batch_id!r}")
     if cancel:
@@ -249,7 +250,7 @@ async def list_batches(request: web.Request) -> web.Response:
             "has_more": more,
         }
 
-    return json_response(await gateway.db.run(read, what="batch list"))
+    return json_response(await gateway.db_run(read, what="batch list"))
 
 
 def _plain(name: str | None) -> str:

@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import uuid
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import msgspec
@@ -50,8 +51,6 @@ RENEW_EVERY_S = 4.0
 # Lines sent and not yet answered, per batch: enough to keep a pool busy,
 # few enough that a cancel stops most of a large batch.
 WINDOW = 2000
-# Answers written to Postgres together.
-RECORD_EVERY_S = 0.05
 
 
 class BatchRunner:
@@ -106,13 +105,17 @@ class BatchRunner:
         held = list(self._running)
         if held:
             kept = await self.db.run(
-                lambda c: store.renew(c, self.name, held, LEASE), what="batch lease renewal"
+                lambda c: store.renew(c, self.name, held, LEASE),
+                what="batch lease renewal",
+                give_up_after_s=RENEW_EVERY_S,
             )
             for lost in set(held) - kept:
                 log.warning("batch lease lost", batch_id=lost)
                 self._running.pop(lost).cancel()
         claimed = await self.db.run(
-            lambda c: store.claim(c, self.name, LEASE, 16), what="batch claim"
+            lambda c: store.claim(c, self.name, LEASE, 16),
+            what="batch claim",
+            give_up_after_s=RENEW_EVERY_S,
         )
         for batch_id in claimed:
             log.info("batch taken", batch_id=batch_id, runner=self.name)
@@ -123,13 +126,16 @@ class BatchRunner:
             await _Run(self, batch_id).run()
         except asyncio.CancelledError:
             raise
+        except store.LeaseLost:
+            log.warning("batch lease lost; another runner has it", batch_id=batch_id)
         except Exception:
             # Left to the lease: another runner (or this one) takes it again.
             log.exception("batch run failed; it will be taken over", batch_id=batch_id)
 
 
 class _Run:
-    """One batch, while this gateway holds it."""
+    """One batch, while this gateway holds it. Every write is fenced by the
+    lease (`store.fence`): a run that lost it stops at its next write."""
 
     def __init__(self, runner: BatchRunner, batch_id: str) -> None:
         self.runner = runner
@@ -147,30 +153,40 @@ class _Run:
         await self.runner.client.declare_results_queue(self.queue)
         reader = asyncio.create_task(self._read_answers())
         try:
-            owner = await self._owner(row)
-            resumed = True  # lines pending now may have been sent by a runner that died
-            while True:
-                row = await self._row()
-                tally = await self.db.run(
-                    lambda c: store.counts(c, self.batch_id), what="batch counts"
-                )
-                if row["status"] == "cancelling" and tally["pending"]:
-                    await self._cancel_pending()
-                    continue
-                if tally["pending"] and tally["sent"] < WINDOW:
-                    await self._send(owner, WINDOW - tally["sent"], resumed)
-                    resumed = False
-                    continue
-                if not tally["pending"] and not tally["sent"]:
-                    break
-                self.answered.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.answered.wait(), 1.0)
+            final = await self._work(reader)
         finally:
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reader
-        await self._finalize()
+        await self._finalize(final)
+
+    async def _work(self, reader: asyncio.Task[None]) -> str:
+        """Send, await and record until every line is answered; the status to close with."""
+        resumed = True  # lines pending now may have been sent by a runner that died
+        hold_until = 0.0  # lines held back (a rate limit, a budget in use) wait until then
+        while True:
+            if reader.done():
+                reader.result()  # it failed: so does this run (and the batch is taken over)
+            row = await self._row()
+            tally = await self.db.run(lambda c: store.counts(c, self.batch_id), what="batch counts")
+            if row["expires_at"] <= datetime.now(UTC):
+                await self._close_unanswered(("pending", "sent"), "batch_expired", _EXPIRED)
+                return "expired"
+            if row["status"] == "cancelling" and tally["pending"]:
+                await self._close_unanswered(("pending",), "batch_cancelled", _CANCELLED)
+                continue
+            if not tally["pending"] and not tally["sent"]:
+                return "cancelled" if row["status"] == "cancelling" else "completed"
+            room = WINDOW - tally["sent"]
+            if tally["pending"] and room > 0 and time.monotonic() >= hold_until:
+                wait = await self._send(room, resumed, in_flight=tally["sent"])
+                resumed = False
+                hold_until = time.monotonic() + wait
+                if not wait:
+                    continue
+            self.answered.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.answered.wait(), 1.0)
 
     async def _row(self) -> Any:
         row = await self.db.run(
@@ -180,12 +196,24 @@ class _Run:
         assert row is not None
         return row
 
-    async def _owner(self, row: Any) -> KeyRecord | None:
-        if row["owner_key"] is None:
-            return None
+    async def _owner(self) -> KeyRecord | None:
+        """The key the batch runs as, read afresh (a revoked key stops it),
+        followed to its replacement when it was rotated."""
         from router import keys  # noqa: PLC0415
 
-        return await self.db.run(lambda c: keys.by_id(c, row["owner_key"]), what="batch owner")
+        async def follow(conn: Any) -> KeyRecord | None:
+            key_id = await conn.fetchval(
+                "SELECT owner_key FROM batches WHERE id = $1", self.batch_id
+            )
+            record = None
+            for _ in range(16):  # a rotation chain, however long in practice
+                if key_id is None:
+                    break
+                record = await keys.by_id(conn, key_id)
+                key_id = record.replaced_by if record is not None else None
+            return record
+
+        return await self.db.run(follow, what="batch owner")
 
     async def _validate(self, row: Any) -> bool:
         """Read the input file into lines; False when the batch failed."""
@@ -198,25 +226,32 @@ class _Run:
             lines = _lines(content, self.batch_id, owner, row["expires_at"])
         except BatchInputError as exc:
             errors = [{"code": "invalid_file", "message": str(exc), "param": None, "line": None}]
-            await self.db.run(
-                lambda c: store.set_status(
-                    c, self.batch_id, "failed", errors=msgspec.json.encode(errors).decode()
-                ),
-                what="batch failed",
-            )
+
+            async def fail(conn: Any) -> None:
+                await store.fence(conn, self.batch_id, self.runner.name)
+                encoded = msgspec.json.encode(errors).decode()
+                await store.set_status(conn, self.batch_id, "failed", errors=encoded)
+
+            await self.db.run(fail, what="batch failed")
             log.info("batch failed validation", batch_id=self.batch_id, reason=str(exc))
             return False
 
         async def save(conn: Any) -> None:
+            status = await store.fence(conn, self.batch_id, self.runner.name)
             await store.add_lines(conn, self.batch_id, lines)
-            await store.set_status(conn, self.batch_id, "in_progress")
+            if status == "validating":  # a cancel that came meanwhile stands
+                await store.set_status(conn, self.batch_id, "in_progress")
 
         await self.db.run(save, what="batch lines")
         log.info("batch in progress", batch_id=self.batch_id, lines=len(lines))
         return True
 
-    async def _send(self, owner: KeyRecord | None, room: int, resumed: bool) -> None:
-        """The next window of lines, admitted and sent; refused ones answered."""
+    async def _send(self, room: int, resumed: bool, *, in_flight: int) -> float:
+        """The next lines, admitted as the owner and sent; refused ones
+        answered. A line refused for a key's rate limit, or for a budget
+        while other lines are in flight (their reservations come back), is
+        held and tried again: the seconds to wait before that (0: none held)."""
+        owner = await self._owner()
         rows = await self.db.run(
             lambda c: store.pending(c, self.batch_id, room), what="batch pending"
         )
@@ -228,23 +263,29 @@ class _Run:
             jobs.append((row["line"], job))
         refusals = await self.runner.dispatcher.admit([job for _, job in jobs], owner=owner)
         refused: list[tuple[str, bytes, bool, Any]] = []
-        sends = []
-        sent: list[int] = []
+        sends, sent, wait = [], [], 0.0
         for (line, job), refusal in zip(jobs, refusals, strict=True):
             if refusal is None:
                 sends.append(self.runner.dispatcher.route(job))
                 sent.append(line)
+            elif refusal.kind == ErrorKind.RATE_LIMITED or (
+                refusal.kind == ErrorKind.BUDGET_EXCEEDED and in_flight + len(sent) > 0
+            ):
+                wait = max(wait, min(refusal.retry_after_s or 1.0, 30.0))
             else:
                 result = JobResult(job_id=job.id, status="error", error=refusal, timings=Timings())
-                custom_id = job.metadata.custom_id or ""
-                refused.append((job.id, batch_output_line(result, custom_id), True, None))
+                refused.append(
+                    (job.id, batch_output_line(result, job.metadata.custom_id or ""), True, None)
+                )
         await settle_all(sends)
 
         async def save(conn: Any) -> None:
+            await store.fence(conn, self.batch_id, self.runner.name)
             await store.mark_sent(conn, self.batch_id, sent)
             await store.record(conn, self.batch_id, refused)
 
         await self.db.run(save, what="batch sent")
+        return wait
 
     async def _read_answers(self) -> None:
         """Answers from the batch's queue onto their lines; each message is
@@ -263,31 +304,35 @@ class _Run:
             self.answered.set()
 
     async def _record(self, answers: list[tuple[str, bytes, bool, Any]]) -> None:
-        await self.db.run(lambda c: store.record(c, self.batch_id, answers), what="batch answer")
+        async def save(conn: Any) -> None:
+            await store.fence(conn, self.batch_id, self.runner.name)
+            await store.record(conn, self.batch_id, answers)
 
-    async def _cancel_pending(self) -> None:
+        await self.db.run(save, what="batch answer")
+
+    async def _close_unanswered(self, states: tuple[str, ...], code: str, why: str) -> None:
+        """Answer every line in `states` with an error line saying `why`."""
         rows = await self.db.run(
-            lambda c: store.pending(c, self.batch_id, 10_000), what="batch pending"
+            lambda c: store.unanswered(c, self.batch_id, states), what="batch unanswered"
         )
-        error = job_error(
-            ErrorKind.INVALID_JOB, "the batch was cancelled before this line was sent"
-        )
+        error = job_error(ErrorKind.INVALID_JOB, why)
         outputs = []
         for row in rows:
-            job = decode_job(bytes(row["body"]))
-            result = JobResult(job_id=job.id, status="error", error=error, timings=Timings())
-            line = batch_output_line(result, row["custom_id"])
-            outputs.append((row["line"], line.replace(b'"invalid_job"', b'"batch_cancelled"')))
-        await self.db.run(
-            lambda c: store.settle_cancelled(c, self.batch_id, outputs), what="batch cancel"
-        )
+            result = JobResult(job_id=row["job_id"], status="error", error=error, timings=Timings())
+            outputs.append((row["line"], batch_output_line(result, row["custom_id"], code=code)))
 
-    async def _finalize(self) -> None:
+        async def save(conn: Any) -> None:
+            await store.fence(conn, self.batch_id, self.runner.name)
+            await store.settle_unanswered(conn, self.batch_id, outputs, states)
+
+        await self.db.run(save, what="batch close")
+
+    async def _finalize(self, final: str) -> None:
         """Write the output and error files, total the cost, and close the batch."""
-        row = await self._row()
-        final = "cancelled" if row["status"] == "cancelling" else "completed"
 
         async def finish(conn: Any) -> None:
+            await store.fence(conn, self.batch_id, self.runner.name)
+            row = await conn.fetchrow("SELECT owner_key FROM batches WHERE id = $1", self.batch_id)
             await store.set_status(conn, self.batch_id, "finalizing")
             columns: dict[str, Any] = {}
             for failed, column in ((False, "output_file_id"), (True, "error_file_id")):
@@ -308,6 +353,10 @@ class _Run:
         await self.db.run(finish, what="batch finalize")
         await self.runner.client.delete_queue(self.queue)
         log.info("batch finished", batch_id=self.batch_id, status=final)
+
+
+_EXPIRED = "the batch's completion window ended before this line was answered"
+_CANCELLED = "the batch was cancelled before this line was sent"
 
 
 def _lines(

@@ -147,7 +147,8 @@ async def list_batches(
     rows = await conn.fetch(
         "SELECT * FROM batches WHERE owner_key IS NOT DISTINCT FROM $1 "
         "AND ($2::text IS NULL OR (created_at, id) < "
-        "    (SELECT created_at, id FROM batches WHERE id = $2)) "
+        "    (SELECT created_at, id FROM batches WHERE id = $2 "
+        "     AND owner_key IS NOT DISTINCT FROM $1)) "
         "ORDER BY created_at DESC, id DESC LIMIT $3",
         owner,
         after,
@@ -185,7 +186,7 @@ async def counts(conn: Conn, batch_id: str) -> dict[str, Any]:
 async def batch_object(conn: Conn, row: Any) -> dict[str, Any]:
     """OpenAI's `batch` object; modelyard's cost in the `modelyard` extension field."""
     tally = await counts(conn, row["id"])
-    cost = row["cost"] if row["status"] in ("completed", "cancelled") else tally["cost"]
+    cost = row["cost"] if row["status"] in ("completed", "cancelled", "expired") else tally["cost"]
     errors = msgspec.json.decode(row["errors"]) if row["errors"] else None
     return {
         "id": row["id"],
@@ -203,7 +204,7 @@ async def batch_object(conn: Conn, row: Any) -> dict[str, Any]:
         "finalizing_at": _ts(row["finalizing_at"]),
         "completed_at": _ts(row["completed_at"]),
         "failed_at": _ts(row["failed_at"]),
-        "expired_at": None,
+        "expired_at": _ts(row["expired_at"]),
         "cancelling_at": _ts(row["cancelling_at"]),
         "cancelled_at": _ts(row["cancelled_at"]),
         "request_counts": {
@@ -255,9 +256,31 @@ async def release(conn: Conn, runner: str, batch_ids: list[str]) -> None:
     )
 
 
+class LeaseLost(Exception):
+    """This runner no longer holds the batch (another took it over, or it
+    is finished): whatever it was about to write is not written."""
+
+
+async def fence(conn: Conn, batch_id: str, runner: str) -> str:
+    """Lock the batch for this transaction if `runner` still holds it and it
+    is live; its status. Every write of a runner goes through here, so a
+    runner that lost its lease (stalled past it) cannot send or finish a
+    batch another runner now holds."""
+    status = await conn.fetchval(
+        "SELECT status FROM batches WHERE id = $1 AND runner = $2 AND lease_until > now() "
+        "AND status = ANY($3::text[]) FOR UPDATE",
+        batch_id,
+        runner,
+        list(LIVE),
+    )
+    if status is None:
+        raise LeaseLost(batch_id)
+    return str(status)
+
+
 async def set_status(conn: Conn, batch_id: str, status: str, **columns: Any) -> None:
     """Move a batch to `status`, stamping `<status>_at` where it has one."""
-    stamp = {"in_progress", "finalizing", "completed", "failed", "cancelled"}
+    stamp = {"in_progress", "finalizing", "completed", "failed", "cancelled", "expired"}
     sets = ["status = $2"] + ([f"{status}_at = now()"] if status in stamp else [])
     values = [batch_id, status]
     for name, value in columns.items():
@@ -314,12 +337,27 @@ async def record(
     )
 
 
-async def settle_cancelled(conn: Conn, batch_id: str, output: list[tuple[int, bytes]]) -> None:
-    """Lines never sent of a cancelled batch, answered with their error lines."""
+async def settle_unanswered(
+    conn: Conn, batch_id: str, output: list[tuple[int, bytes]], states: tuple[str, ...]
+) -> None:
+    """Lines in `states` answered with their error lines (a cancel: those
+    never sent; an expiry: those never answered)."""
     await conn.executemany(
         "UPDATE batch_lines SET state = 'done', output = $3, failed = true, body = NULL "
-        "WHERE batch_id = $1 AND line = $2 AND state = 'pending'",
-        [(batch_id, line, out) for line, out in output],
+        "WHERE batch_id = $1 AND line = $2 AND state = ANY($4::text[])",
+        [(batch_id, line, out, list(states)) for line, out in output],
+    )
+
+
+async def unanswered(conn: Conn, batch_id: str, states: tuple[str, ...]) -> list[Any]:
+    """Lines in `states`: their number, custom_id and job id."""
+    return list(
+        await conn.fetch(
+            "SELECT line, custom_id, job_id FROM batch_lines "
+            "WHERE batch_id = $1 AND state = ANY($2::text[]) ORDER BY line",
+            batch_id,
+            list(states),
+        )
     )
 
 

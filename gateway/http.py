@@ -18,6 +18,8 @@ _json = msgspec.json.Encoder(decimal_format="string")
 
 # The model a request asked for, noted by its handler for the metrics.
 MODEL: web.RequestKey[str] = web.RequestKey("model", str)
+# Set once a streamed answer has started: its status line is sent.
+STREAMING: web.RequestKey[bool] = web.RequestKey("streaming", bool)
 
 
 class BodyTooLarge(Exception):
@@ -133,6 +135,7 @@ async def open_sse(request: web.Request, headers: dict[str, str]) -> web.StreamR
         }
     )
     await response.prepare(request)
+    request[STREAMING] = True
     return response
 
 

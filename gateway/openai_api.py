@@ -46,7 +46,10 @@ def error_response(
     """A typed error in OpenAI's shape, with its status (and `retry-after`)."""
     status = status or STATUS[error.kind]
     extra = retry_after(error.retry_after_s) if status == 429 else {}
-    return json_response(error_body(error), status=status, headers={**(headers or {}), **extra})
+    if not error.retryable:
+        extra["x-should-retry"] = "false"  # the official SDKs would retry a 429 or a 5xx
+    body = error_body(error, status)
+    return json_response(body, status=status, headers={**(headers or {}), **extra})
 
 
 def too_large(exc: BodyTooLarge) -> web.Response:

@@ -18,21 +18,24 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
+from typing import TypeVar
 
 import structlog
 from aio_pika.abc import AbstractRobustConnection
 from aiohttp import web
 
 from gateway.batch_runner import BatchRunner
+from modelyard.broker import LOST, PublishFailed, Unroutable
 from modelyard.client import Client
 from modelyard.config import Config
-from modelyard.database import TRANSIENT, Database
+from modelyard.database import TRANSIENT, Conn, Database
 from modelyard.inbox import Inbox
 from modelyard.metrics import HttpMetrics, process_registry
 from modelyard.ops import Readiness, bound_port, broker_check, database_check, serve_app
 from modelyard.replies import error_result
+from router.admission import DATABASE_PATIENCE_S
 from router.dispatch import Dispatcher
 from schemas.chat import ChatRequest
 from schemas.errors import ErrorKind, JobError, job_error
@@ -40,6 +43,8 @@ from schemas.jobs import CompletionJob, TraceContext
 from schemas.results import JobResult, StreamChunk
 
 log = structlog.get_logger("modelyard.gateway")
+
+T = TypeVar("T")
 
 # How long past a job's deadline the gateway still waits for its answer: a
 # call started just before the deadline may still be finishing.
@@ -97,6 +102,11 @@ class Gateway:
         await self.dispatcher.stop()
         await self.db.close()
 
+    async def db_run(self, work: Callable[[Conn], Awaitable[T]], *, what: str) -> T:
+        """`work` in a transaction, given up on after `DATABASE_PATIENCE_S`
+        of the database being away (the request is then answered 503)."""
+        return await self.db.run(work, what=what, give_up_after_s=DATABASE_PATIENCE_S)
+
     def job(self, request: ChatRequest, secret: str | None, timeout_s: float) -> CompletionJob:
         """A job for one HTTP request, answered on this instance's queue."""
         return CompletionJob(
@@ -143,20 +153,25 @@ class Gateway:
 
     async def _submit(self, job: CompletionJob) -> JobError | None:
         """Admit the job and put it on its pool's queue (confirmed); why it
-        was refused otherwise. A client leaving meanwhile does not cut the
-        publish short: once admitted, the job is sent and answered as usual."""
+        was refused otherwise. A client leaving meanwhile cuts neither short
+        (an admission cut off after its budget was reserved would hold the
+        reservation until it expires): the job is sent and answered as usual."""
+        return await asyncio.shield(self._admit_and_route(job))
+
+    async def _admit_and_route(self, job: CompletionJob) -> JobError | None:
         try:
             refusal = (await self.dispatcher.admit([job]))[0]
         except (*TRANSIENT, ConnectionError) as exc:
             log.warning("admission unavailable", error=str(exc))
-            return job_error(
-                ErrorKind.OVERLOADED,
-                "the gateway cannot reach its database to admit the request; try again shortly",
-                retry_after_s=5,
-            )
+            return _unavailable("the gateway cannot reach its database to admit the request")
         if refusal is not None:
             return refusal
-        await asyncio.shield(self.dispatcher.route(job))
+        try:
+            await self.dispatcher.route(job)
+        except (Unroutable, PublishFailed, *LOST) as exc:
+            log.warning("job not sent", job_id=job.id, error=str(exc))
+            await self.dispatcher.release(job)
+            return _unavailable("the gateway could not hand the request to its workers")
         return None
 
 
@@ -164,6 +179,10 @@ def _patience(job: CompletionJob) -> float:
     """How long to wait for the job's next answer."""
     assert job.deadline is not None
     return max(job.deadline.timestamp() - time.time(), 0) + ANSWER_GRACE_S
+
+
+def _unavailable(what: str) -> JobError:
+    return job_error(ErrorKind.OVERLOADED, f"{what}; try again shortly", retry_after_s=5)
 
 
 def _no_answer(job: CompletionJob) -> JobError:

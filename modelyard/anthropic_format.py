@@ -316,6 +316,7 @@ _ERROR_TYPE = {
     413: "request_too_large",
     429: "rate_limit_error",
     503: "overloaded_error",
+    529: "overloaded_error",
     504: "timeout_error",
 }
 

@@ -84,13 +84,14 @@ def chat_completion(result: JobResult) -> dict[str, Any]:
     }
 
 
-def error_body(error: JobError) -> dict[str, Any]:
-    """OpenAI's error envelope for a typed error; `param` names the request
-    field at fault the way OpenAI does (`messages[0].content`)."""
+def error_body(error: JobError, status: int | None = None) -> dict[str, Any]:
+    """OpenAI's error envelope for a typed error (answered with `status`,
+    its kind's by default); `param` names the request field at fault the
+    way OpenAI does (`messages[0].content`)."""
     return {
         "error": {
             "message": error.message,
-            "type": _TYPE_BY_STATUS.get(STATUS[error.kind], "api_error"),
+            "type": _TYPE_BY_STATUS.get(status or STATUS[error.kind], "api_error"),
             "param": request_param(error.field),
             "code": error.provider_code or error.kind.value,
         }
@@ -159,9 +160,14 @@ def usage_object(usage: Usage | None) -> dict[str, Any]:
     }
 
 
-def batch_output_line(result: JobResult, custom_id: str) -> bytes:
-    """One line of an OpenAI Batch API output file."""
-    if result.status == "ok":
+def batch_output_line(result: JobResult, custom_id: str, *, code: str | None = None) -> bytes:
+    """One line of an OpenAI Batch API output file. `code`: the line never
+    ran (`batch_cancelled`, `batch_expired`): no response, that error."""
+    response: dict[str, Any] | None
+    if code is not None:
+        assert result.error is not None
+        response, error = None, {"code": code, "message": result.error.message}
+    elif result.status == "ok":
         response = {
             "status_code": 200,
             "request_id": result.job_id,

@@ -18,8 +18,6 @@ from aio_pika.abc import AbstractRobustConnection
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from modelyard.database import create_pool
-
 log = structlog.get_logger("modelyard.ops")
 
 # How long `/readyz` waits for the database before calling it unreachable.
@@ -59,18 +57,21 @@ def broker_check(connection: AbstractRobustConnection) -> Check:
 
 def database_check(url: str) -> Check:
     """The database answers `SELECT 1` within `READY_TIMEOUT_S`, on a
-    connection of the probe's own (a pool busy with work must not make a
-    process look down, nor a probe queue behind work)."""
-    pool: list[asyncpg.Pool] = []
+    connection of the probe's own, opened for the probe and closed after (a
+    pool busy with work must not make a process look down, nor a probe
+    queue behind work; probes are seconds apart)."""
 
     async def check() -> str | None:
+        conn = None
         try:
             async with asyncio.timeout(READY_TIMEOUT_S):
-                if not pool:
-                    pool.append(await create_pool(url, max_size=1))
-                await pool[0].fetchval("SELECT 1")
+                conn = await asyncpg.connect(url)
+                await conn.fetchval("SELECT 1")
         except (TimeoutError, OSError, ConnectionError, asyncpg.PostgresError) as exc:
             return f"unreachable: {exc or type(exc).__name__}"
+        finally:
+            if conn is not None:
+                await conn.close(timeout=READY_TIMEOUT_S)
         return None
 
     return check

@@ -279,6 +279,14 @@ class Dispatcher:
         released = self._releases.put("ended", job.reservation)
         return settle_all([shielded(sent), asyncio.shield(released)])
 
+    def release(self, job: CompletionJob) -> Awaitable[None]:
+        """Give back the budget a job reserved, for a job that will not run
+        (its caller could not send it on); nothing when it holds none."""
+        if job.reservation is None:
+            return asyncio.sleep(0)
+        reservation, job.reservation = job.reservation, None
+        return self._releases.put("ended", reservation)
+
     async def _send_releases(self, _key: str, reservations: list[str]) -> None:
         body = encode(CostBatch(events=[], releases=reservations))
         await self.broker.cost(body, correlation_id=reservations[0])

@@ -71,7 +71,15 @@ def test_the_gateway_keeps_its_documented_promises(served: str) -> None:
         tried.append(operation.label)
 
         @given(case=operation.as_strategy())
-        @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+        # Derandomized: the same cases every run, so CI fails only on a
+        # change (run with another seed to explore).
+        @settings(
+            max_examples=25,
+            deadline=None,
+            suppress_health_check=list(HealthCheck),
+            derandomize=True,
+            database=None,
+        )
         def conforms(case: Any) -> None:
             case.call_and_validate(base_url=served, headers=headers, checks=CHECKS, timeout=30)
 
