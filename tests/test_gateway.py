@@ -24,7 +24,9 @@ from modelyard import broker, budgets
 from modelyard.config import AccessSettings, Config, GatewaySettings
 from modelyard.database import connect
 from modelyard.ops import Readiness, database_check
+from modelyard.prices import estimated_cost, price_card, token_bound
 from router import approvals, keys
+from schemas.chat import ChatRequest, Message
 from schemas.codec import decode_job, encode
 from schemas.results import Completion, JobResult, StreamChunk
 from tests.conftest import FakeControl
@@ -781,3 +783,71 @@ async def test_readiness_fails_when_the_database_is_unreachable(open_gateway: Ga
     ready, report = await readiness.report()
     assert not ready
     assert report["database"].startswith("unreachable")
+
+
+async def test_a_batch_past_its_window_closes_expired(
+    open_gateway: Gateway, fake: FakeControl
+) -> None:
+    client = openai_client(open_gateway)
+    await fake.set(latency_ms=300)
+    try:
+        lines = [chat_line(f"e-{i}", f"late {i}") for i in range(200)]
+        uploaded = await client.files.create(file=("in.jsonl", batch_file(lines)), purpose="batch")
+        batch = await client.batches.create(
+            input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+        await eventually(
+            lambda: client.batches.retrieve(batch.id), lambda b: b.status == "in_progress"
+        )
+        conn = await connect(open_gateway.config.database_url)
+        try:  # as if a day had gone by
+            await conn.execute("UPDATE batches SET expires_at = now() WHERE id = $1", batch.id)
+        finally:
+            await conn.close()
+        done = await finished(client, batch.id)
+    finally:
+        await fake.set()
+    assert done.status == "expired"
+    assert done.expired_at is not None
+    assert done.request_counts is not None
+    assert done.request_counts.completed + done.request_counts.failed == 200
+    assert done.request_counts.failed > 0
+    errors = (await client.files.content(done.error_file_id or "")).content.splitlines()
+    assert {json.loads(e)["error"]["code"] for e in errors} == {"batch_expired"}
+
+
+async def test_a_batch_under_a_tight_budget_holds_lines_until_room_comes_back(
+    guarded_gateway: Gateway,
+) -> None:
+    config = guarded_gateway.config
+    await approve(config, "priced")
+    line = chat_line("x", "a question of a few words", model="priced")
+    line["body"]["max_tokens"] = 100
+    request = ChatRequest(
+        model="priced",
+        messages=[Message(role="user", content="a question of a few words")],
+        max_tokens=100,
+    )
+    tokens = token_bound(request, image_tokens=3000, max_output=4096)
+    worst = estimated_cost(price_card(config.deployments["priced"]), *tokens)
+    assert worst is not None
+    conn = await connect(config.database_url)
+    try:
+        issued = await keys.create(conn, team="gw-tight")
+        # Room for three lines' worst case at once; six lines cost less than that in all.
+        await budgets.set_budget(
+            conn, "key", issued.record.id, period="none", limit=worst * Decimal("3.5")
+        )
+    finally:
+        await conn.close()
+    await asyncio.sleep(0.3)  # the budget cache
+    client = openai_client(guarded_gateway, issued.secret)
+    lines = [{**line, "custom_id": f"t-{i}"} for i in range(6)]
+    uploaded = await client.files.create(file=("in.jsonl", batch_file(lines)), purpose="batch")
+    batch = await client.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    done = await finished(client, batch.id)
+    assert done.status == "completed"
+    assert done.request_counts is not None
+    assert (done.request_counts.completed, done.request_counts.failed) == (6, 0)
