@@ -369,11 +369,15 @@ def _link(config: Config, known_providers: Mapping[str, ProviderCheck]) -> None:
             seen[label] = f"models.{name}"
         _check_retries(f"models.{name}.retry", group.retry)
     _check_chains(config)
-    longest = max((d.timeout_s for d in config.deployments.values()), default=0.0)
+    # A streamed call may run for its deployment's `stream_timeout_s`.
+    longest = max(
+        (max(d.timeout_s, d.stream_timeout_s) for d in config.deployments.values()), default=0.0
+    )
     if config.access.reservation_ttl_s <= longest:
         raise ConfigError(
-            f"access.reservation_ttl_s: must be longer than the longest timeout_s ({longest:g}s), "
-            "or a reserved job could never start"
+            "access.reservation_ttl_s: must be longer than the longest timeout_s or "
+            f"stream_timeout_s ({longest:g}s), or a reservation could expire while its "
+            "call is still running"
         )
 
 

@@ -6,8 +6,10 @@ Requests and tokens are counted per subject (a deployment, `key:<id>`,
 `team:<name>`) in `BUCKET_S`-second buckets. Any 60-second span touches at
 most `WINDOW_BUCKETS` consecutive buckets, so whoever adds to the current
 bucket only while the last `WINDOW_BUCKETS` (it included) stay within the
-limit keeps every 60 seconds within it. Callers lock the subject's current
-bucket row first: everyone counting against one subject queues there.
+limit keeps every 60 seconds within it. Buckets are told by the database's
+clock (`clock`), so hosts whose clocks disagree still count in the same
+ones. Callers lock the subject's current bucket row first: everyone
+counting against one subject queues there.
 
 What is counted ahead of the event it pays for (a worker's lease, spent by
 calls that reach the provider a moment later) asks for `LATE_WINDOW_BUCKETS`:
@@ -50,6 +52,12 @@ class Window(NamedTuple):
     requests: int
     tokens: int
     oldest: datetime | None  # the oldest bucket with anything in it
+
+
+async def clock(conn: Conn) -> float:
+    """The database's time (unix seconds): the one clock every process
+    counts buckets by, whatever its own host's clock says."""
+    return float(await conn.fetchval("SELECT extract(epoch FROM clock_timestamp())"))
 
 
 def bucket_at(wall: float) -> tuple[datetime, float]:

@@ -306,7 +306,7 @@ class Admission:
         limited: list[tuple[CompletionJob, list[tuple[str, int | None, int | None]]]],
         subjects: list[str],
     ) -> list[JobError | None]:
-        now = time.time()
+        now = await ratewindow.clock(conn)
         bucket, _ = ratewindow.bucket_at(now)
         windows = {s: await ratewindow.lock(conn, s, bucket) for s in subjects}  # in one order
         used = {s: [w.requests, w.tokens] for s, w in windows.items()}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
@@ -21,6 +22,7 @@ from modelyard import budgets
 from modelyard.budgets import Budget, Claim
 from modelyard.client import new_job
 from modelyard.config import Config, parse
+from modelyard.database import Database
 from router import approvals, keys
 from router.admission import Admission
 from router.routing import build_route_table
@@ -31,6 +33,7 @@ from schemas.jobs import CompletionJob
 from schemas.results import Usage
 from tests.services import fresh_database
 from workers.providers import PROVIDERS
+from workers.ratelimit import DeploymentLimiter
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -573,3 +576,24 @@ async def test_the_worst_case_reaches_every_chain_of_every_fallback(access_db: s
         await gate.close()
 
     assert reached == {"chat", "large", "huge"}
+
+
+async def test_rate_limit_buckets_follow_the_database_clock_not_the_hosts(
+    access_db: str, conn: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker whose host clock is an hour ahead still counts its lease in
+    the bucket every other worker is counting in now."""
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + 3600)
+    db = Database(access_db)
+    try:
+        limiter = DeploymentLimiter(db, "skewed", rpm=600, tpm=None)
+        await limiter.acquire(10)
+    finally:
+        await db.close()
+    buckets = await conn.fetch(
+        "SELECT bucket, requests, now() AS db_now FROM rate_usage WHERE deployment = 'skewed'"
+    )
+    assert len(buckets) == 1
+    assert buckets[0]["requests"] == 12  # one slice, 2% of 600
+    assert abs((buckets[0]["db_now"] - buckets[0]["bucket"]).total_seconds()) < 10

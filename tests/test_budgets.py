@@ -231,8 +231,12 @@ async def test_three_routers_racing_for_one_budget_never_overspend_it(stack: Sta
 async def test_a_router_killed_holding_reservations_strands_nothing(stack: Stack) -> None:
     processes, broker_url, database_url = stack
     await set_budget(database_url, Decimal("10"))
-    # Reservations last 8 s (a call may take 5); the router holds jobs 1 s
-    # before dispatching them.
+    # Reservations last 8 s (a call may take 5, a stream too); the router
+    # holds jobs 1 s before dispatching them.
+    doc = yaml.safe_load(processes.config.read_text())
+    for deployment in doc["deployments"].values():
+        deployment["stream_timeout_s"] = 5
+    write_config(processes.config, doc)
     configure(
         processes,
         access={"reservation_ttl_s": 8},

@@ -24,7 +24,6 @@ import asyncio
 import contextlib
 import math
 import time
-from datetime import datetime
 
 import structlog
 
@@ -96,30 +95,32 @@ class DeploymentLimiter:
 
     async def _renew(self, tokens: int) -> float:
         """Lease a new slice; the seconds to wait when none is left."""
-        wall = time.time()
-        bucket, bucket_end_in = ratewindow.bucket_at(wall)
-        if bucket_end_in <= LEASE_MARGIN_S:
-            return bucket_end_in + 0.001  # too late in this bucket: lease from the next
         want_requests = max(1, math.floor((self.rpm or 0) * SLICE_SHARE)) if self.rpm else 1_000_000
         want_tokens = max(tokens, math.floor((self.tpm or 0) * SLICE_SHARE)) if self.tpm else 10**12
-        granted = await self.db.run(
-            lambda conn: self._take(conn, bucket, want_requests, want_tokens, tokens),
+        asked_at = time.monotonic()
+        granted, bucket_end_in = await self.db.run(
+            lambda conn: self._take(conn, want_requests, want_tokens, tokens),
             what="rate limit lease",
         )
         if granted is None:
-            # Full: the oldest bucket of the window leaves it at the end of this one.
+            # Too late in this bucket, or full: the oldest bucket of the
+            # window leaves it at the end of this one.
             return bucket_end_in + 0.01
         requests, leased_tokens = granted
-        # Spent only until shortly before its bucket ends, so every call it
+        # Spent only until shortly before its bucket ends (counted from
+        # before the lease was asked for, so never later), so every call it
         # pays for reaches the provider inside that bucket.
-        bucket_ends = wall + bucket_end_in  # wall clock, as read before the lease
-        until = time.monotonic() + (bucket_ends - LEASE_MARGIN_S - time.time())
-        self._lease = Lease(requests, leased_tokens, until)
+        self._lease = Lease(requests, leased_tokens, asked_at + bucket_end_in - LEASE_MARGIN_S)
         return 0.0
 
     async def _take(
-        self, conn: Conn, bucket: datetime, requests: int, tokens: int, minimum_tokens: int
-    ) -> tuple[int, int] | None:
+        self, conn: Conn, requests: int, tokens: int, minimum_tokens: int
+    ) -> tuple[tuple[int, int] | None, float]:
+        """The slice granted (None: none), and the seconds left in its bucket,
+        both by the database's clock."""
+        bucket, bucket_end_in = ratewindow.bucket_at(await ratewindow.clock(conn))
+        if bucket_end_in <= LEASE_MARGIN_S:
+            return None, bucket_end_in - 0.009  # too late in this bucket: lease from the next
         # Every worker of the deployment queues on its bucket: leases are serial.
         window = await ratewindow.lock(
             conn, self.deployment, bucket, ratewindow.LATE_WINDOW_BUCKETS
@@ -129,7 +130,7 @@ class DeploymentLimiter:
         grant_requests = min(requests, free_requests)
         grant_tokens = min(tokens, free_tokens)
         if grant_requests < 1 or grant_tokens < minimum_tokens:
-            return None
+            return None, bucket_end_in
         await ratewindow.add(
             conn,
             self.deployment,
@@ -137,7 +138,7 @@ class DeploymentLimiter:
             grant_requests if self.rpm else 0,
             grant_tokens if self.tpm else 0,
         )
-        return grant_requests, grant_tokens
+        return (grant_requests, grant_tokens), bucket_end_in
 
 
 def refill_wait(limits: RateLimits | None) -> float | None:

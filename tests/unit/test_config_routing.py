@@ -142,6 +142,11 @@ def doc(**overrides: Any) -> dict[str, Any]:
             },
             "deployments.a.options.default_max_tokens",
         ),
+        (
+            {"access": {"reservation_ttl_s": 300}},
+            "access.reservation_ttl_s: must be longer than the longest timeout_s or "
+            "stream_timeout_s (600s)",
+        ),
     ],
 )
 def test_bad_config_names_its_path(change: dict[str, Any], message: str) -> None:
