@@ -34,6 +34,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.pipeline import cpu_seconds
 from tests.services import (
     config_document,
     free_port,
@@ -134,15 +135,25 @@ def start_litellm(
         )
 
 
-async def measure(targets: list[Target], seconds: float) -> dict[tuple[str, int], Run]:
-    """Every target at every concurrency, warmed up first."""
+async def measure(
+    targets: list[Target], seconds: float, pids: dict[str, int]
+) -> tuple[dict[tuple[str, int], Run], dict[str, float]]:
+    """Every target at every concurrency, warmed up first; and the CPU each
+    process spent per request (ms) while the gateway ran at the top concurrency."""
     for target in targets:
         await closed_loop(target, 4, 1.0)
     runs = {}
+    spent: dict[str, float] = {}
     for concurrency in CONCURRENCY:
         for target in targets:
-            runs[target.name, concurrency] = await closed_loop(target, concurrency, seconds)
-    return runs
+            watched = target.name == "modelyard gateway" and concurrency == CONCURRENCY[-1]
+            before = cpu_seconds(pids) if watched else {}
+            runs[target.name, concurrency] = run = await closed_loop(target, concurrency, seconds)
+            if watched:
+                after = cpu_seconds(pids)
+                count = run.rps * seconds
+                spent = {n: (after[n] - before.get(n, 0.0)) * 1000 / count for n in after}
+    return runs, spent
 
 
 def report(runs: dict[tuple[str, int], Run], names: list[str], seconds: float) -> None:
@@ -211,13 +222,19 @@ def main() -> int:
                 wait_for_port(litellm_port, timeout=180)
                 url = f"http://127.0.0.1:{litellm_port}/chat/completions"
                 targets.append(Target("litellm proxy", url, MASTER_KEY))
-            runs = asyncio.run(measure(targets, args.seconds))
+            pids = {name: p.pid for name, p in procs.items() if name != "litellm"}
+            pids["load generator"] = os.getpid()
+            runs, spent = asyncio.run(measure(targets, args.seconds, pids))
         finally:
             for p in procs.values():
                 p.terminate()
             for p in procs.values():
                 p.wait(30)
     report(runs, [t.name for t in targets], args.seconds)
+    ranked = sorted(spent.items(), key=lambda kv: -kv[1])
+    print(
+        "  CPU per request, gateway at 64 (ms): " + ", ".join(f"{n} {ms:.2f}" for n, ms in ranked)
+    )
     return 0
 
 
