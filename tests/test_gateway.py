@@ -488,7 +488,7 @@ async def test_a_client_leaving_mid_stream_leaves_nothing_waiting(
             timeout=30,
         )
     finally:
-        await fake.set()
+        await fake.set(stream_gap_ms=0)  # settings are merged: put it back
     assert waiting == 0
     assert len(rows) == 1  # what the provider billed is in the ledger
 
@@ -689,7 +689,7 @@ async def test_a_cancelled_batch_sends_no_more_lines(
         assert cancelling.status == "cancelling"
         done = await finished(client, batch.id, timeout=120)
     finally:
-        await fake.set()
+        await fake.set(latency_ms=0)  # settings are merged: put it back
     assert done.status == "cancelled"
     assert done.request_counts is not None
     assert done.request_counts.completed < 3000
@@ -806,7 +806,7 @@ async def test_a_batch_past_its_window_closes_expired(
             await conn.close()
         done = await finished(client, batch.id)
     finally:
-        await fake.set()
+        await fake.set(latency_ms=0)  # settings are merged: put it back
     assert done.status == "expired"
     assert done.expired_at is not None
     assert done.request_counts is not None
