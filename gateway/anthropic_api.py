@@ -12,7 +12,6 @@ from gateway.http import (
     MODEL,
     BodyTooLarge,
     bearer,
-    budget_header,
     ignored_header,
     json_response,
     open_sse,
@@ -23,7 +22,7 @@ from gateway.http import (
     timeout_s,
     virtual_key,
 )
-from gateway.openai_api import GATEWAY
+from gateway.openai_api import GATEWAY, whole_answer
 from gateway.service import Gateway
 from modelyard.anthropic_format import (
     MessageStream,
@@ -70,14 +69,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
     headers.update(ignored_header(dropped))
     if chat.stream:
         return await _stream(request, gateway, job, headers)
-    answer = await gateway.complete(job)
-    if isinstance(answer, JobError):
-        return error_response(answer, headers)
-    headers.update(budget_header(job))
-    gateway.metrics.result(chat.model, answer)
-    if answer.error is not None:
-        return error_response(answer.error, {**headers, **result_headers(answer)})
-    return json_response(message_object(answer), headers={**headers, **result_headers(answer)})
+    return await whole_answer(gateway, job, headers, message_object, error_response)
 
 
 async def _stream(

@@ -5,6 +5,8 @@ and status codes, so the official SDKs raise the exception that fits."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from typing import Any
 
 from aiohttp import web
 
@@ -75,14 +77,26 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     headers.update(ignored_header(ignored_fields(fields)))
     if chat.stream:
         return await _stream(request, gateway, job, headers)
+    return await whole_answer(gateway, job, headers, chat_completion, error_response)
+
+
+async def whole_answer(
+    gateway: Gateway,
+    job: CompletionJob,
+    headers: dict[str, str],
+    render: Callable[[JobResult], dict[str, Any]],
+    refuse: Callable[[JobError, dict[str, str]], web.Response],
+) -> web.Response:
+    """Run a job that is not streamed: its answer rendered in the API's
+    shape with what it cost in the headers, or its error in the API's shape."""
     answer = await gateway.complete(job)
     if isinstance(answer, JobError):
-        return error_response(answer, headers)
-    headers.update(budget_header(job))
-    gateway.metrics.result(chat.model, answer)
+        return refuse(answer, headers)
+    headers = {**headers, **budget_header(job), **result_headers(answer)}
+    gateway.metrics.result(job.request.model, answer)
     if answer.error is not None:
-        return error_response(answer.error, {**headers, **result_headers(answer)})
-    return json_response(chat_completion(answer), headers={**headers, **result_headers(answer)})
+        return refuse(answer.error, headers)
+    return json_response(render(answer), headers=headers)
 
 
 async def _stream(
@@ -149,11 +163,15 @@ def _closing(completion_id: str, model: str, created: int, reason: str) -> dict[
     }
 
 
-async def list_models(request: web.Request) -> web.Response:
-    """The models this key may use now."""
+async def _usable_models(request: web.Request) -> list[str] | JobError:
     gateway = request.app[GATEWAY]
     secret = virtual_key(bearer(request), required=gateway.config.access.require_key)
-    models = await gateway.dispatcher.admission.usable_models(secret)
+    return await gateway.dispatcher.admission.usable_models(secret)
+
+
+async def list_models(request: web.Request) -> web.Response:
+    """The models this key may use now."""
+    models = await _usable_models(request)
     if isinstance(models, JobError):
         return error_response(models)
     return json_response({"object": "list", "data": [_model(name) for name in models]})
@@ -162,8 +180,7 @@ async def list_models(request: web.Request) -> web.Response:
 async def get_model(request: web.Request) -> web.Response:
     """One model this key may use; 404 for any other."""
     gateway = request.app[GATEWAY]
-    secret = virtual_key(bearer(request), required=gateway.config.access.require_key)
-    models = await gateway.dispatcher.admission.usable_models(secret)
+    models = await _usable_models(request)
     if isinstance(models, JobError):
         return error_response(models)
     name = request.match_info["model"]
