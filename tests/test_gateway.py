@@ -7,6 +7,7 @@ Two gateways run in this process on the session's pipeline: an open one
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from decimal import Decimal
@@ -851,3 +852,46 @@ async def test_a_batch_under_a_tight_budget_holds_lines_until_room_comes_back(
     assert done.status == "completed"
     assert done.request_counts is not None
     assert (done.request_counts.completed, done.request_counts.failed) == (6, 0)
+
+
+async def test_an_image_in_a_message_reaches_the_provider(open_gateway: Gateway) -> None:
+    pixel = (
+        "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR4nGNgYGD4"
+        "DwABBAEAghvTiAAAAABJRU5ErkJggg=="
+    )
+    completion = await openai_client(open_gateway).chat.completions.create(
+        model="gpt-4o-mini",
+        messages=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "what is this?"},
+                    {"type": "image_url", "image_url": {"url": pixel, "detail": "low"}},
+                ],
+            }
+        ],
+    )
+    assert completion.choices[0].message.content
+    assert completion.usage is not None
+    assert completion.usage.prompt_tokens > 3  # the image is counted
+
+
+async def test_a_client_leaving_mid_request_leaves_nothing_waiting(
+    open_gateway: Gateway, fake: FakeControl
+) -> None:
+    await fake.set(latency_ms=3000)
+    try:
+        async with aiohttp.ClientSession() as session:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.3):
+                    await session.post(
+                        f"{open_gateway.url}/v1/chat/completions",
+                        json={"model": "gpt-4o-mini", "messages": HELLO},
+                    )
+        # Forgotten at once, long before the provider's answer (3 s) comes.
+        waiting = await eventually(
+            lambda: _async(open_gateway.inbox.waiting()), lambda n: n == 0, timeout=1.5
+        )
+    finally:
+        await fake.set(latency_ms=0)  # settings are merged: put it back
+    assert waiting == 0
