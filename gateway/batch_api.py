@@ -9,6 +9,7 @@ a key, where keys are optional): another key sees a 404.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Annotated, Any, Literal
 
@@ -20,6 +21,7 @@ from msgspec import Meta
 from gateway import batch_store as store
 from gateway.http import bearer, json_response, virtual_key
 from gateway.openai_api import GATEWAY, error_response
+from gateway.service import Gateway
 from modelyard.batch import CHAT_URL
 from router.keys import KeyRecord
 from schemas.codec import InvalidMessage, decode_with
@@ -44,20 +46,28 @@ def _not_found(what: str) -> web.Response:
     return error_response(job_error(ErrorKind.NOT_FOUND, f"no {what}", field=None), status=404)
 
 
-async def _owner(request: web.Request) -> KeyRecord | JobError | None:
-    """The key the caller holds (None without one, where keys are optional),
-    or why it is refused."""
-    gateway = request.app[GATEWAY]
-    secret = virtual_key(bearer(request), required=gateway.config.access.require_key)
-    return await gateway.dispatcher.admission.identify(secret)
+OwnedHandler = Callable[[web.Request, Gateway, KeyRecord | None], Awaitable[web.Response]]
 
 
-async def upload_file(request: web.Request) -> web.Response:
+def _owned(handler: OwnedHandler) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """A handler given the key the caller holds (None without one, where
+    keys are optional); a refused key is answered before it runs."""
+
+    async def handle(request: web.Request) -> web.Response:
+        gateway = request.app[GATEWAY]
+        secret = virtual_key(bearer(request), required=gateway.config.access.require_key)
+        owner = await gateway.dispatcher.admission.identify(secret)
+        if isinstance(owner, JobError):
+            return error_response(owner)
+        return await handler(request, gateway, owner)
+
+    return handle
+
+
+async def _upload_file(
+    request: web.Request, gateway: Gateway, owner: KeyRecord | None
+) -> web.Response:
     """`POST /v1/files` (multipart: `file`, `purpose` = `batch`)."""
-    gateway = request.app[GATEWAY]
-    owner = await _owner(request)
-    if isinstance(owner, JobError):
-        return error_response(owner)
     if not request.content_type.startswith("multipart/"):
         return _bad("upload the file as multipart/form-data with `file` and `purpose`", "file")
     limit = gateway.settings.max_file_bytes
@@ -116,26 +126,28 @@ async def _read_part(part: BodyPartReader, limit: int) -> bytes | None:
     return bytes(data)
 
 
-async def get_file(request: web.Request) -> web.Response:
+async def _get_file(
+    request: web.Request, gateway: Gateway, owner: KeyRecord | None
+) -> web.Response:
     """`GET /v1/files/{id}`."""
-    found = await _file(request)
+    found = await _file(request, gateway, owner)
     return found if isinstance(found, web.Response) else json_response(store.file_object(found))
 
 
-async def file_content(request: web.Request) -> web.Response:
+async def _file_content(
+    request: web.Request, gateway: Gateway, owner: KeyRecord | None
+) -> web.Response:
     """`GET /v1/files/{id}/content`: the file itself."""
-    found = await _file(request)
+    found = await _file(request, gateway, owner)
     if isinstance(found, web.Response):
         return found
     return web.Response(body=bytes(found["content"]), content_type="application/jsonl")
 
 
-async def delete_file(request: web.Request) -> web.Response:
+async def _delete_file(
+    request: web.Request, gateway: Gateway, owner: KeyRecord | None
+) -> web.Response:
     """`DELETE /v1/files/{id}`."""
-    gateway = request.app[GATEWAY]
-    owner = await _owner(request)
-    if isinstance(owner, JobError):
-        return error_response(owner)
     file_id = request.match_info["file_id"]
     gone = await gateway.db_run(
         lambda c: store.delete_file(c, file_id, _key_id(owner)), what="file delete"
@@ -145,11 +157,7 @@ async def delete_file(request: web.Request) -> web.Response:
     return json_response({"id": file_id, "object": "file", "deleted": True})
 
 
-async def _file(request: web.Request) -> Any:
-    gateway = request.app[GATEWAY]
-    owner = await _owner(request)
-    if isinstance(owner, JobError):
-        return error_response(owner)
+async def _file(request: web.Request, gateway: Gateway, owner: KeyRecord | None) -> Any:
     file_id = request.match_info["file_id"]
     found = await gateway.db_run(
         lambda c: store.get_file(c, file_id, _key_id(owner)), what="file read"
@@ -157,12 +165,10 @@ async def _file(request: web.Request) -> Any:
     return found if found is not None else _not_found(f"file {file_id!r}")
 
 
-async def create_batch(request: web.Request) -> web.Response:
+async def _create_batch(
+    request: web.Request, gateway: Gateway, owner: KeyRecord | None
+) -> web.Response:
     """`POST /v1/batches`: the batch starts `validating`; any gateway runs it."""
-    gateway = request.app[GATEWAY]
-    owner = await _owner(request)
-    if isinstance(owner, JobError):
-        return error_response(owner)
     try:
         asked = decode_with(_batch_request, await request.read())
     except InvalidMessage as exc:
@@ -195,21 +201,23 @@ async def create_batch(request: web.Request) -> web.Response:
     return json_response(made)
 
 
-async def get_batch(request: web.Request) -> web.Response:
+async def _get_batch(
+    request: web.Request, gateway: Gateway, owner: KeyRecord | None
+) -> web.Response:
     """`GET /v1/batches/{id}`."""
-    return await _batch_answer(request, cancel=False)
+    return await _batch_answer(request, gateway, owner, cancel=False)
 
 
-async def cancel_batch(request: web.Request) -> web.Response:
+async def _cancel_batch(
+    request: web.Request, gateway: Gateway, owner: KeyRecord | None
+) -> web.Response:
     """`POST /v1/batches/{id}/cancel`: lines not sent yet are not sent."""
-    return await _batch_answer(request, cancel=True)
+    return await _batch_answer(request, gateway, owner, cancel=True)
 
 
-async def _batch_answer(request: web.Request, *, cancel: bool) -> web.Response:
-    gateway = request.app[GATEWAY]
-    owner = await _owner(request)
-    if isinstance(owner, JobError):
-        return error_response(owner)
+async def _batch_answer(
+    request: web.Request, gateway: Gateway, owner: KeyRecord | None, *, cancel: bool
+) -> web.Response:
     batch_id = request.match_info["batch_id"]
     key_id = _key_id(owner)
 
@@ -225,12 +233,10 @@ async def _batch_answer(request: web.Request, *, cancel: bool) -> web.Response:
     return json_response(found)
 
 
-async def list_batches(request: web.Request) -> web.Response:
+async def _list_batches(
+    request: web.Request, gateway: Gateway, owner: KeyRecord | None
+) -> web.Response:
     """`GET /v1/batches?limit=&after=`: newest first."""
-    gateway = request.app[GATEWAY]
-    owner = await _owner(request)
-    if isinstance(owner, JobError):
-        return error_response(owner)
     try:
         limit = int(request.query.get("limit", "20"))
     except ValueError:
@@ -264,3 +270,13 @@ def _key_id(owner: KeyRecord | None) -> str | None:
 
 def _bad(message: str, param: str) -> web.Response:
     return error_response(job_error(ErrorKind.INVALID_JOB, message, field=f"$.{param}"))
+
+
+upload_file = _owned(_upload_file)
+get_file = _owned(_get_file)
+file_content = _owned(_file_content)
+delete_file = _owned(_delete_file)
+create_batch = _owned(_create_batch)
+get_batch = _owned(_get_batch)
+cancel_batch = _owned(_cancel_batch)
+list_batches = _owned(_list_batches)

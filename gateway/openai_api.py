@@ -37,7 +37,7 @@ from modelyard.openai_format import (
 from schemas.codec import InvalidMessage, decode_chat_request
 from schemas.errors import ErrorKind, JobError, job_error
 from schemas.jobs import CompletionJob
-from schemas.results import JobResult
+from schemas.results import JobResult, StreamChunk
 
 GATEWAY: web.AppKey[Gateway] = web.AppKey("gateway", Gateway)
 
@@ -124,7 +124,11 @@ async def _stream(
                 return response
             if not finished:
                 closing = item.response.finish_reason if item.response else "stop"
-                await response.write(sse(_closing(completion_id, model, created, closing)))
+                last = StreamChunk(job_id=job.id, seq=-1, finish_reason=closing)
+                chunk = chunk_object(
+                    last, completion_id=completion_id, model=model, created=created, first=False
+                )
+                await response.write(sse(chunk))
             if include_usage:
                 await response.write(
                     sse(
@@ -151,16 +155,6 @@ async def _stream(
         finished = finished or item.finish_reason is not None
         await response.write(sse(chunk))
     return response or web.Response(status=500)
-
-
-def _closing(completion_id: str, model: str, created: int, reason: str) -> dict[str, object]:
-    return {
-        "id": completion_id,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": reason}],
-    }
 
 
 async def _usable_models(request: web.Request) -> list[str] | JobError:

@@ -115,26 +115,17 @@ class Admission:
     async def identify(self, secret: str | None) -> KeyRecord | JobError | None:
         """The key a caller holds (None without one, where keys are
         optional), or why it is refused."""
-        probe = CompletionJob(
-            id="identify", request=ChatRequest(model="-", messages=[Message(role="user")])
-        )
-        probe.api_key = secret
-        record = (await self._key_records([probe])).get(secret) if secret else None
-        refusal = self._identify(probe, secret, record, datetime.now(UTC))
-        return refusal if refusal is not None else record
+        identified = await self._identified(secret)
+        return identified if isinstance(identified, JobError) else identified[1]
 
     async def usable_models(self, secret: str | None) -> list[str] | JobError:
         """The model groups a caller holding `secret` may use now (allowed
         for its key and team, and approved where approval is required), or
         why the key is refused; for `GET /v1/models`."""
-        probe = CompletionJob(
-            id="models", request=ChatRequest(model="-", messages=[Message(role="user")])
-        )
-        probe.api_key = secret
-        records = await self._key_records([probe])
-        record = records.get(secret) if secret else None
-        if (refusal := self._identify(probe, secret, record, datetime.now(UTC))) is not None:
-            return refusal
+        identified = await self._identified(secret)
+        if isinstance(identified, JobError):
+            return identified
+        probe, record = identified
         approved = await self._approved_models() if self.settings.require_approval else None
         usable = []
         for name in sorted(self.config.models):
@@ -144,6 +135,20 @@ class Admission:
         return usable
 
     # Who.
+
+    async def _identified(
+        self, secret: str | None
+    ) -> tuple[CompletionJob, KeyRecord | None] | JobError:
+        """A job standing for the caller holding `secret`, with its principal
+        set as admission would set it, and the key's record; or why the key
+        is refused."""
+        probe = CompletionJob(
+            id="probe", request=ChatRequest(model="-", messages=[Message(role="user")])
+        )
+        probe.api_key = secret
+        record = (await self._key_records([probe])).get(secret) if secret else None
+        refusal = self._identify(probe, secret, record, datetime.now(UTC))
+        return refusal if refusal is not None else (probe, record)
 
     async def _key_records(self, jobs: list[CompletionJob]) -> dict[str, KeyRecord | None]:
         secrets = [job.api_key for job in jobs if job.api_key]
