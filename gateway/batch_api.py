@@ -265,7 +265,9 @@ def _plain(name: str | None) -> str:
 
 
 def _key_id(owner: KeyRecord | None) -> str | None:
-    return owner.id if owner is not None else None
+    """What owns files and batches: the key's lineage, so a rotated key
+    keeps reaching them."""
+    return owner.lineage if owner is not None else None
 
 
 def _bad(message: str, param: str) -> web.Response:

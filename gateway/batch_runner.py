@@ -197,23 +197,18 @@ class _Run:
         return row
 
     async def _owner(self) -> KeyRecord | None:
-        """The key the batch runs as, read afresh (a revoked key stops it),
-        followed to its replacement when it was rotated."""
+        """The key the batch runs as, read afresh (a revoked key stops it):
+        the newest key of the lineage that owns it, so a rotation carries
+        the batch over to the new key."""
         from router import keys  # noqa: PLC0415
 
-        async def follow(conn: Any) -> KeyRecord | None:
-            key_id = await conn.fetchval(
+        async def newest(conn: Any) -> KeyRecord | None:
+            lineage = await conn.fetchval(
                 "SELECT owner_key FROM batches WHERE id = $1", self.batch_id
             )
-            record = None
-            for _ in range(16):  # a rotation chain, however long in practice
-                if key_id is None:
-                    break
-                record = await keys.by_id(conn, key_id)
-                key_id = record.replaced_by if record is not None else None
-            return record
+            return None if lineage is None else await keys.newest_of(conn, lineage)
 
-        return await self.db.run(follow, what="batch owner")
+        return await self.db.run(newest, what="batch owner")
 
     async def _validate(self, row: Any) -> bool:
         """Read the input file into lines; False when the batch failed."""

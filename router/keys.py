@@ -43,6 +43,9 @@ class KeyRecord(msgspec.Struct, kw_only=True):
     expires_at: datetime | None = None
     revoked_at: datetime | None = None
     replaced_by: str | None = None
+    lineage: str = ""
+    """The first key's id, shared by every key that replaced it by rotation:
+    what owns the files and batches made with any of them."""
     rpm: int | None = None
     tpm: int | None = None
 
@@ -75,7 +78,7 @@ def digest(secret: str) -> bytes:
 
 _COLUMNS = (
     "id, prefix, name, team, project, user_id, allowed_models, allowed_tags, metadata, "
-    "created_at, expires_at, revoked_at, replaced_by, rpm, tpm"
+    "created_at, expires_at, revoked_at, replaced_by, lineage, rpm, tpm"
 )
 
 
@@ -94,6 +97,7 @@ def _record(row: asyncpg.Record) -> KeyRecord:
         expires_at=row["expires_at"],
         revoked_at=row["revoked_at"],
         replaced_by=row["replaced_by"],
+        lineage=row["lineage"],
         rpm=row["rpm"],
         tpm=row["tpm"],
     )
@@ -112,8 +116,10 @@ async def create(
     expires_at: datetime | None = None,
     rpm: int | None = None,
     tpm: int | None = None,
+    lineage: str | None = None,
 ) -> Issued:
-    """Issue a key for a principal; the secret is in the answer and nowhere else."""
+    """Issue a key for a principal; the secret is in the answer and nowhere
+    else. `lineage` is given only by a rotation (a new key starts its own)."""
     if team is None and project is None and user is None:
         raise ValueError("a key must belong to a team, a project or a user")
     if (rpm is not None and rpm < 1) or (tpm is not None and tpm < 1):
@@ -122,8 +128,9 @@ async def create(
     row = await conn.fetchrow(
         f"""
         INSERT INTO api_keys (id, secret_hash, prefix, name, team, project, user_id,
-                              allowed_models, allowed_tags, metadata, expires_at, rpm, tpm)
-        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+                              allowed_models, allowed_tags, metadata, expires_at, rpm, tpm,
+                              lineage)
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, COALESCE($14, $1))
         RETURNING {_COLUMNS}
         """,
         "key_" + secrets.token_hex(8),
@@ -139,6 +146,7 @@ async def create(
         expires_at,
         rpm,
         tpm,
+        lineage,
     )
     assert row is not None
     return Issued(record=_record(row), secret=secret)
@@ -149,6 +157,17 @@ async def by_id(
 ) -> KeyRecord | None:
     """A key's record by its id (revoked or not), or None."""
     row = await conn.fetchrow(f"SELECT {_COLUMNS} FROM api_keys WHERE id = $1", key_id)
+    return _record(row) if row is not None else None
+
+
+async def newest_of(
+    conn: asyncpg.Connection | asyncpg.pool.PoolConnectionProxy, lineage: str
+) -> KeyRecord | None:
+    """The latest key of a lineage (the one every rotation led to), or None."""
+    row = await conn.fetchrow(
+        f"SELECT {_COLUMNS} FROM api_keys WHERE lineage = $1 ORDER BY created_at DESC LIMIT 1",
+        lineage,
+    )
     return _record(row) if row is not None else None
 
 
@@ -198,6 +217,7 @@ async def rotate(
             expires_at=old.expires_at,
             rpm=old.rpm,
             tpm=old.tpm,
+            lineage=old.lineage,
         )
         await conn.execute(
             "UPDATE api_keys SET revoked_at = now() + make_interval(secs => $2), "

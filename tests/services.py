@@ -55,14 +55,14 @@ async def _admin(sql: str) -> None:
 
 
 @contextmanager
-def fresh_database() -> Iterator[str]:
-    """A new, migrated database; yields its URL, drops it after."""
-    from modelyard.database import migrate  # noqa: PLC0415
+def fresh_database(*, migrated: bool = True) -> Iterator[str]:
+    """A new database, migrated unless asked not to; yields its URL, drops it after."""
+    from modelyard.database import ensure_database, migrate  # noqa: PLC0415
 
     name = f"modelyard_test_{uuid.uuid4().hex[:10]}"
     url = f"postgresql://{PG}/{name}"
     try:
-        asyncio.run(migrate(url))
+        asyncio.run(migrate(url) if migrated else ensure_database(url))
         yield url
     finally:
         asyncio.run(_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))

@@ -657,6 +657,34 @@ async def test_files_and_batches_belong_to_their_key(guarded_gateway: Gateway) -
         await mine.files.retrieve(uploaded.id)
 
 
+async def test_a_rotated_key_keeps_its_files_and_batches(guarded_gateway: Gateway) -> None:
+    config = guarded_gateway.config
+    await approve(config, "gpt-4o-mini")
+    conn = await connect(config.database_url)
+    try:
+        first = await keys.create(conn, team="gw-team")
+        old = openai_client(guarded_gateway, first.secret)
+        uploaded = await old.files.create(
+            file=("in.jsonl", batch_file([chat_line("one", "hi")])), purpose="batch"
+        )
+        batch = await old.batches.create(
+            input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+        second = await keys.rotate(conn, first.record.id, grace_s=60)
+        assert second is not None
+        third = await keys.rotate(conn, second.record.id)  # the second one stops at once
+        assert third is not None
+    finally:
+        await conn.close()
+    new = openai_client(guarded_gateway, third.secret)
+    assert (await finished(new, batch.id)).status == "completed"
+    assert (await new.files.retrieve(uploaded.id)).id == uploaded.id
+    assert batch.id in [b.id for b in (await new.batches.list()).data]
+    assert (await old.batches.retrieve(batch.id)).status == "completed"  # still in its grace
+    with pytest.raises(openai.AuthenticationError):
+        await openai_client(guarded_gateway, second.secret).files.retrieve(uploaded.id)
+
+
 async def test_a_file_that_is_not_a_batch_fails_it(open_gateway: Gateway) -> None:
     client = openai_client(open_gateway)
     lines = [chat_line("same", "one"), chat_line("same", "two")]
