@@ -16,9 +16,13 @@ from itertools import pairwise
 from typing import Any
 
 import aiohttp
+import anthropic
+import openai
 import pytest
 import pytest_asyncio
 
+from gateway.service import Gateway
+from modelyard import broker
 from modelyard.client import Client, new_job
 from modelyard.config import Config, parse
 from schemas.chat import Message
@@ -37,7 +41,13 @@ from workers.providers import PROVIDERS
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
-CALM = {"rate_429": 0, "rate_500": 0, "retry_after_s": 1.0, "context_window": 128_000}
+CALM = {
+    "rate_429": 0,
+    "rate_500": 0,
+    "rate_503": 0,
+    "retry_after_s": 1.0,
+    "context_window": 128_000,
+}
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +101,7 @@ def retry_config(fake_port: int, flaky_port: int) -> Iterator[Config]:
                 "steady-model": one("steady"),
                 "second-model": one("second-opinion"),
                 "picky": one("reasoner", fallbacks=["steady-model"], retry=QUICK),
+                "lonely": one("flaky", retry={"retries": {"overloaded": 1}, "backoff_s": 0.25}),
             },
         }
         yield parse(doc, {}, PROVIDERS)
@@ -254,3 +265,41 @@ async def billed_rows_for(config: Config, ids: list[str]) -> list[dict[str, Any]
     )
     await asyncio.sleep(0.3)  # a second row for a job would be a double count
     return await ledger_rows(config.database_url, "job_id = ANY($1)", ids)
+
+
+async def test_over_http_a_model_whose_deployments_are_all_overloaded_is_a_503(
+    retry_client: Client, retry_config: Config, flaky: FakeControl
+) -> None:
+    """Through the gateway: OpenAI's 503 and Anthropic's 529, once the
+    overloaded deployment's retry is spent, and nothing billed."""
+    await flaky.set(rate_503=1.0)
+    connection = await broker.connect(retry_config.broker_url, "test-retries-gateway")
+    gateway = Gateway(retry_config, connection, port=0)
+    await gateway.start()
+    try:
+        async with openai.AsyncOpenAI(
+            base_url=f"{gateway.url}/v1", api_key="sk-any", max_retries=0
+        ) as client:
+            with pytest.raises(openai.InternalServerError) as caught:
+                await client.chat.completions.create(
+                    model="lonely", messages=[{"role": "user", "content": "anyone there?"}]
+                )
+        async with anthropic.AsyncAnthropic(
+            base_url=gateway.url, api_key="sk-any", max_retries=0
+        ) as claude:
+            with pytest.raises(anthropic.OverloadedError) as overloaded:
+                await claude.messages.create(
+                    model="lonely",
+                    max_tokens=50,
+                    messages=[{"role": "user", "content": "anyone there?"}],
+                )
+    finally:
+        await gateway.stop()
+        await connection.close()
+    assert caught.value.status_code == 503
+    assert caught.value.response.headers["x-modelyard-attempts"] == "2"
+    assert "overloaded" in caught.value.message
+    assert overloaded.value.status_code == 529
+    assert len(await flaky.requests()) == 4  # each request: the call and its one retry
+    job_id = caught.value.response.headers["x-request-id"]
+    assert await ledger_rows(retry_config.database_url, "job_id = $1", job_id) == []
