@@ -32,7 +32,7 @@ from modelyard.client import Client
 from modelyard.config import Config
 from modelyard.database import TRANSIENT, Conn, Database
 from modelyard.inbox import Inbox
-from modelyard.metrics import HttpMetrics, process_registry
+from modelyard.metrics import HttpMetrics, ProcessMetrics
 from modelyard.ops import Readiness, bound_port, broker_check, database_check, serve_app
 from modelyard.replies import error_result
 from router.admission import DATABASE_PATIENCE_S
@@ -56,18 +56,24 @@ class Gateway:
     admission and routing it shares with the router service."""
 
     def __init__(
-        self, config: Config, connection: AbstractRobustConnection, *, port: int | None = None
+        self,
+        config: Config,
+        connection: AbstractRobustConnection,
+        *,
+        port: int | None = None,
+        metrics: ProcessMetrics | None = None,
     ) -> None:
         self.config = config
         self.settings = config.gateway
-        self.dispatcher = Dispatcher(config, connection)
+        process = metrics or ProcessMetrics()
+        self.registry = process.registry
+        self.metrics = process.part(HttpMetrics)
+        self.dispatcher = Dispatcher(config, connection, metrics=process)
         self.inbox = Inbox(connection, self.dispatcher.broker)
         self.db = Database(config.database_url)
         self.batches = BatchRunner(
             self.dispatcher, Client(connection, self.dispatcher.broker), self.db
         )
-        self.registry = process_registry()
-        self.metrics = HttpMetrics(self.registry)
         self.readiness = Readiness()
         self.readiness.add("broker", broker_check(connection))
         self.readiness.add("database", database_check(config.database_url))

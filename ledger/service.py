@@ -22,6 +22,7 @@ from modelyard import budgets
 from modelyard.broker import LOST, STOP_GRACE_S, Broker, Consumer, settle
 from modelyard.config import Config
 from modelyard.database import BAD_DATA, Database
+from modelyard.metrics import LedgerMetrics, ProcessMetrics
 from modelyard.topology import LEDGER_QUEUE, build_topology
 from schemas.codec import InvalidMessage, decode_costs, encode
 from schemas.costs import CostEvent
@@ -36,12 +37,19 @@ SWEEP_RETRY_S = 1.0
 class Ledger:
     """Consumes `ledger.costs` and writes the ledger table."""
 
-    def __init__(self, config: Config, connection: AbstractRobustConnection) -> None:
+    def __init__(
+        self,
+        config: Config,
+        connection: AbstractRobustConnection,
+        metrics: ProcessMetrics | None = None,
+    ) -> None:
         self.config = config
         self.connection = connection
         self.batch_size = config.ledger.batch_size
         self.flush_s = config.ledger.flush_ms / 1000
         self._buffer: list[AbstractIncomingMessage] = []
+        self.metrics = (metrics or ProcessMetrics()).part(LedgerMetrics)
+        self.metrics.buffered.set_function(lambda: len(self._buffer))
         self._full = asyncio.Event()
         self.db = Database(config.database_url)
         self._flusher: asyncio.Task[None] | None = None
@@ -181,6 +189,8 @@ class Ledger:
             events = await self._write_one_by_one(events)
             await self._write([], releases)
         self.written += len(events)
+        self.metrics.events.inc(len(events))
+        self.metrics.cost.inc(float(sum(e.cost or 0 for e in events)))
         if decoded:
             # Batches are flushed in delivery order, one at a time, so acking
             # the last tag with `multiple` settles exactly this batch. If the
@@ -197,6 +207,7 @@ class Ledger:
             except BAD_DATA as exc:
                 log.error("ledger rejected a cost event; dead-lettered", reason=str(exc))
                 await self.broker.dead_letter(encode(event), f"ledger rejected: {exc}")
+                self.metrics.rejected.inc()
             else:
                 kept.append(event)
         return kept
@@ -206,9 +217,10 @@ class Ledger:
         loses it. Budgets that crossed their alert share are announced."""
         if not (events or releases):
             return
-        alerts = await self.db.run(
-            lambda conn: store.write_batch(conn, events, releases), what="ledger write"
-        )
+        with self.metrics.write_latency.time():
+            alerts = await self.db.run(
+                lambda conn: store.write_batch(conn, events, releases), what="ledger write"
+            )
         for alert in alerts:
             log.warning(
                 "budget alert: spend crossed its alert share",

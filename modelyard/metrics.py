@@ -5,6 +5,7 @@ counters end in `_total`, durations are seconds."""
 from __future__ import annotations
 
 from decimal import Decimal
+from typing import Any, Protocol, TypeVar
 
 from prometheus_client import (
     CollectorRegistry,
@@ -27,6 +28,127 @@ def process_registry() -> CollectorRegistry:
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
     return registry
+
+
+class _Part(Protocol):
+    def __init__(self, registry: CollectorRegistry) -> None: ...
+
+
+P = TypeVar("P", bound=_Part)
+
+
+class ProcessMetrics:
+    """One process's registry and the metrics of each role it runs, each
+    made once (two worker pools in one process share the worker's)."""
+
+    def __init__(self) -> None:
+        self.registry = process_registry()
+        self._parts: dict[type[Any], Any] = {}
+
+    def part(self, kind: type[P]) -> P:
+        """The metrics of one kind (`WorkerMetrics`, ...) on this registry."""
+        if kind not in self._parts:
+            self._parts[kind] = kind(self.registry)
+        made: P = self._parts[kind]
+        return made
+
+
+class DispatchMetrics:
+    """What admission and routing decide, in the router and the gateway."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.routed = Counter(
+            "modelyard_jobs_routed",
+            "Jobs sent to a deployment's pool, by deployment.",
+            ["deployment"],
+            registry=registry,
+        )
+        self.refused = Counter(
+            "modelyard_jobs_refused",
+            "Jobs answered by admission or routing, with no provider call, by error kind.",
+            ["kind"],
+            registry=registry,
+        )
+        self.deferred = Counter(
+            "modelyard_jobs_deferred",
+            "Jobs sent to wait in the broker's retry ladder before being routed again.",
+            registry=registry,
+        )
+
+
+class WorkerMetrics:
+    """What the provider calls of a worker process did."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.calls = Counter(
+            "modelyard_provider_calls",
+            "Provider calls, by deployment and outcome (ok, or the error kind).",
+            ["deployment", "outcome"],
+            registry=registry,
+        )
+        self.latency = Histogram(
+            "modelyard_provider_call_duration_seconds",
+            "Time a provider call took, streams to their last chunk, by deployment.",
+            ["deployment"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.in_flight = Gauge(
+            "modelyard_provider_calls_in_flight",
+            "Provider-call slots in use, by pool.",
+            ["pool"],
+            registry=registry,
+        )
+        self.tokens = Counter(
+            "modelyard_billed_tokens",
+            "Tokens billed by providers, by deployment and direction (input, output).",
+            ["deployment", "direction"],
+            registry=registry,
+        )
+        self.cost = Counter(
+            "modelyard_billed_cost_usd",
+            "Cost of billed calls in US dollars, by deployment.",
+            ["deployment"],
+            registry=registry,
+        )
+        self.handed_on = Counter(
+            "modelyard_attempts_handed_on",
+            "Failed attempts sent on to be retried or to fall back, by deployment and error kind.",
+            ["deployment", "kind"],
+            registry=registry,
+        )
+
+
+class LedgerMetrics:
+    """What the ledger wrote, and what waits to be written."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.events = Counter(
+            "modelyard_ledger_events_written",
+            "Cost events written to the ledger table (or found there already, for a repeat).",
+            registry=registry,
+        )
+        self.rejected = Counter(
+            "modelyard_ledger_events_rejected",
+            "Cost events the database refused, parked on the dead-letter queue.",
+            registry=registry,
+        )
+        self.cost = Counter(
+            "modelyard_ledger_cost_usd",
+            "Cost written to the ledger in US dollars.",
+            registry=registry,
+        )
+        self.buffered = Gauge(
+            "modelyard_ledger_buffered_messages",
+            "Cost messages received and not yet written.",
+            registry=registry,
+        )
+        self.write_latency = Histogram(
+            "modelyard_ledger_write_duration_seconds",
+            "Time one ledger transaction took, retries after database errors included.",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
 
 
 class HttpMetrics:

@@ -14,7 +14,7 @@ from gateway.service import Gateway
 from ledger.service import Ledger
 from modelyard import broker, ops
 from modelyard.config import Config
-from modelyard.metrics import process_registry
+from modelyard.metrics import ProcessMetrics
 from modelyard.ops import Readiness, broker_check, database_check
 from modelyard.tracing import configure_tracing
 from router.service import Router
@@ -56,9 +56,10 @@ async def serve(config: Config, roles: list[str], pools: list[str], name: str) -
     readiness = Readiness()
     readiness.add("broker", broker_check(connection))
     readiness.add("database", database_check(config.database_url))
-    ops_runner = await _serve_ops(config, readiness)
+    metrics = ProcessMetrics()
+    ops_runner = await _serve_ops(config, readiness, metrics)
     try:
-        for component in _components(config, roles, pools, connection):
+        for component in _components(config, roles, pools, connection, metrics):
             await component.start()
             started.append(component)
         readiness.started = True
@@ -73,29 +74,35 @@ async def serve(config: Config, roles: list[str], pools: list[str], name: str) -
         await connection.close()
 
 
-async def _serve_ops(config: Config, readiness: Readiness) -> web.AppRunner | None:
+async def _serve_ops(
+    config: Config, readiness: Readiness, metrics: ProcessMetrics
+) -> web.AppRunner | None:
     """`/healthz`, `/readyz` and `/metrics` on `ops.port`, when one is set."""
     if config.ops.port is None:
         return None
     app = web.Application()
-    ops.add_routes(app, readiness, process_registry())
+    ops.add_routes(app, readiness, metrics.registry)
     runner = await ops.serve_app(app, config.ops.host, config.ops.port)
     log.info("ops endpoints", url=f"http://{config.ops.host}:{ops.bound_port(runner)}")
     return runner
 
 
 def _components(
-    config: Config, roles: list[str], pools: list[str], connection: AbstractRobustConnection
+    config: Config,
+    roles: list[str],
+    pools: list[str],
+    connection: AbstractRobustConnection,
+    metrics: ProcessMetrics,
 ) -> list[Component]:
     """The components for the roles, in start order: the ledger first (so cost
     events have a consumer), the router and gateway last (so jobs have workers)."""
     components: list[Component] = []
     if "ledger" in roles:
-        components.append(Ledger(config, connection))
+        components.append(Ledger(config, connection, metrics))
     if "worker" in roles:
-        components.extend(Worker(config, pool, connection) for pool in pools)
+        components.extend(Worker(config, pool, connection, metrics=metrics) for pool in pools)
     if "router" in roles:
-        components.append(Router(config, connection))
+        components.append(Router(config, connection, metrics))
     if "gateway" in roles:
-        components.append(Gateway(config, connection))
+        components.append(Gateway(config, connection, metrics=metrics))
     return components

@@ -25,6 +25,7 @@ from modelyard.batching import Batcher, Encoded, encoded_size, settle_all
 from modelyard.broker import Broker, Consumer, settle
 from modelyard.config import Config, ModelGroup
 from modelyard.handoffs import handoff_batcher
+from modelyard.metrics import DispatchMetrics, ProcessMetrics
 from modelyard.replies import error_result, reply_batcher, send_reply
 from modelyard.topology import (
     RETRY_DELAYS_MS,
@@ -57,8 +58,10 @@ class Dispatcher:
         connection: AbstractRobustConnection,
         *,
         database_patience_s: float | None = DATABASE_PATIENCE_S,
+        metrics: ProcessMetrics | None = None,
     ) -> None:
         self.config = config
+        self.metrics = (metrics or ProcessMetrics()).part(DispatchMetrics)
         self.routes: RouteTable = build_route_table(config)
         self.rng = random.Random()
         self.broker = Broker(connection)
@@ -117,7 +120,11 @@ class Dispatcher:
         every job is for, identified earlier (see `Admission.admit`)."""
         for job in jobs:
             _only_as_submitted(job)
-        return await self.admission.admit(jobs, owner=owner)
+        refusals = await self.admission.admit(jobs, owner=owner)
+        for refusal in refusals:
+            if refusal is not None:
+                self.metrics.refused.labels(refusal.kind.value).inc()
+        return refusals
 
     async def take(
         self, jobs: list[CompletionJob], *, redelivered: bool, admitted: bool
@@ -155,11 +162,11 @@ class Dispatcher:
         now = time.time()
         group = self.routes.resolve(job.request.model)
         if (refusal := self._refusal(job, group, now)) is not None:
-            return self.answer(job, error_result(job, refusal))
+            return self._refuse(job, refusal)
         assert group is not None
         chosen = self._choose(job, group, now)
         if isinstance(chosen, JobError):
-            return self.answer(job, error_result(job, chosen))
+            return self._refuse(job, chosen)
         deployment = chosen.deployment
         if chosen.wait_until is not None:
             return self._defer(job, chosen.wait_until - now, now)  # its next hop kept
@@ -240,12 +247,20 @@ class Dispatcher:
                 f"every deployment this job may use asked to wait {wait_s:.1f}s, "
                 "past the job's deadline",
             )
-            return self.answer(job, error_result(job, error))
+            return self._refuse(job, error)
         log.info("job waits for its deployments", wait_s=round(wait_s, 3))
+        self.metrics.deferred.inc()
         return self._deferred.put(step, (job.id, encode(job)))
 
+    def _refuse(self, job: CompletionJob, error: JobError) -> Awaitable[None]:
+        """Answer a job routing cannot send anywhere."""
+        self.metrics.refused.labels(error.kind.value).inc()
+        return self.answer(job, error_result(job, error))
+
     def _dispatch(self, job: CompletionJob, pool: str) -> Awaitable[None]:
-        log.debug("routed", deployment=job.route.deployment if job.route else None, pool=pool)
+        deployment = job.route.deployment if job.route else ""
+        log.debug("routed", deployment=deployment, pool=pool)
+        self.metrics.routed.labels(deployment).inc()
         if job.priority == "batch":
             # A retried or fallen-back batch job has waited its turn once: it
             # goes ahead of the batch backlog, in batches on the pool's

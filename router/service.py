@@ -22,6 +22,7 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from modelyard.batching import settle_all
 from modelyard.broker import Broker, Consumer, resent, settle
 from modelyard.config import Config
+from modelyard.metrics import ProcessMetrics
 from modelyard.replies import send_reply
 from modelyard.topology import ROUTER_INTERNAL_QUEUE, ROUTER_QUEUE
 from router.dispatch import Dispatcher, shielded
@@ -35,12 +36,17 @@ log = structlog.get_logger("modelyard.router")
 class Router:
     """Consumes `router.jobs` and `router.internal`; publishes to `modelyard.dispatch`."""
 
-    def __init__(self, config: Config, connection: AbstractRobustConnection) -> None:
+    def __init__(
+        self,
+        config: Config,
+        connection: AbstractRobustConnection,
+        metrics: ProcessMetrics | None = None,
+    ) -> None:
         self.config = config
         self.connection = connection
         # While the database is away the router holds the messages it has
         # (at most `concurrency`) and waits; the rest wait in the broker.
-        self.dispatcher = Dispatcher(config, connection, database_patience_s=None)
+        self.dispatcher = Dispatcher(config, connection, database_patience_s=None, metrics=metrics)
         self._consumer = Consumer(
             connection, ROUTER_QUEUE, self.handle, prefetch=config.router.concurrency
         )

@@ -12,7 +12,10 @@ from pathlib import Path
 import aiohttp
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
+from modelyard.client import Client, new_job
+from schemas.chat import Message
 from tests.conftest import FakeControl
 from tests.pipeline import eventually, ledger_rows
 from tests.services import (
@@ -28,7 +31,7 @@ pytestmark = pytest.mark.asyncio
 
 LINES = 400
 
-Stack = tuple[Processes, str]
+Stack = tuple[Processes, str, str]  # the processes, the database URL, the broker URL
 
 
 @pytest.fixture
@@ -43,7 +46,7 @@ def stack(tmp_path: Path, own_fake_port: int) -> Iterator[Stack]:
             processes.start("worker", "worker", "--pool", "main")
             for role in ("ledger", "router", "worker"):
                 processes.wait_for(role, f"{role} started")
-            yield processes, database_url
+            yield processes, database_url, broker_url
         finally:
             processes.stop()
 
@@ -58,7 +61,7 @@ def gateway(processes: Processes, name: str) -> openai.AsyncOpenAI:
 async def test_a_batch_survives_the_gateway_running_it_being_killed(
     stack: Stack, own_fake_port: int
 ) -> None:
-    processes, database_url = stack
+    processes, database_url, _ = stack
     async with aiohttp.ClientSession() as session:
         await FakeControl(session, own_fake_port).set(latency_ms=50)
     first = gateway(processes, "gateway-1")
@@ -110,7 +113,9 @@ async def test_a_batch_survives_the_gateway_running_it_being_killed(
 async def test_router_worker_and_ledger_serve_health_readiness_and_metrics(
     stack: Stack,
 ) -> None:
-    processes, _ = stack
+    processes, database_url, broker_url = stack
+    for role in ("router", "worker", "ledger"):
+        processes.kill(role)  # these ones serve no ops endpoints: the jobs go to those that do
     ports = {}
     for role in ("router", "worker", "ledger"):
         ports[role] = free_port()
@@ -130,3 +135,38 @@ async def test_router_worker_and_ledger_serve_health_readiness_and_metrics(
             async with session.get(f"{base}/metrics") as scraped:
                 text = await scraped.text()
             assert "process_resident_memory_bytes" in text, role
+
+        # Each role counts the jobs it handled.
+        client = await Client.connect(broker_url, "test-ops-client")
+        try:
+            ask = [Message(role="user", content="count me")]
+            answers = [await client.complete(new_job("gpt-4o-mini", ask)) for _ in range(3)]
+            refused = await client.complete(new_job("no-such-model", ask))
+        finally:
+            await client.close()
+        assert [a.status for a in answers] == ["ok"] * 3
+        assert refused.error is not None
+        await eventually(lambda: ledger_rows(database_url), lambda rows: len(rows) == 3)
+        metrics = {}
+        for role, port in ports.items():
+            async with session.get(f"http://127.0.0.1:{port}/metrics") as scraped:
+                metrics[role] = await scraped.text()
+    assert sample(metrics["router"], "modelyard_jobs_routed_total", deployment="mini") == 3
+    assert sample(metrics["router"], "modelyard_jobs_refused_total", kind="unknown_model") == 1
+    worker = metrics["worker"]
+    assert sample(worker, "modelyard_provider_calls_total", deployment="mini", outcome="ok") == 3
+    billed = sample(worker, "modelyard_billed_tokens_total", deployment="mini", direction="output")
+    assert billed == sum(a.usage.output_tokens for a in answers if a.usage) > 0
+    assert sample(worker, "modelyard_provider_call_duration_seconds_count", deployment="mini") == 3
+    assert sample(worker, "modelyard_provider_calls_in_flight", pool="main") == 0
+    assert sample(metrics["ledger"], "modelyard_ledger_events_written_total") == 3
+    assert sample(metrics["ledger"], "modelyard_ledger_cost_usd_total") > 0
+
+
+def sample(text: str, name: str, **labels: str) -> float:
+    """The value of one sample in a Prometheus text page (0 when absent)."""
+    for family in text_string_to_metric_families(text):
+        for found in family.samples:
+            if found.name == name and found.labels == labels:
+                return float(found.value)
+    return 0.0

@@ -31,6 +31,7 @@ from modelyard.broker import Broker, Consumer, PublishFailed, resent, settle
 from modelyard.config import Config, ConfigError, Deployment
 from modelyard.database import Database
 from modelyard.handoffs import handoff_batcher
+from modelyard.metrics import ProcessMetrics, WorkerMetrics
 from modelyard.prices import PriceCard, cost_of, estimated_tokens, price_card
 from modelyard.replies import error_result, reply_batcher, route_notes, send_reply, timings_for
 from modelyard.topology import build_topology, dispatch_key, worker_queue
@@ -142,6 +143,7 @@ class Worker:
         pool: str,
         connection: AbstractRobustConnection,
         env: Mapping[str, str] | None = None,
+        metrics: ProcessMetrics | None = None,
     ) -> None:
         self.config = config
         self.pool = pool
@@ -154,6 +156,8 @@ class Worker:
         self._keys = {n: _key(d, env) for n, d in self.deployments.items()}
         self._prices = {n: price_card(d) for n, d in self.deployments.items()}
         self._slots = Slots(self.concurrency)
+        self.metrics = (metrics or ProcessMetrics()).part(WorkerMetrics)
+        self.metrics.in_flight.labels(pool).set_function(lambda: self._slots.in_use)
         self._resizing = self._stopping = False
         self._background: set[asyncio.Future[None]] = set()
         self._session: aiohttp.ClientSession | None = None
@@ -566,10 +570,12 @@ class Worker:
         attempt = _attempt(deployment, started, finished, outcome, billed)
         attempt.cost = event.cost if event is not None else None
         job.attempts.append(attempt)
+        self._count(deployment.name, finished - started, outcome, event)
         if isinstance(outcome, JobError):
             outcome = self._scrubbed(outcome)
             log.info("provider call failed", deployment=deployment.name, error=outcome.kind)
             if (handoff := self._next_step(job, outcome, streamed=call.streamed)) is not None:
+                self.metrics.handed_on.labels(deployment.name, outcome.kind.value).inc()
                 return handoff, event
             result = error_result(job, outcome, redelivered=redelivered)
             result.rate_limits = call.rate_limits
@@ -600,6 +606,18 @@ class Worker:
             ],
         )
         return result, event
+
+    def _count(
+        self, deployment: str, took_s: float, outcome: object, event: CostEvent | None
+    ) -> None:
+        """A provider call in the metrics: its outcome, time, tokens and cost."""
+        kind = outcome.kind.value if isinstance(outcome, JobError) else "ok"
+        self.metrics.calls.labels(deployment, kind).inc()
+        self.metrics.latency.labels(deployment).observe(took_s)
+        if event is not None:
+            self.metrics.tokens.labels(deployment, "input").inc(event.usage.input_tokens)
+            self.metrics.tokens.labels(deployment, "output").inc(event.usage.output_tokens)
+            self.metrics.cost.labels(deployment).inc(float(event.cost or 0))
 
     def _next_step(self, job: CompletionJob, error: JobError, *, streamed: bool) -> Handoff | None:
         """Where a failed job goes next (`workers/retry.py` decides): back
