@@ -223,8 +223,10 @@ class Client:
         seen: set[str] = set()
         while True:
             try:
-                async for item in self._read_results(queue, prefetch, exclusive, seen):
-                    yield item
+                reader = self._read_results(queue, prefetch, exclusive, seen)
+                async with contextlib.aclosing(reader):
+                    async for item in reader:
+                        yield item
                 if self.connection.is_closed:
                     return
                 # The library ends a consumer quietly when its channel stays
@@ -249,7 +251,7 @@ class Client:
             source = await channel.get_queue(queue)
             messages = source.iterator(exclusive=exclusive)
             await messages.consume()
-            async with messages:
+            try:
                 async for message in messages:
                     try:
                         reply = decode_reply(message.body)
@@ -263,6 +265,12 @@ class Client:
                             item.redelivered = item.redelivered or bool(message.redelivered)
                             yield item
                     await settle(message)
+            finally:
+                # Closing re-raises whatever ended the consumer (aiormq keeps
+                # a bare `Exception` when the broker cancelled it): the reader
+                # is going either way, and the caller must not see that.
+                with contextlib.suppress(Exception):
+                    await messages.close()
         finally:
             if not channel.is_closed:
                 with contextlib.suppress(*LOST, ChannelClosed):
