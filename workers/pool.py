@@ -133,6 +133,11 @@ def _key(deployment: Deployment, env: Mapping[str, str]) -> str | None:
     return key
 
 
+# How long a cost event waits for others to share its message: one message
+# per dozen events at a few hundred calls/s, for the broker and the ledger.
+COST_LINGER_S = 0.02
+
+
 class Worker:
     """Consumes a pool's two lanes (`worker.<pool>` and `worker.<pool>.batch`)
     with at most `concurrency` provider calls in flight between them."""
@@ -202,7 +207,11 @@ class Worker:
                 log.warning("no price known; cost events will be flagged", deployment=name)
         self._session = transport.new_session(self.concurrency)
         await self.broker.declare(build_topology(self.config.pool_names()))
-        self._costs = CostPublisher(self.broker)
+        # Cost events wait up to COST_LINGER_S for company, or until half
+        # the slots wait on them (each holds its slot until confirmed).
+        self._costs = CostPublisher(
+            self.broker, max_batch=max(1, self.concurrency // 2), linger_s=COST_LINGER_S
+        )
         lane = self.config.batch_lane
         self._replies = reply_batcher(
             self.broker, max_items=lane.max_jobs, linger_s=lane.linger_ms / 1000
