@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -620,6 +620,66 @@ class Consumer:
             self._in_flight -= 1
             if self._in_flight == 0:
                 self._idle.set()
+
+
+class GroupedAcks:
+    """Acks for a consumer that finishes its messages in the order they were
+    delivered (the reply inboxes): one `multiple` ack for all the messages
+    finished within `linger_s`, instead of a frame, and work for the broker,
+    per message. A message whose handling awaits something is `holding()`
+    the acks meanwhile, so none is acked before it is done. Acks are off
+    the answer's path: a reply lost with its channel before its ack is
+    delivered again, and a second copy of an answer is dropped."""
+
+    def __init__(self, linger_s: float = 0.005, max_pending: int = 64) -> None:
+        self.linger_s = linger_s
+        self.max_pending = max_pending
+        self._last: AbstractIncomingMessage | None = None
+        self._pending = 0
+        self._holding = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._sending: set[asyncio.Task[bool]] = set()
+
+    def done(self, message: AbstractIncomingMessage) -> None:
+        """`message` and every one delivered before it on its channel are done."""
+        self._last = message
+        self._pending += 1
+        if self._pending >= self.max_pending:
+            self._flush()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self.linger_s, self._flush)
+
+    @contextlib.asynccontextmanager
+    async def holding(self) -> AsyncIterator[None]:
+        """No ack goes out while this runs (the message it handles is not done)."""
+        self._holding += 1
+        try:
+            yield
+        finally:
+            self._holding -= 1
+            if self._holding == 0 and self._last is not None and self._timer is None:
+                self._flush()
+
+    def _flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._holding or self._last is None:
+            return  # the message being held acks them all once it is done
+        last, self._last, self._pending = self._last, None, 0
+        task = asyncio.ensure_future(_ack_through(last))
+        self._sending.add(task)  # the loop keeps only weak references to tasks
+        task.add_done_callback(self._sending.discard)
+
+
+async def _ack_through(message: AbstractIncomingMessage) -> bool:
+    """Ack `message` and every earlier one on its channel; False when the
+    channel is gone (the broker delivers them again)."""
+    try:
+        await message.ack(multiple=True)
+        return True
+    except (MessageProcessError, *LOST, ChannelClosed):
+        return False
 
 
 def resent(message: AbstractIncomingMessage) -> bool:

@@ -18,7 +18,7 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobus
 from aio_pika.exceptions import ChannelClosed
 
 from modelyard import broker
-from modelyard.broker import LOST, Broker, settle
+from modelyard.broker import LOST, Broker, GroupedAcks
 from modelyard.topology import reply_queue, reply_queue_arguments
 from schemas.codec import InvalidMessage, decode_reply
 from schemas.results import JobResult, Reply, StreamChunk, unpack
@@ -37,6 +37,7 @@ class Inbox:
         self._lock = asyncio.Lock()
         self._results: dict[str, asyncio.Future[JobResult]] = {}
         self._streams: dict[str, asyncio.Queue[Streamed]] = {}
+        self._acks = GroupedAcks()
 
     async def queue(self) -> str:
         """The reply queue's name, declaring and consuming it the first time."""
@@ -84,8 +85,9 @@ class Inbox:
         try:
             self._deliver(decode_reply(message.body))
         except InvalidMessage as exc:
-            await self.publisher.dead_letter(message.body, f"not a reply: {exc}")
-        await settle(message)
+            async with self._acks.holding():
+                await self.publisher.dead_letter(message.body, f"not a reply: {exc}")
+        self._acks.done(message)
 
     def _deliver(self, message: Reply) -> None:
         """Hand each answer in a reply message to the call waiting for it."""

@@ -25,6 +25,7 @@ from modelyard import broker
 from modelyard.broker import REASON_HEADER, PublishFailed
 from modelyard.client import Client, new_job
 from modelyard.config import Config, parse
+from modelyard.inbox import Inbox
 from modelyard.topology import DEAD_QUEUE, JOBS_EXCHANGE
 from router.service import Router
 from schemas.chat import Message
@@ -348,3 +349,33 @@ async def dead_list(config_file: Path) -> list[dict[str, Any]]:
     listed = await asyncio.to_thread(cli, config_file, "dead", "list", "--format", "json")
     letters: list[dict[str, Any]] = json.loads(listed.stdout)
     return letters
+
+
+async def test_an_inbox_acks_its_replies_in_groups_and_parks_garbage_first(
+    pipe: Pipeline,
+) -> None:
+    """Replies are acked a group at a time: once answered and the group's
+    ack is out, closing the inbox's channel puts nothing back in its queue;
+    garbage among them is parked on the dead queue, not lost."""
+    connection = await broker.connect(pipe.config.broker_url, "test-inbox-acks")
+    publisher = broker.Broker(connection)
+    inbox = Inbox(connection, publisher)
+    queue = await inbox.queue()
+    token = uuid.uuid4().hex
+    waits = [inbox.expect(f"{token}-{i}") for i in range(50)]
+    for i in range(50):
+        result = JobResult(job_id=f"{token}-{i}", status="ok")
+        await publisher.reply(queue, encode(result), correlation_id=result.job_id)
+        if i == 20:
+            await publisher.publish("", queue, broker.message(f"garbage {token}".encode()))
+    answers = await asyncio.wait_for(asyncio.gather(*waits), 10)
+    assert [a.job_id for a in answers] == [f"{token}-{i}" for i in range(50)]
+    assert len(await dead_reasons(pipe, token)) == 1
+    await asyncio.sleep(0.2)  # past the acks' linger
+    assert inbox._channel is not None
+    await inbox._channel.close()
+    check = await connection.channel()
+    left = await check.declare_queue(queue, passive=True)
+    assert left.declaration_result.message_count == 0
+    await check.queue_delete(queue)
+    await connection.close()
