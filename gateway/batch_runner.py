@@ -283,17 +283,18 @@ class _Run:
         return wait
 
     async def _read_answers(self) -> None:
-        """Answers from the batch's queue onto their lines; each message is
-        acked (by asking for the next) only after its answers are written."""
-        async for result in self.runner.client.results(self.queue):
-            custom_id = result.metadata.custom_id or ""
+        """Answers from the batch's queue onto their lines, all the answers
+        of a message in one transaction; each message is acked (by asking
+        for the next) only after its answers are written."""
+        async for results in self.runner.client.result_groups(self.queue):
             answers = [
                 (
                     result.job_id,
-                    batch_output_line(result, custom_id),
+                    batch_output_line(result, result.metadata.custom_id or ""),
                     result.status != "ok",
                     result.cost,
                 )
+                for result in results
             ]
             await self._record(answers)
             self.answered.set()

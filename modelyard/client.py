@@ -208,12 +208,25 @@ class Client:
     async def results(
         self, queue: str, *, prefetch: int = 512, exclusive: bool = False
     ) -> AsyncGenerator[JobResult, None]:
-        """Yield results from a durable queue, each job id once.
+        """Yield results from a durable queue, each job id once (see
+        `result_groups`: a message is acked when the caller asks for the
+        result after its last one)."""
+        groups = self.result_groups(queue, prefetch=prefetch, exclusive=exclusive)
+        async with contextlib.aclosing(groups):
+            async for group in groups:
+                for item in group:
+                    yield item
 
-        A message is acked when the caller asks for the result after its last
-        one, i.e. after handling everything it carried (a batch-lane message
-        carries many): stopping mid-way loses nothing, but the next read gets
-        that message's results again, then marked `redelivered`. With
+    async def result_groups(
+        self, queue: str, *, prefetch: int = 512, exclusive: bool = False
+    ) -> AsyncGenerator[list[JobResult], None]:
+        """Yield the results from a durable queue one message at a time (a
+        batch-lane message carries many), each job id once.
+
+        A message is acked when the caller asks for the next group, i.e.
+        after handling everything it carried: stopping mid-way loses nothing,
+        but the next read gets that message's results again, then marked
+        `redelivered`. With
         `exclusive`, a second reader of the same queue is refused (two readers
         would each get part of the results). A message that is not a reply is
         moved to the dead queue, not left to block the queue. A broker
@@ -244,8 +257,8 @@ class Client:
 
     async def _read_results(
         self, queue: str, prefetch: int, exclusive: bool, seen: set[str]
-    ) -> AsyncGenerator[JobResult, None]:
-        """One consumer's worth of `results`; ends by raising when its channel goes."""
+    ) -> AsyncGenerator[list[JobResult], None]:
+        """One consumer's worth of `result_groups`; ends by raising when its channel goes."""
         channel = await broker.open_channel(self.connection, prefetch=prefetch)
         try:
             source = await channel.get_queue(queue)
@@ -259,11 +272,14 @@ class Client:
                         await self.broker.dead_letter(message.body, f"not a reply: {exc}")
                         await settle(message)
                         continue
+                    group = []
                     for item in unpack(reply):
                         if isinstance(item, JobResult) and item.job_id not in seen:
                             seen.add(item.job_id)
                             item.redelivered = item.redelivered or bool(message.redelivered)
-                            yield item
+                            group.append(item)
+                    if group:
+                        yield group
                     await settle(message)
             finally:
                 # Closing re-raises whatever ended the consumer (aiormq keeps
