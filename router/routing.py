@@ -167,6 +167,29 @@ class RouteTable(msgspec.Struct):
             return [group, *(g for label in own if (g := self.resolve(label)) is not None)]
         return [group, *self._expand(group.fallbacks, "fallbacks", {group.name})]
 
+    def remaining_chain(
+        self, job: CompletionJob, group: ModelGroup, reason: ErrorKind, own: list[str] | None
+    ) -> list[ModelGroup]:
+        """Where a job now served for `group` may go after a `reason`
+        failure: `group`'s own chain, then the rest of the chain the job was
+        moved along to get here (so a flat `fallbacks: [y, z]` reaches `z`
+        after `y` failed too). That chain starts at the model the job asked
+        for, or, for a context window or content policy move, at the model
+        whose call first failed for that reason."""
+        out = self.chain(group, reason, own)
+        origin = self.resolve(_chain_origin(job, reason))
+        if origin is None or origin.name == group.name:
+            return out
+        along = [g.name for g in self.chain(origin, reason, own)]
+        if group.name not in along:
+            return out  # not moved along that chain (another chain brought it here)
+        have = {g.name for g in out}
+        for name in along[along.index(group.name) + 1 :]:
+            if name not in have and (later := self.resolve(name)) is not None:
+                out.append(later)
+                have.add(name)
+        return out
+
     def _expand(
         self, labels: list[str], chain: str, seen: set[str] | None = None
     ) -> list[ModelGroup]:
@@ -192,7 +215,12 @@ class RouteTable(msgspec.Struct):
         if group is None:
             return None
         tried = {attempt.deployment for attempt in job.attempts}
-        for candidate in self.chain(group, reason, own):
+        # A model that refused the prompt itself (too long, or against its
+        # policy) refuses it on any of its deployments: never again.
+        refused = {a.model for a in job.attempts if a.error in _MODEL_REFUSALS and a.model}
+        for candidate in self.remaining_chain(job, group, reason, own):
+            if candidate.name in refused:
+                continue
             targets = self.allowed(candidate.deployments, job.constraints)
             left = [t for t in targets if t.deployment not in tried]
             if left:
@@ -235,6 +263,20 @@ class RouteTable(msgspec.Struct):
         """The deployment a retry was meant for, once it may be called."""
         wait = health.asked_until(deployment.name, now) if health is not None else None
         return Choice(deployment, current_model(job), None, wait)
+
+
+_MODEL_REFUSALS = (ErrorKind.CONTEXT_WINDOW_EXCEEDED, ErrorKind.CONTENT_POLICY)
+
+
+def _chain_origin(job: CompletionJob, reason: ErrorKind) -> str:
+    """The model a job's chain for `reason` starts at: for a context window
+    or content policy refusal, the model of the first call refused for it;
+    else the model the job asked for."""
+    if reason in _MODEL_REFUSALS:
+        for attempt in job.attempts:
+            if attempt.error == reason and attempt.model:
+                return attempt.model
+    return job.request.model
 
 
 def current_model(job: CompletionJob) -> str:

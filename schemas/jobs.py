@@ -102,6 +102,8 @@ class Attempt(msgspec.Struct, kw_only=True, omit_defaults=True):
 
     deployment: str
     provider: str
+    # The model group the call was made for (a fallback moves a job on).
+    model: str | None = None
     started_at: float
     finished_at: float
     outcome: Literal["ok", "error"]

@@ -577,6 +577,7 @@ class Worker:
         latency_ms = (finished - started) * 1000
         event = None if billed is None else cost_event(job, deployment, billed, card, latency_ms)
         attempt = _attempt(deployment, started, finished, outcome, billed)
+        attempt.model = current_model(job)
         attempt.cost = event.cost if event is not None else None
         job.attempts.append(attempt)
         self._count(deployment.name, finished - started, outcome, event)

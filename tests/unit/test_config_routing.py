@@ -322,3 +322,64 @@ def test_after_a_fallback_the_chain_and_retry_policy_are_the_new_models() -> Non
     assert left is not None
     group, targets = left
     assert (group.name, [t.deployment for t in targets]) == ("z", ["z"])  # not x2
+
+
+def _failed(deployment: str, model: str, error: Any) -> Any:
+    from schemas.jobs import Attempt  # noqa: PLC0415
+
+    return Attempt(
+        deployment=deployment,
+        provider="openai",
+        model=model,
+        started_at=0,
+        finished_at=1,
+        outcome="error",
+        error=error,
+    )
+
+
+def _moved_to(model: str, *attempts: Any) -> Any:
+    """A job that asked for `x`, made `attempts`, and is now served for `model`."""
+    from modelyard.client import new_job  # noqa: PLC0415
+    from schemas.chat import Message  # noqa: PLC0415
+    from schemas.jobs import Route  # noqa: PLC0415
+
+    job = new_job("x", [Message(role="user", content="hello")])
+    job.attempts = list(attempts)
+    job.route = Route(deployment=model, pool="p", routed_at=1, model=model)
+    return job
+
+
+def test_a_flat_fallback_list_is_followed_to_its_end() -> None:
+    """`x.fallbacks: [y, z]`: once `y` failed too, the job goes on to `z`
+    (not only along `y`'s own chain, which is empty), and gives up after."""
+    from schemas.errors import ErrorKind  # noqa: PLC0415
+
+    routes = build_route_table(parse(chains_doc(x={"fallbacks": ["y", "z"]}), {}, PROVIDERS))
+    server = ErrorKind.SERVER_ERROR
+    job = _moved_to("y", _failed("x", "x", server), _failed("y", "y", server))
+    left = routes.untried(job, server, None)
+    assert left is not None
+    assert left[0].name == "z"
+    job = _moved_to("z", *job.attempts, _failed("z", "z", server))
+    assert routes.untried(job, server, None) is None
+
+
+def test_a_flat_context_window_chain_is_followed_and_never_goes_back() -> None:
+    """`x.context_window_fallbacks: [y, z]`: a prompt too long for `x` and
+    then for `y` goes to `z`; a later failure on `z` never goes back to `x`
+    (its other deployment would refuse the prompt too), even though `z`
+    falls back to `x`."""
+    from schemas.errors import ErrorKind  # noqa: PLC0415
+
+    doc = chains_doc(x={"context_window_fallbacks": ["y", "z"]}, z={"fallbacks": ["x"]})
+    doc["deployments"]["x2"] = {"provider": "openai", "model": "gpt-4o-mini", "pool": "p"}
+    doc["models"]["x"]["deployments"].append({"deployment": "x2"})
+    routes = build_route_table(parse(doc, {}, PROVIDERS))
+    too_long = ErrorKind.CONTEXT_WINDOW_EXCEEDED
+    job = _moved_to("y", _failed("x", "x", too_long), _failed("y", "y", too_long))
+    left = routes.untried(job, too_long, None)
+    assert left is not None
+    assert left[0].name == "z"
+    job = _moved_to("z", *job.attempts, _failed("z", "z", ErrorKind.SERVER_ERROR))
+    assert routes.untried(job, ErrorKind.SERVER_ERROR, None) is None  # not x2
