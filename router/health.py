@@ -99,8 +99,14 @@ class HealthView:
         if state.cooling_until:  # cooling down, or awaiting its probe
             return
         seen = self.window(name, now, since=state.since)
-        if seen.calls >= self.settings.min_calls and (
-            seen.faults >= self.settings.failure_rate * seen.calls
+        if (
+            seen.calls >= self.settings.min_calls
+            and seen.faults >= self.settings.failure_rate * seen.calls
+            # A deployment whose latest reported second went well is not
+            # cooled down on older failures: a router started after another
+            # one's probe re-admitted it sees those failures too, but not
+            # the cooldown that already answered them.
+            and not self._latest_second_clean(name)
         ):
             reason = f"{seen.faults} of its last {seen.calls} calls failed"
             self._cool(name, state, now + self.settings.cooldown_s, reason, now)
@@ -134,6 +140,21 @@ class HealthView:
                     total.faults += bucket.faults
                     total.latency_ms += bucket.latency_ms
         return total
+
+    def _latest_second_clean(self, name: str) -> bool:
+        """Whether the latest second with calls to `name`, over every
+        worker's report, had successes and no faults."""
+        latest: dict[int, list[int]] = {}
+        for view in self._views(name):
+            for bucket in view.buckets:
+                if bucket.calls:
+                    tally = latest.setdefault(bucket.second, [0, 0])
+                    tally[0] += bucket.ok
+                    tally[1] += bucket.faults
+        if not latest:
+            return False
+        ok, faults = latest[max(latest)]
+        return ok > 0 and faults == 0
 
     def status(self, name: str, now: float) -> Status:
         """`usable`; `cooling` (send it nothing: cooling down, or its probe

@@ -152,6 +152,28 @@ def test_reports_of_several_workers_add_up_and_a_late_router_catches_up() -> Non
     assert late.status("a", T0 + 2) == "cooling"
 
 
+def test_a_router_started_after_a_probe_readmitted_a_deployment_does_not_cool_it_again() -> None:
+    """The late router sees the failures that cooled the deployment down in
+    the others, still inside the window, but also that it works again."""
+    rec = recorder("a")
+    early = HealthView(SETTINGS, ["a"])
+    calls(rec, "a", T0, ok=1, failed=3)
+    early.observe(rec.report(T0), T0)
+    assert early.status("a", T0) == "cooling"
+    early.sent("a", T0 + 5.1)  # the probe
+    calls(rec, "a", T0 + 5.2, ok=1)
+    early.observe(rec.report(T0 + 5.5), T0 + 5.5)
+    assert early.status("a", T0 + 5.5) == "usable"
+
+    late = HealthView(SETTINGS, ["a"])
+    late.observe(rec.report(T0 + 6), T0 + 6)
+    assert late.status("a", T0 + 6) == "usable"
+    # It still cools the deployment down when the failures come back.
+    calls(rec, "a", T0 + 7, failed=4)
+    late.observe(rec.report(T0 + 7), T0 + 7)
+    assert late.status("a", T0 + 7) == "cooling"
+
+
 def test_a_provider_asking_to_wait_cools_down_until_then_and_says_so() -> None:
     rec = recorder("a")
     view = HealthView(SETTINGS, ["a"])
