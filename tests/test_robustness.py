@@ -26,7 +26,7 @@ from modelyard.broker import REASON_HEADER, PublishFailed
 from modelyard.client import Client, new_job
 from modelyard.config import Config, parse
 from modelyard.inbox import Inbox
-from modelyard.topology import DEAD_QUEUE, JOBS_EXCHANGE
+from modelyard.topology import DEAD_QUEUE, DELIVERY_LIMIT, JOBS_EXCHANGE, worker_queue
 from router.service import Router
 from schemas.chat import Message
 from schemas.codec import decode_reply, encode
@@ -379,3 +379,53 @@ async def test_an_inbox_acks_its_replies_in_groups_and_parks_garbage_first(
     assert left.declaration_result.message_count == 0
     await check.queue_delete(queue)
     await connection.close()
+
+
+async def test_a_message_that_keeps_crashing_its_worker_is_parked_then_replayed_once_fixed(
+    pipe: Pipeline, tmp_path: Path, fake_port: int
+) -> None:
+    """The quorum queue's delivery limit: a job whose every delivery ends
+    with its worker going away (here a consumer that hands it back each
+    time) lands in `dead.jobs` after `DELIVERY_LIMIT` tries, with the
+    broker's reason; once a working worker serves its pool, `dead replay`
+    runs it and it is answered."""
+    config_file = write_config(
+        tmp_path / "modelyard.yaml",
+        config_document(pipe.config.broker_url, pipe.config.database_url, fake_port),
+    )
+    await pipe.drain(DEAD_QUEUE)
+    job_id = f"poison-{uuid.uuid4().hex}"
+    queue = f"poison-answers-{uuid.uuid4().hex}"
+    await pipe.client.declare_results_queue(queue)
+    deliveries: list[int] = []
+    channel = await pipe.connection.channel()
+    await channel.set_qos(prefetch_count=1)
+    crashing = await channel.get_queue(worker_queue("crash"))
+
+    async def crash(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        deliveries.append(1)
+        await message.reject(requeue=True)  # what a worker dying mid-job leaves behind
+
+    tag = await crashing.consume(crash)
+    await pipe.publish(raw_job(job_id, queue).replace(b'"fast"', b'"crash"'))
+    for _ in range(200):
+        parked = [letter for letter in await dead_list(config_file) if letter["key"] == job_id]
+        if parked:
+            break
+        await asyncio.sleep(0.1)
+    await crashing.cancel(tag)
+    await channel.close()
+    assert len(parked) == 1
+    assert "delivery_limit" in parked[0]["reason"]
+    assert DELIVERY_LIMIT <= len(deliveries) <= DELIVERY_LIMIT + 1
+
+    fixed = Worker(pipe.config, "crash", pipe.connection)  # the fix is deployed
+    await fixed.start()
+    try:
+        replayed = await asyncio.to_thread(cli, config_file, "dead", "replay", "--id", job_id)
+        answers = await answers_on(pipe, queue)
+    finally:
+        await fixed.stop()
+    assert replayed.returncode == 0, replayed.stderr
+    assert [(a.job_id, a.status) for a in answers] == [(job_id, "ok")]
+    assert job_id not in {letter["key"] for letter in await dead_list(config_file)}
