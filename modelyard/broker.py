@@ -62,6 +62,12 @@ PERSISTENT = aio_pika.DeliveryMode.PERSISTENT
 
 # The header that carries why a message was parked on the dead queue.
 REASON_HEADER = "x-modelyard-reason"
+# On a job modelyard parked after admitting it (its key is gone from it,
+# its key id kept): `dead replay` sends it back to be admitted again by that
+# key id, its attempt history kept, rather than as a producer's new job.
+ADMITTED_HEADER = "x-modelyard-admitted"
+# On a replayed admitted job, on the internal exchange producers cannot reach.
+REPLAY_HEADER = "x-modelyard-replay"
 # Set on a message sent again after its confirm was lost (a reconnect): the
 # broker may hold the first try too.
 RESENT_HEADER = "x-modelyard-resent"
@@ -275,14 +281,27 @@ class Broker:
             log.warning("reply refused by the broker, result dead-lettered", reply_to=reply_to)
             await self.dead_letter(body, f"reply queue {reply_to!r} refused the answer: {exc}")
 
-    async def dead_letter(self, body: bytes, reason: str) -> None:
+    async def dead_letter(self, body: bytes, reason: str, *, admitted: bool = False) -> None:
         """Park a message on the dead queue with the reason, for inspection and
         replay; a virtual key anywhere in it (a job that failed to decode
-        still carries its producer's key) is removed first."""
-        msg = message(
-            redact_keys(body), headers={REASON_HEADER: reason[:4096]}, timestamp=datetime.now(UTC)
-        )
+        still carries its producer's key) is removed first. `admitted`: a
+        job modelyard admitted (see `ADMITTED_HEADER`)."""
+        headers: dict[str, Any] = {REASON_HEADER: reason[:4096]}
+        if admitted:
+            headers[ADMITTED_HEADER] = True
+        msg = message(redact_keys(body), headers=headers, timestamp=datetime.now(UTC))
         await self.publish(DEAD_EXCHANGE, "", msg)
+
+    async def replay(self, body: bytes, *, correlation_id: str, batch: bool = False) -> None:
+        """An admitted job (or `JobBatch`) from the dead queue back to the
+        router, to be admitted again by its key id, confirmed."""
+        msg = message(
+            body,
+            correlation_id=correlation_id,
+            type=JOB_BATCH_TYPE if batch else None,
+            headers={REPLAY_HEADER: True},
+        )
+        await self.publish(INTERNAL_EXCHANGE, "job", msg)
 
     def reply_queue_known(self, reply_to: str | None, ttl_s: float = KNOWN_QUEUE_TTL_S) -> bool:
         """Whether `reply_to` was seen to be a usable queue in the last `ttl_s`."""

@@ -4,9 +4,13 @@ jobs back through the router once a fix is deployed, purge the rest.
 Messages are read with manual acks on a channel of their own: a message is
 removed only once what replaces it (a replayed job) is confirmed, or when
 it is purged; everything else goes back to the queue when the channel
-closes. A replayed job keeps its id and its attempt history, so the ledger
-cannot bill it twice for the same attempt and the producer can tell it apart
-by id.
+closes. A job modelyard parked after admitting it (a final failure, an
+answer that could not be delivered) goes back on the internal exchange and
+is admitted again by the key id it was admitted with (its key itself is
+long gone from it), keeping its id and its attempt history: its next call
+is a new attempt, so claims and the ledger tell it from the ones before,
+and the producer can tell it apart by id. Anything else parked goes back
+as a producer's job, admitted from scratch.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from typing import Any, Literal
 import msgspec
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
-from modelyard.broker import REASON_HEADER, Broker, open_channel
+from modelyard.broker import ADMITTED_HEADER, REASON_HEADER, Broker, open_channel
 from modelyard.topology import DEAD_QUEUE
 from schemas.codec import InvalidMessage, decode_job, split_job_batch
 from schemas.jobs import JOB_BATCH_TYPE
@@ -126,12 +130,13 @@ async def replay(
             if letter.kind == "other":
                 refused.append(letter.key)
                 continue
-            await broker.submit(
-                message.body,
-                correlation_id=letter.key,
-                reply_to=message.reply_to,
-                batch=letter.kind == "job batch",
-            )
+            batch = letter.kind == "job batch"
+            if (message.headers or {}).get(ADMITTED_HEADER):
+                await broker.replay(message.body, correlation_id=letter.key, batch=batch)
+            else:
+                await broker.submit(
+                    message.body, correlation_id=letter.key, reply_to=message.reply_to, batch=batch
+                )
             await message.ack()
             replayed.append(letter.key)
     return replayed, refused

@@ -7,7 +7,7 @@ import time
 from modelyard.batching import Batcher, Encoded, encoded_size
 from modelyard.broker import Broker
 from schemas.codec import encode, encode_result_batch
-from schemas.errors import JobError
+from schemas.errors import ErrorKind, JobError
 from schemas.jobs import CompletionJob
 from schemas.results import JobResult, Reply, ResultBatch, Timings
 
@@ -67,3 +67,24 @@ def reply_batcher(
         await broker.reply(reply_to, body, correlation_id=job_id)
 
     return Batcher(send, max_items=max_items, linger_s=linger_s, size=encoded_size)
+
+
+def kept_for_replay(job: CompletionJob, error: JobError) -> bool:
+    """Whether a job that failed for good is parked on the dead queue too,
+    for an operator to replay once the cause is fixed: a batch-lane job
+    (its answer goes to a results queue that outlives the call; a caller
+    waiting on an interactive one has had its error) that reached a
+    provider, unless its deadline passed (a replay would be refused) or it
+    is a line of a batch file (its error file reports it, and the file is
+    run again instead)."""
+    return (
+        job.priority == "batch"
+        and bool(job.attempts)
+        and error.kind != ErrorKind.DEADLINE_EXCEEDED
+        and job.metadata.batch_id is None
+    )
+
+
+def final_failure(error: JobError) -> str:
+    """The dead queue's reason for a job parked by `kept_for_replay`."""
+    return f"final failure: {error.kind.value}: {error.message}"

@@ -24,7 +24,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import structlog
 
@@ -34,7 +34,7 @@ from modelyard.config import Config, ModelGroup
 from modelyard.database import Conn, Database
 from modelyard.prices import estimated_cost, estimated_tokens, token_bound
 from router import approvals
-from router.keys import KeyCache, KeyRecord
+from router.keys import KeyCache, KeyRecord, by_id, newest_of
 from router.routing import RouteTable
 from schemas.chat import ChatRequest, Message
 from schemas.errors import ErrorKind, JobError, job_error
@@ -111,6 +111,17 @@ class Admission:
             for i, refusal in zip(admitted, refusals, strict=True):
                 verdicts[i] = refusal
         return verdicts
+
+    async def current_key(self, key_id: str) -> KeyRecord | None:
+        """The key that stands for `key_id` now: the newest of its lineage
+        (a rotation carries on to the new key), revoked or not (admission
+        refuses a revoked one); None when there is no such key."""
+
+        async def lookup(conn: Any) -> KeyRecord | None:
+            record = await by_id(conn, key_id)
+            return None if record is None else await newest_of(conn, record.lineage)
+
+        return await self._db(lookup, "key lookup")
 
     async def identify(self, secret: str | None) -> KeyRecord | JobError | None:
         """The key a caller holds (None without one, where keys are

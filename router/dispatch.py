@@ -26,7 +26,13 @@ from modelyard.broker import Broker, Consumer, settle
 from modelyard.config import Config, ModelGroup
 from modelyard.handoffs import handoff_batcher
 from modelyard.metrics import DispatchMetrics, ProcessMetrics
-from modelyard.replies import error_result, reply_batcher, send_reply
+from modelyard.replies import (
+    error_result,
+    final_failure,
+    kept_for_replay,
+    reply_batcher,
+    send_reply,
+)
 from modelyard.topology import (
     RETRY_DELAYS_MS,
     ROUTER_QUEUE,
@@ -126,13 +132,49 @@ class Dispatcher:
                 self.metrics.refused.labels(refusal.kind.value).inc()
         return refusals
 
+    async def readmit(self, jobs: list[CompletionJob]) -> list[JobError | None]:
+        """Admission again for jobs an operator replayed from the dead queue,
+        which modelyard had admitted before: by the key id they were
+        admitted with (refused if that key was revoked or removed since),
+        against today's approvals, limits and budgets. Their attempt
+        history stays, so their next call is a new attempt."""
+        verdicts: list[JobError | None] = [None] * len(jobs)
+        by_key: dict[str | None, list[int]] = {}
+        for i, job in enumerate(jobs):
+            attempts = job.attempts
+            _only_as_submitted(job)
+            job.attempts, job.api_key = attempts, None
+            by_key.setdefault(job.key_id, []).append(i)
+        for key_id, indexes in by_key.items():
+            owner = await self.admission.current_key(key_id) if key_id is not None else None
+            if key_id is not None and owner is None:
+                gone = job_error(
+                    ErrorKind.AUTH,
+                    f"key {key_id}, which this job was admitted with, no longer exists",
+                )
+                for i in indexes:
+                    verdicts[i] = gone
+                continue
+            group = [jobs[i] for i in indexes]
+            for i, verdict in zip(
+                indexes, await self.admission.admit(group, owner=owner), strict=True
+            ):
+                verdicts[i] = verdict
+        for verdict in verdicts:
+            if verdict is not None:
+                self.metrics.refused.labels(verdict.kind.value).inc()
+        return verdicts
+
     async def take(
-        self, jobs: list[CompletionJob], *, redelivered: bool, admitted: bool
+        self, jobs: list[CompletionJob], *, redelivered: bool, admitted: bool, replay: bool = False
     ) -> list[Awaitable[None]]:
         """Admission for a producer's jobs (all of a message at once), then
-        routing; what to wait on before the message is acked."""
+        routing; what to wait on before the message is acked. A `replay`
+        is admitted again by its key id (see `readmit`)."""
         if admitted:
             refusals: list[JobError | None] = [None] * len(jobs)
+        elif replay:
+            refusals = await self.readmit(jobs)
         else:
             refusals = await self.admit(jobs)
         waits = []
@@ -166,6 +208,8 @@ class Dispatcher:
         assert group is not None
         chosen = self._choose(job, group, now)
         if isinstance(chosen, JobError):
+            if kept_for_replay(job, chosen):  # its chain is used up
+                return settle_all([shielded(self._refuse(job, chosen)), self._park(job, chosen)])
             return self._refuse(job, chosen)
         deployment = chosen.deployment
         if chosen.wait_until is not None:
@@ -252,6 +296,11 @@ class Dispatcher:
         self.metrics.deferred.inc()
         return self._deferred.put(step, (job.id, encode(job)))
 
+    async def _park(self, job: CompletionJob, error: JobError) -> None:
+        """A copy of a job that failed for good on the dead queue, for an
+        operator to replay once the cause is fixed."""
+        await self.broker.dead_letter(encode(job), final_failure(error), admitted=True)
+
     def _refuse(self, job: CompletionJob, error: JobError) -> Awaitable[None]:
         """Answer a job routing cannot send anywhere."""
         self.metrics.refused.labels(error.kind.value).inc()
@@ -278,7 +327,7 @@ class Dispatcher:
             await shielded(self._dispatch(job, pool))
             return
         log.warning("job not run: its answer cannot be delivered", reason=problem)
-        await self.broker.dead_letter(encode(job), f"job not run: {problem}")
+        await self.broker.dead_letter(encode(job), f"job not run: {problem}", admitted=True)
         if job.reservation is not None:
             await self._releases.add("ended", job.reservation)
 

@@ -20,7 +20,7 @@ import structlog
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
 from modelyard.batching import settle_all
-from modelyard.broker import Broker, Consumer, resent, settle
+from modelyard.broker import REPLAY_HEADER, Broker, Consumer, resent, settle
 from modelyard.config import Config
 from modelyard.metrics import ProcessMetrics
 from modelyard.replies import send_reply
@@ -83,11 +83,14 @@ class Router:
     async def handle_internal(self, message: AbstractIncomingMessage) -> None:
         """Jobs modelyard sent itself (`router.internal`: retries, fallbacks,
         jobs that waited for a provider), admitted already: routed on."""
-        await self._handle(message, admitted=True)
+        replayed = bool((message.headers or {}).get(REPLAY_HEADER))
+        await self._handle(message, admitted=not replayed, replay=replayed)
 
-    async def _handle(self, message: AbstractIncomingMessage, *, admitted: bool) -> None:
+    async def _handle(
+        self, message: AbstractIncomingMessage, *, admitted: bool, replay: bool = False
+    ) -> None:
         if message.type == JOB_BATCH_TYPE:
-            await self._handle_batch(message, admitted=admitted)
+            await self._handle_batch(message, admitted=admitted, replay=replay)
             return
         try:
             job = decode_job(message.body, self.config.router.max_job_bytes)
@@ -96,11 +99,15 @@ class Router:
             return
         if job.reply_to is None and message.reply_to:
             job.reply_to = message.reply_to
-        waits = await self.dispatcher.take([job], redelivered=resent(message), admitted=admitted)
+        waits = await self.dispatcher.take(
+            [job], redelivered=resent(message), admitted=admitted, replay=replay
+        )
         await settle_all(map(shielded, waits))
         await settle(message)
 
-    async def _handle_batch(self, message: AbstractIncomingMessage, *, admitted: bool) -> None:
+    async def _handle_batch(
+        self, message: AbstractIncomingMessage, *, admitted: bool, replay: bool
+    ) -> None:
         """Each job of a batch is judged alone: a bad one is answered (or
         parked), the others go on. The batch is acked once every job's
         dispatch or answer is confirmed."""
@@ -122,7 +129,9 @@ class Router:
                 jobs.append(decoded)
             else:
                 waits.append(decoded)
-        waits += await self.dispatcher.take(jobs, redelivered=redelivered, admitted=admitted)
+        waits += await self.dispatcher.take(
+            jobs, redelivered=redelivered, admitted=admitted, replay=replay
+        )
         # Jobs share the few outgoing batches they join: wait on each once.
         unique = {id(wait): wait for wait in waits}
         # A failure is raised once all have settled; the consumer's guard then

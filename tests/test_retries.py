@@ -8,6 +8,7 @@ the other.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
@@ -17,14 +18,16 @@ from typing import Any
 
 import aiohttp
 import anthropic
+import asyncpg
 import openai
 import pytest
 import pytest_asyncio
 
 from gateway.service import Gateway
-from modelyard import broker
+from modelyard import broker, deadletters
 from modelyard.client import Client, new_job
 from modelyard.config import Config, parse
+from router import keys
 from schemas.chat import Message
 from schemas.errors import ErrorKind
 from schemas.jobs import CompletionJob
@@ -303,3 +306,71 @@ async def test_over_http_a_model_whose_deployments_are_all_overloaded_is_a_503(
     assert len(await flaky.requests()) == 4  # each request: the call and its one retry
     job_id = caught.value.response.headers["x-request-id"]
     assert await ledger_rows(retry_config.database_url, "job_id = $1", job_id) == []
+
+
+async def test_a_batch_job_that_failed_for_good_is_parked_and_replayed_by_its_key_once_fixed(
+    retry_client: Client, retry_config: Config, flaky: FakeControl
+) -> None:
+    """The job is answered with its error and a copy parked on the dead
+    queue with the reason. Its key is rotated meanwhile; once the provider
+    is healed, `dead replay` admits it again under the key that replaced
+    its own, keeps its attempt history, and it is answered ok."""
+    conn = await asyncpg.connect(retry_config.database_url)
+    try:
+        issued = await keys.create(conn, team="replayers")
+        job = ask("lonely", "please work", priority="batch")
+        job.api_key = issued.secret
+        await flaky.set(rate_500=1.0)
+        queue = f"final-{time.time_ns()}"
+        await retry_client.declare_results_queue(queue)
+        await retry_client.submit_many([job], queue)
+        failed = await answer_on(retry_client, queue, job.id)
+        connection = await broker.connect(retry_config.broker_url, "test-replay")
+        parked = await eventually(
+            lambda: deadletters.list_dead(connection),
+            lambda letters: any(letter.key == job.id for letter in letters),
+        )
+        rotated = await keys.rotate(conn, issued.record.id)
+        assert rotated is not None
+        await flaky.set(rate_500=0)  # the fix
+        replayed, _ = await deadletters.replay(
+            connection, broker.Broker(connection), lambda letter: letter.key == job.id
+        )
+        # A new reader: a reader yields each job id once.
+        answered = await answer_on(retry_client, queue, job.id, status="ok")
+        left = await deadletters.list_dead(connection)
+        await connection.close()
+        await retry_client.delete_queue(queue)
+    finally:
+        await conn.close()
+    assert failed.status == "error"
+    assert failed.error is not None
+    assert failed.error.kind == ErrorKind.SERVER_ERROR
+    reason = next(letter.reason for letter in parked if letter.key == job.id)
+    assert reason.startswith("final failure: server_error")
+    assert replayed == [job.id]
+    assert answered.error is None, answered.error
+    assert (answered.job_id, answered.status) == (job.id, "ok")
+    assert [a.outcome for a in answered.attempts] == [
+        *(a.outcome for a in failed.attempts),
+        "ok",
+    ]
+    assert job.id not in {letter.key for letter in left}
+    rows = await billed_rows(retry_config, job.id, 1)
+    assert [r["key_id"] for r in rows] == [rotated.record.id]
+
+
+async def answer_on(client: Client, queue: str, job_id: str, status: str = "error") -> JobResult:
+    """The first answer for `job_id` with `status` read off `queue`, and
+    every message read acked (a reader acks a message when asked for more)."""
+    found = None
+    async with contextlib.aclosing(client.results(queue)) as results:
+        with contextlib.suppress(TimeoutError):
+            while True:
+                async with asyncio.timeout(30 if found is None else 0.5):
+                    result = await anext(results)
+                if (result.job_id, result.status) == (job_id, status):
+                    found = result
+    if found is None:
+        raise AssertionError(f"no {status} answer for {job_id}")
+    return found

@@ -33,7 +33,15 @@ from modelyard.database import Database
 from modelyard.handoffs import handoff_batcher
 from modelyard.metrics import ProcessMetrics, WorkerMetrics
 from modelyard.prices import PriceCard, cost_of, estimated_tokens, price_card
-from modelyard.replies import error_result, reply_batcher, route_notes, send_reply, timings_for
+from modelyard.replies import (
+    error_result,
+    final_failure,
+    kept_for_replay,
+    reply_batcher,
+    route_notes,
+    send_reply,
+    timings_for,
+)
 from modelyard.topology import build_topology, dispatch_key, worker_queue
 from modelyard.tracing import job_span
 from router.routing import build_route_table, current_model
@@ -452,6 +460,15 @@ class Worker:
             publishes = [self._replies.add(job.reply_to, (job.id, encode(result)))]
         else:
             publishes = [send_reply(self.broker, job.reply_to, result)]
+        if (
+            isinstance(result, JobResult)
+            and result.error is not None
+            and kept_for_replay(job, result.error)
+        ):
+            body = encode(job)
+            publishes.append(
+                self.broker.dead_letter(body, final_failure(result.error), admitted=True)
+            )
         if isinstance(result, JobResult) and job.reservation is not None:
             # The job ends here: its budget reservations go, with its last
             # cost in the same ledger transaction when it was billed.
