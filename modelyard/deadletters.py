@@ -78,6 +78,19 @@ def _death_reason(headers: dict[str, Any]) -> str:
     return "unknown"
 
 
+def _admitted(message: AbstractIncomingMessage) -> bool:
+    """Whether modelyard had admitted the parked job: it says so, or the
+    broker dead-lettered it from a queue only admitted jobs reach (a
+    worker's, after its delivery limit)."""
+    headers = message.headers or {}
+    if headers.get(ADMITTED_HEADER):
+        return True
+    deaths = headers.get("x-death")
+    if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict):
+        return str(deaths[0].get("queue", "")).startswith("worker.")
+    return False
+
+
 def _dead_at(message: AbstractIncomingMessage) -> datetime | None:
     """When it was parked: the message's timestamp, or the broker's record."""
     if message.timestamp is not None:
@@ -131,7 +144,7 @@ async def replay(
                 refused.append(letter.key)
                 continue
             batch = letter.kind == "job batch"
-            if (message.headers or {}).get(ADMITTED_HEADER):
+            if _admitted(message):
                 await broker.replay(message.body, correlation_id=letter.key, batch=batch)
             else:
                 await broker.submit(
