@@ -39,8 +39,11 @@ def error_result(job: CompletionJob, error: JobError, *, redelivered: bool = Fal
 
 
 def route_notes(job: CompletionJob) -> list[str]:
-    """What the router said about its choice, for the result's warnings."""
-    return [job.route.note] if job.route is not None and job.route.note else []
+    """What the router said about its choices, for the result's warnings."""
+    notes = list(job.notes)
+    if job.route is not None and job.route.note and job.route.note not in notes:
+        notes.append(job.route.note)  # routed by a router older than `notes`
+    return notes
 
 
 async def send_reply(broker: Broker, reply_to: str | None, reply: Reply) -> None:

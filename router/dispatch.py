@@ -53,6 +53,10 @@ from schemas.results import JobResult
 
 log = structlog.get_logger("modelyard.router")
 
+# The most notes a job carries (`CompletionJob.notes` holds up to 16).
+MAX_NOTES = 8
+NOTE_CHARS = 512  # the longest note a job may carry
+
 
 class Dispatcher:
     """Admits, routes and publishes jobs for one router or gateway process.
@@ -218,6 +222,7 @@ class Dispatcher:
         self.health.sent(deployment.name, now)
         if chosen.note is not None:
             log.warning("every deployment cooling down", deployment=deployment.name)
+            _note(job, chosen.note)
         job.route = Route(
             deployment=deployment.name,
             pool=deployment.pool,
@@ -293,6 +298,7 @@ class Dispatcher:
             )
             return self._refuse(job, error)
         log.info("job waits for its deployments", wait_s=round(wait_s, 3))
+        _note(job, f"every deployment this job may use asked to wait; it waited {wait_s:.1f}s")
         self.metrics.deferred.inc()
         return self._deferred.put(step, (job.id, encode(job)))
 
@@ -371,8 +377,15 @@ class Dispatcher:
 def _only_as_submitted(job: CompletionJob) -> None:
     """Forget what only modelyard may set on a job: a producer cannot send
     one in as a retry, a fallback or an admitted job."""
-    job.route, job.next_hop, job.attempts = None, None, []
+    job.route, job.next_hop, job.attempts, job.notes = None, None, [], []
     job.reservation, job.reserved_until, job.budget_left = None, None, None
+
+
+def _note(job: CompletionJob, note: str) -> None:
+    """Keep what routing had to say for the result, once each, a few at most."""
+    note = note[:NOTE_CHARS]
+    if note not in job.notes and len(job.notes) < MAX_NOTES:
+        job.notes.append(note)
 
 
 def shielded(wait: Awaitable[None]) -> Awaitable[None]:

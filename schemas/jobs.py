@@ -187,6 +187,12 @@ class CompletionJob(msgspec.Struct, kw_only=True, omit_defaults=True):
     # Set by admission with the reservation: the least any budget over the
     # job has left once it is reserved (USD), for the producer to be told.
     budget_left: Decimal | None = None
+    # Set by the router: what it had to say about its choices on the way
+    # (every deployment cooling down, a wait for one that asked to be left
+    # alone), kept across retries and fallbacks for the result's warnings.
+    notes: Annotated[list[Annotated[str, Meta(max_length=512)]], Meta(max_length=16)] = (
+        msgspec.field(default_factory=list)
+    )
 
     def deadline_passed(self, now: float) -> bool:
         """True when the job's absolute deadline is behind `now` (unix seconds)."""

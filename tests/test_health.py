@@ -71,6 +71,12 @@ def two_routers(
                 "deployments": [{"deployment": "sick"}],
                 "retry": {"retries": {"server_error": 0}},
             },
+            "sick-then-well": {
+                "deployments": [{"deployment": "sick"}],
+                "retry": {"retries": {"server_error": 0}},
+                "fallbacks": ["well-only"],
+            },
+            "well-only": {"deployments": [{"deployment": "well"}]},
         }
         processes = Processes(write_config(tmp_path / "modelyard.yaml", doc), tmp_path)
         try:
@@ -120,6 +126,10 @@ async def test_a_failing_deployment_cools_down_in_every_router_and_a_probe_bring
         (forced,) = await wave(client, "sick-only", 1)
         assert forced.status == "error"
         assert any("cooling down" in w for w in forced.warnings)
+        # Said still when the job then fell back and was served elsewhere.
+        (moved,) = await wave(client, "sick-then-well", 1)
+        assert (moved.status, moved.deployment) == ("ok", "well")
+        assert any("cooling down" in w for w in moved.warnings)
 
         # Healed: after the cooldown each router's probe succeeds, and the
         # deployment takes its share again.
