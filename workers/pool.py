@@ -65,7 +65,7 @@ from workers.providers import (
     HttpResponse,
     ProviderReply,
 )
-from workers.ratelimit import DeploymentLimiter, refill_wait
+from workers.ratelimit import DeploymentLimiter, exhausted_reset_s, refill_wait
 from workers.retry import GiveUp, Retry, decide
 
 log = structlog.get_logger("modelyard.worker")
@@ -586,6 +586,13 @@ class Worker:
             call = await self._made(job, deployment, redelivered=redelivered, started=started)
         finished = time.time()
         outcome, billed = call.outcome, call.billed
+        if (
+            isinstance(outcome, JobError)
+            and outcome.kind == ErrorKind.RATE_LIMITED
+            and outcome.retry_after_s is None
+        ):
+            # No retry-after: the rate-limit headers' reset is what it asked.
+            outcome.retry_after_s = exhausted_reset_s(call.rate_limits)
         if limiter is not None:  # the provider's own signals slow a limited deployment down
             if isinstance(outcome, JobError) and outcome.kind == ErrorKind.RATE_LIMITED:
                 limiter.slow_down(outcome.retry_after_s or 0.0)

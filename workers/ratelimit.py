@@ -141,6 +141,23 @@ class DeploymentLimiter:
         return (grant_requests, grant_tokens), bucket_end_in
 
 
+def exhausted_reset_s(limits: RateLimits | None) -> float | None:
+    """When a provider that said no requests or no tokens are left has room
+    again: the reset of each exhausted bucket, the later one; None when it
+    said neither."""
+    if limits is None:
+        return None
+    resets = [
+        reset
+        for remaining, reset in (
+            (limits.remaining_requests, limits.reset_requests_s),
+            (limits.remaining_tokens, limits.reset_tokens_s),
+        )
+        if remaining == 0 and reset is not None
+    ]
+    return max(resets) if resets else None
+
+
 def refill_wait(limits: RateLimits | None) -> float | None:
     """How long to pause a deployment whose answer said no requests are left:
     the time its bucket takes to refill by one (its reset is the time to

@@ -114,3 +114,27 @@ def test_the_config_knows_the_longest_delay_the_broker_holds() -> None:
     from modelyard.topology import RETRY_DELAYS_MS  # noqa: PLC0415
 
     assert RETRY_DELAYS_MS[-1] == MAX_RETRY_DELAY_S * 1000
+
+
+def test_without_retry_after_a_rate_limit_reset_is_what_the_provider_asked() -> None:
+    """A 429 with no retry-after but rate-limit headers saying a bucket is
+    empty: the later reset of the empty buckets is the wait asked for."""
+    from schemas.results import RateLimits  # noqa: PLC0415
+    from workers.ratelimit import exhausted_reset_s  # noqa: PLC0415
+
+    both_empty = RateLimits(
+        remaining_requests=0, reset_requests_s=2.0, remaining_tokens=0, reset_tokens_s=7.0
+    )
+    assert exhausted_reset_s(both_empty) == 7.0
+    tokens_left = RateLimits(
+        remaining_requests=0, reset_requests_s=2.0, remaining_tokens=5, reset_tokens_s=7.0
+    )
+    assert exhausted_reset_s(tokens_left) == 2.0
+    assert exhausted_reset_s(RateLimits(remaining_requests=3, reset_requests_s=2.0)) is None
+    assert exhausted_reset_s(None) is None
+    decision = run(
+        ErrorKind.RATE_LIMITED,
+        failed(ErrorKind.RATE_LIMITED),
+        retry_after_s=exhausted_reset_s(both_empty),
+    )
+    assert decision == Retry(delay_s=7.0, step_ms=8000)
