@@ -270,6 +270,11 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # Whether a job's own `fallbacks` list is followed (instead of its
     # model's chain); false makes the chains the platform's alone.
     allow_job_fallbacks: bool = True
+    # RabbitMQ's `consumer_timeout` as the broker is configured (30 minutes
+    # unless changed there): a message held unacked longer closes its
+    # worker's channel and runs again elsewhere, so every call must end
+    # well before it. Set this to match when the broker's is changed.
+    broker_consumer_timeout_s: Annotated[float, Meta(gt=0)] = 1800.0
 
     def pool(self, name: str) -> Pool:
         """A pool's settings; pools used by deployments need no explicit entry."""
@@ -373,6 +378,14 @@ def _link(config: Config, known_providers: Mapping[str, ProviderCheck]) -> None:
     longest = max(
         (max(d.timeout_s, d.stream_timeout_s) for d in config.deployments.values()), default=0.0
     )
+    if longest >= config.broker_consumer_timeout_s:
+        raise ConfigError(
+            f"broker_consumer_timeout_s: the broker's consumer timeout "
+            f"({config.broker_consumer_timeout_s:g}s) must be longer than the longest "
+            f"timeout_s or stream_timeout_s ({longest:g}s), or the broker takes a job "
+            "back from its worker mid-call and it runs twice: shorten the deployment's "
+            "timeout, or raise RabbitMQ's consumer_timeout and this setting with it"
+        )
     if config.access.reservation_ttl_s <= longest:
         raise ConfigError(
             "access.reservation_ttl_s: must be longer than the longest timeout_s or "

@@ -147,6 +147,11 @@ def doc(**overrides: Any) -> dict[str, Any]:
             "access.reservation_ttl_s: must be longer than the longest timeout_s or "
             "stream_timeout_s (600s)",
         ),
+        (
+            {"broker_consumer_timeout_s": 600},
+            "broker_consumer_timeout_s: the broker's consumer timeout (600s) must be longer "
+            "than the longest timeout_s or stream_timeout_s (600s)",
+        ),
     ],
 )
 def test_bad_config_names_its_path(change: dict[str, Any], message: str) -> None:
