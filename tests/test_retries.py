@@ -31,7 +31,7 @@ from router import keys
 from schemas.chat import Message
 from schemas.errors import ErrorKind
 from schemas.jobs import CompletionJob
-from schemas.results import JobResult
+from schemas.results import JobResult, StreamChunk
 from tests.conftest import FAKE_KEY, FakeControl
 from tests.pipeline import eventually, in_process, ledger_rows
 from tests.services import (
@@ -374,3 +374,43 @@ async def answer_on(client: Client, queue: str, job_id: str, status: str = "erro
     if found is None:
         raise AssertionError(f"no {status} answer for {job_id}")
     return found
+
+
+async def test_a_stream_that_failed_before_its_first_chunk_is_served_by_the_fallback(
+    retry_client: Client, retry_config: Config, flaky: FakeControl, fake: FakeControl
+) -> None:
+    """A 500 before any chunk was sent: the stream is run again elsewhere,
+    and the producer gets one clean stream, from the fallback."""
+    await fake.clear()
+    await flaky.set(rate_500=1.0)
+    job = ask("chain", "stream me a story")
+    items = [item async for item in retry_client.stream(job, timeout=20)]
+    chunks = [i for i in items if isinstance(i, StreamChunk)]
+    (result,) = [i for i in items if isinstance(i, JobResult)]
+    assert result.status == "ok"
+    assert path(result) == [("flaky", "server_error"), ("steady", "ok")]
+    assert chunks
+    assert [c.seq for c in chunks] == list(range(len(chunks)))
+    assert not any(c.redelivered for c in chunks)
+    assert [e["status"] for e in await fake.requests()] == [200]
+
+
+async def test_a_jobs_own_fallback_list_is_followed_and_checked(
+    retry_client: Client, flaky: FakeControl
+) -> None:
+    """`job.fallbacks` replaces its model's chain (allow_job_fallbacks is
+    on by default); a name in it that is no model is refused, naming it."""
+    await flaky.set(rate_500=1.0)
+    job = ask("lonely", "with my own plan")
+    job.fallbacks = ["second-model"]
+    result = await retry_client.complete(job, timeout=20)
+    assert result.status == "ok"
+    assert [a.deployment for a in result.attempts][-1] == "second-opinion"
+    assert {a.deployment for a in result.attempts[:-1]} == {"flaky"}
+
+    wrong = ask("lonely", "with a bad plan")
+    wrong.fallbacks = ["no-such-model"]
+    refused = await retry_client.complete(wrong, timeout=20)
+    assert refused.error is not None
+    assert (refused.error.kind, refused.error.field) == (ErrorKind.INVALID_JOB, "$.fallbacks[0]")
+    assert refused.attempts == []
