@@ -429,3 +429,36 @@ async def test_a_message_that_keeps_crashing_its_worker_is_parked_then_replayed_
     assert replayed.returncode == 0, replayed.stderr
     assert [(a.job_id, a.status) for a in answers] == [(job_id, "ok")]
     assert job_id not in {letter["key"] for letter in await dead_list(config_file)}
+
+
+async def test_dead_list_shows_a_table_purge_respects_its_age_and_replay_all_runs_every_job(
+    pipe: Pipeline, tmp_path: Path, fake_port: int
+) -> None:
+    config_file = write_config(
+        tmp_path / "modelyard.yaml",
+        config_document(pipe.config.broker_url, pipe.config.database_url, fake_port),
+    )
+    await pipe.drain(DEAD_QUEUE)
+    token = uuid.uuid4().hex
+    parked = {f"all-{i}-{token}": f"later-{i}-{token}" for i in range(2)}
+    for job_id, queue in parked.items():
+        await pipe.publish(raw_job(job_id, queue))  # no such reply queue yet
+    for _ in range(100):
+        if len(await dead_list(config_file)) >= len(parked):
+            break
+        await asyncio.sleep(0.1)
+
+    table = await asyncio.to_thread(cli, config_file, "dead", "list")
+    young = await asyncio.to_thread(cli, config_file, "dead", "purge", "--older-than", "1h")
+    for queue in parked.values():
+        await pipe.client.declare_results_queue(queue)  # the fix
+    replayed = await asyncio.to_thread(cli, config_file, "dead", "replay", "--all")
+    answers = {queue: await answers_on(pipe, queue) for queue in parked.values()}
+
+    assert table.returncode == 0
+    assert all(job_id in table.stdout for job_id in parked)
+    assert (young.returncode, young.stdout.strip()) == (0, "purged 0 message(s)")
+    assert replayed.returncode == 0, replayed.stderr
+    for job_id, queue in parked.items():
+        assert [(a.job_id, a.status) for a in answers[queue]] == [(job_id, "ok")]
+    assert await dead_list(config_file) == []
