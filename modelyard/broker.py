@@ -658,9 +658,23 @@ class GroupedAcks:
         self._holding = 0
         self._timer: asyncio.TimerHandle | None = None
         self._sending: set[asyncio.Task[bool]] = set()
+        # The channel of the last ack sent, and the tag it went up to: a
+        # message at or below it is acked already (acking it again is a
+        # channel error).
+        self._acked: tuple[object, int] | None = None
 
     def done(self, message: AbstractIncomingMessage) -> None:
-        """`message` and every one delivered before it on its channel are done."""
+        """`message` is done (call it while `holding()`, for one held): it
+        is acked with the next group, by the latest message done on its
+        channel."""
+        tag = message.delivery_tag or 0
+        acked = self._acked
+        if acked is not None and acked[0] is message.channel and tag <= acked[1]:
+            return  # a multiple ack already covered it
+        last = self._last
+        if last is not None and last.channel is message.channel and (last.delivery_tag or 0) > tag:
+            self._pending += 1  # an earlier message, finished late: the later one covers it
+            return
         self._last = message
         self._pending += 1
         if self._pending >= self.max_pending:
@@ -686,6 +700,7 @@ class GroupedAcks:
         if self._holding or self._last is None:
             return  # the message being held acks them all once it is done
         last, self._last, self._pending = self._last, None, 0
+        self._acked = (last.channel, last.delivery_tag or 0)
         task = asyncio.ensure_future(_ack_through(last))
         self._sending.add(task)  # the loop keeps only weak references to tasks
         task.add_done_callback(self._sending.discard)

@@ -18,7 +18,7 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobus
 from aio_pika.exceptions import ChannelClosed
 
 from modelyard import broker
-from modelyard.broker import LOST, Broker, GroupedAcks
+from modelyard.broker import LOST, Broker, GroupedAcks, settle
 from modelyard.topology import reply_queue, reply_queue_arguments
 from schemas.codec import InvalidMessage, decode_reply
 from schemas.results import JobResult, Reply, StreamChunk, unpack
@@ -85,8 +85,16 @@ class Inbox:
         try:
             self._deliver(decode_reply(message.body))
         except InvalidMessage as exc:
+            # Later replies finish meanwhile: their group's ack waits for
+            # this one, which is acked only once it is parked.
             async with self._acks.holding():
-                await self.publisher.dead_letter(message.body, f"not a reply: {exc}")
+                try:
+                    await self.publisher.dead_letter(message.body, f"not a reply: {exc}")
+                except BaseException:
+                    await settle(message, requeue=True)
+                    raise
+                self._acks.done(message)
+            return
         self._acks.done(message)
 
     def _deliver(self, message: Reply) -> None:
