@@ -591,8 +591,10 @@ class Worker:
             and outcome.kind == ErrorKind.RATE_LIMITED
             and outcome.retry_after_s is None
         ):
-            # No retry-after: the rate-limit headers' reset is what it asked.
-            outcome.retry_after_s = exhausted_reset_s(call.rate_limits)
+            # No retry-after: what the rate-limit headers say it takes to
+            # have room for this call again is what it asked.
+            tokens = sum(estimated_tokens(job.request))
+            outcome.retry_after_s = exhausted_reset_s(call.rate_limits, tokens)
         if limiter is not None:  # the provider's own signals slow a limited deployment down
             if isinstance(outcome, JobError) and outcome.kind == ErrorKind.RATE_LIMITED:
                 limiter.slow_down(outcome.retry_after_s or 0.0)

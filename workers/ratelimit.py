@@ -141,21 +141,21 @@ class DeploymentLimiter:
         return (grant_requests, grant_tokens), bucket_end_in
 
 
-def exhausted_reset_s(limits: RateLimits | None) -> float | None:
-    """When a provider that said no requests or no tokens are left has room
-    again: the reset of each exhausted bucket, the later one; None when it
-    said neither."""
+def exhausted_reset_s(limits: RateLimits | None, tokens: int = 1) -> float | None:
+    """How long a provider that said no requests or no tokens are left
+    takes to have room for this call again: for each empty bucket, the time
+    it takes to refill by one request or by the call's `tokens` (its reset
+    is the time to refill completely: the reset over the limit per unit),
+    the longer of the two; None when it said neither."""
     if limits is None:
         return None
-    resets = [
-        reset
-        for remaining, reset in (
-            (limits.remaining_requests, limits.reset_requests_s),
-            (limits.remaining_tokens, limits.reset_tokens_s),
-        )
-        if remaining == 0 and reset is not None
-    ]
-    return max(resets) if resets else None
+    waits = []
+    if limits.remaining_requests == 0 and limits.reset_requests_s:
+        waits.append(limits.reset_requests_s / max(limits.limit_requests or 1, 1))
+    if limits.remaining_tokens == 0 and limits.reset_tokens_s:
+        share = min(tokens / limits.limit_tokens, 1.0) if limits.limit_tokens else 1.0
+        waits.append(limits.reset_tokens_s * share)
+    return max(waits) if waits else None
 
 
 def refill_wait(limits: RateLimits | None) -> float | None:

@@ -118,23 +118,30 @@ def test_the_config_knows_the_longest_delay_the_broker_holds() -> None:
 
 def test_without_retry_after_a_rate_limit_reset_is_what_the_provider_asked() -> None:
     """A 429 with no retry-after but rate-limit headers saying a bucket is
-    empty: the later reset of the empty buckets is the wait asked for."""
+    empty: the time that bucket takes to have room for the call again (its
+    reset is the time to refill completely), the longer of the two."""
     from schemas.results import RateLimits  # noqa: PLC0415
     from workers.ratelimit import exhausted_reset_s  # noqa: PLC0415
 
+    # 600 requests a minute: one more in 0.1 s; 10,000 tokens refilled in
+    # 60 s: this call's 1,000 in 6 s.
     both_empty = RateLimits(
-        remaining_requests=0, reset_requests_s=2.0, remaining_tokens=0, reset_tokens_s=7.0
+        limit_requests=600,
+        remaining_requests=0,
+        reset_requests_s=60.0,
+        limit_tokens=10_000,
+        remaining_tokens=0,
+        reset_tokens_s=60.0,
     )
-    assert exhausted_reset_s(both_empty) == 7.0
-    tokens_left = RateLimits(
-        remaining_requests=0, reset_requests_s=2.0, remaining_tokens=5, reset_tokens_s=7.0
-    )
-    assert exhausted_reset_s(tokens_left) == 2.0
+    assert exhausted_reset_s(both_empty, tokens=1_000) == pytest.approx(6.0)
+    assert exhausted_reset_s(both_empty, tokens=50_000) == pytest.approx(60.0)  # at most a reset
+    requests_only = RateLimits(limit_requests=600, remaining_requests=0, reset_requests_s=60.0)
+    assert exhausted_reset_s(requests_only) == pytest.approx(0.1)
     assert exhausted_reset_s(RateLimits(remaining_requests=3, reset_requests_s=2.0)) is None
     assert exhausted_reset_s(None) is None
     decision = run(
         ErrorKind.RATE_LIMITED,
         failed(ErrorKind.RATE_LIMITED),
-        retry_after_s=exhausted_reset_s(both_empty),
+        retry_after_s=exhausted_reset_s(both_empty, tokens=1_000),
     )
-    assert decision == Retry(delay_s=7.0, step_ms=8000)
+    assert decision == Retry(delay_s=6.0, step_ms=6000)
