@@ -25,7 +25,7 @@ import msgspec
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
 from modelyard.broker import ADMITTED_HEADER, REASON_HEADER, Broker, open_channel
-from modelyard.topology import DEAD_QUEUE
+from modelyard.topology import DEAD_QUEUE, ROUTER_INTERNAL_QUEUE
 from schemas.codec import InvalidMessage, decode_job, split_job_batch
 from schemas.jobs import JOB_BATCH_TYPE
 
@@ -79,16 +79,18 @@ def _death_reason(headers: dict[str, Any]) -> str:
 
 
 def _admitted(message: AbstractIncomingMessage) -> bool:
-    """Whether modelyard had admitted the parked job: it says so, or the
-    broker dead-lettered it from a queue only admitted jobs reach (a
-    worker's, after its delivery limit)."""
+    """Whether modelyard had admitted the parked job. One the broker parked
+    (it has an `x-death` record, and otherwise the producer's own headers,
+    which prove nothing) was admitted if the queue it died in is one only
+    admitted jobs reach: a worker's, or the router's internal one. One
+    modelyard parked says so itself (`dead_letter` writes fresh headers)."""
     headers = message.headers or {}
-    if headers.get(ADMITTED_HEADER):
-        return True
     deaths = headers.get("x-death")
-    if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict):
-        return str(deaths[0].get("queue", "")).startswith("worker.")
-    return False
+    if isinstance(deaths, list) and deaths:
+        latest = deaths[0]
+        queue = str(latest.get("queue", "")) if isinstance(latest, dict) else ""
+        return queue.startswith("worker.") or queue == ROUTER_INTERNAL_QUEUE
+    return bool(headers.get(ADMITTED_HEADER))
 
 
 def _dead_at(message: AbstractIncomingMessage) -> datetime | None:

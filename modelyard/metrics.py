@@ -135,7 +135,8 @@ class LedgerMetrics:
         )
         self.cost = Counter(
             "modelyard_ledger_cost_usd",
-            "Cost written to the ledger in US dollars.",
+            "Cost of the cost events written in US dollars (a redelivered event found "
+            "already written counts again: the ledger table is the exact figure).",
             registry=registry,
         )
         self.buffered = Gauge(

@@ -77,13 +77,14 @@ def kept_for_replay(job: CompletionJob, error: JobError) -> bool:
     for an operator to replay once the cause is fixed: a batch-lane job
     (its answer goes to a results queue that outlives the call; a caller
     waiting on an interactive one has had its error) that reached a
-    provider, unless its deadline passed (a replay would be refused) or it
-    is a line of a batch file (its error file reports it, and the file is
-    run again instead)."""
+    provider, unless a replay would be refused (its deadline passed, or
+    modelyard found the job itself invalid) or it is a line of a batch file
+    (its error file reports it, and the file is run again instead)."""
     return (
         job.priority == "batch"
         and bool(job.attempts)
-        and error.kind != ErrorKind.DEADLINE_EXCEEDED
+        and error.kind not in (ErrorKind.DEADLINE_EXCEEDED, ErrorKind.INVALID_JOB)
+        and not job.deadline_passed(time.time())
         and job.metadata.batch_id is None
     )
 

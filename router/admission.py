@@ -26,6 +26,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, Generic, TypeVar
 
+import msgspec
 import structlog
 
 from modelyard import budgets, ratewindow
@@ -89,6 +90,8 @@ class Admission:
         batch runs long after its key was shown, and only its id is kept);
         it is still refused if the key was revoked or expired since."""
         now = datetime.now(UTC)
+        for job in jobs:
+            job.constraints_asked = None  # set below, only by narrowing
         if owner is not None:
             for job in jobs:
                 job.api_key = _OWNER
@@ -196,14 +199,14 @@ class Admission:
         job.metadata.team, job.metadata.project = record.team, record.project
         job.metadata.user = record.user
         if record.allowed_tags:
-            job.constraints = _narrowed(job.constraints, tags=record.allowed_tags)
+            _narrow(job, tags=record.allowed_tags)
         return None
 
     def _team_pins(self, job: CompletionJob) -> None:
         """Pin the job to its team's deployment tags, if the team has some."""
         team = self.settings.teams.get(job.metadata.team or "")
         if team is not None and team.tags:
-            job.constraints = _narrowed(job.constraints, tags=team.tags)
+            _narrow(job, tags=team.tags)
 
     # Which models.
 
@@ -235,7 +238,7 @@ class Admission:
             )
         if allowed is not None or approved is not None:
             usable = self._usable_deployments(job, allowed, approved)
-            job.constraints = _narrowed(job.constraints, deployments=sorted(usable))
+            _narrow(job, deployments=sorted(usable))
         return None
 
     def _model_lists(
@@ -453,6 +456,16 @@ def _names(group: ModelGroup) -> set[str]:
 def _principal(job: CompletionJob) -> Principal:
     meta = job.metadata
     return Principal(key_id=job.key_id, team=meta.team, project=meta.project, user=meta.user)
+
+
+def _narrow(
+    job: CompletionJob, *, deployments: list[str] | None = None, tags: list[str] | None = None
+) -> None:
+    """Narrow the job's constraints, keeping what the producer asked first."""
+    if job.constraints_asked is None:
+        asked = job.constraints
+        job.constraints_asked = msgspec.structs.replace(asked) if asked else Constraints()
+    job.constraints = _narrowed(job.constraints, deployments=deployments, tags=tags)
 
 
 def _narrowed(

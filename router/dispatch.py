@@ -48,7 +48,7 @@ from router.routing import Choice, RouteTable, build_route_table
 from schemas.codec import InvalidMessage, decode_health, encode, encode_job_batch
 from schemas.costs import CostBatch
 from schemas.errors import ErrorKind, JobError, job_error
-from schemas.jobs import CompletionJob, Lane, NextHop, Route
+from schemas.jobs import CompletionJob, Constraints, Lane, NextHop, Route
 from schemas.results import JobResult
 
 log = structlog.get_logger("modelyard.router")
@@ -143,17 +143,22 @@ class Dispatcher:
         against today's approvals, limits and budgets. Their attempt
         history stays, so their next call is a new attempt."""
         verdicts: list[JobError | None] = [None] * len(jobs)
+        # A reservation still held (a job the broker parked mid-run never
+        # gave its back) goes before a new one is made.
+        await asyncio.gather(*(shielded(self.release(job)) for job in jobs if job.reservation))
         by_key: dict[str | None, list[int]] = {}
         for i, job in enumerate(jobs):
-            attempts = job.attempts
+            attempts, asked = job.attempts, job.constraints_asked
             _only_as_submitted(job)
             job.attempts, job.api_key = attempts, None
+            if asked is not None:  # admission narrows afresh what the producer asked
+                job.constraints = asked if asked != Constraints() else None
             by_key.setdefault(job.key_id, []).append(i)
         for key_id, indexes in by_key.items():
             owner = await self.admission.current_key(key_id) if key_id is not None else None
             if key_id is not None and owner is None:
                 gone = job_error(
-                    ErrorKind.AUTH,
+                    ErrorKind.UNAUTHORIZED,
                     f"key {key_id}, which this job was admitted with, no longer exists",
                 )
                 for i in indexes:
@@ -378,6 +383,7 @@ def _only_as_submitted(job: CompletionJob) -> None:
     """Forget what only modelyard may set on a job: a producer cannot send
     one in as a retry, a fallback or an admitted job."""
     job.route, job.next_hop, job.attempts, job.notes = None, None, [], []
+    job.constraints_asked = None
     job.reservation, job.reserved_until, job.budget_left = None, None, None
 
 

@@ -102,11 +102,11 @@ class HealthView:
         if (
             seen.calls >= self.settings.min_calls
             and seen.faults >= self.settings.failure_rate * seen.calls
-            # A deployment whose latest reported second went well is not
-            # cooled down on older failures: a router started after another
-            # one's probe re-admitted it sees those failures too, but not
-            # the cooldown that already answered them.
-            and not self._latest_second_clean(name)
+            # A deployment whose calls of the last `cooldown_s` all went
+            # well is not cooled down on older failures: a router started
+            # after another one's probe re-admitted it sees those failures
+            # too, but not the cooldown that already answered them.
+            and not self._recovered(name, now)
         ):
             reason = f"{seen.faults} of its last {seen.calls} calls failed"
             self._cool(name, state, now + self.settings.cooldown_s, reason, now)
@@ -141,20 +141,12 @@ class HealthView:
                     total.latency_ms += bucket.latency_ms
         return total
 
-    def _latest_second_clean(self, name: str) -> bool:
-        """Whether the latest second with calls to `name`, over every
-        worker's report, had successes and no faults."""
-        latest: dict[int, list[int]] = {}
-        for view in self._views(name):
-            for bucket in view.buckets:
-                if bucket.calls:
-                    tally = latest.setdefault(bucket.second, [0, 0])
-                    tally[0] += bucket.ok
-                    tally[1] += bucket.faults
-        if not latest:
-            return False
-        ok, faults = latest[max(latest)]
-        return ok > 0 and faults == 0
+    def _recovered(self, name: str, now: float) -> bool:
+        """Whether `name`'s calls of the last `cooldown_s` seconds, over
+        every worker's report, all went well (there were some, and none
+        failed for a reason of its own)."""
+        recent = self.window(name, now, since=now - self.settings.cooldown_s)
+        return recent.ok > 0 and recent.faults == 0
 
     def status(self, name: str, now: float) -> Status:
         """`usable`; `cooling` (send it nothing: cooling down, or its probe

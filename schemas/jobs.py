@@ -180,6 +180,10 @@ class CompletionJob(msgspec.Struct, kw_only=True, omit_defaults=True):
     fallbacks: Annotated[list[Label], Meta(max_length=16)] | None = None
     next_hop: NextHop | None = None
     constraints: Constraints | None = None
+    # Set by admission when it narrowed `constraints` (a key's or team's
+    # tags, the approved deployments): what the producer asked, so a
+    # replay is narrowed afresh by today's rules (empty: nothing asked).
+    constraints_asked: Constraints | None = None
     # Set by admission: the budget reservation held for this job (its id)
     # until `reserved_until` (unix seconds); the job's end releases it.
     reservation: Label | None = None

@@ -392,6 +392,27 @@ async def test_admission_takes_the_principal_from_the_key_and_removes_the_key(
     assert forged.constraints.tags == ["eu"]
 
 
+async def test_admission_keeps_what_the_producer_asked_before_narrowing_it(
+    conn: asyncpg.Connection, admission: Any
+) -> None:
+    """The key's tags narrow the job's constraints; what the producer asked
+    is kept beside them (a replay is narrowed afresh from it), and a
+    producer cannot set it."""
+    from schemas.jobs import Constraints  # noqa: PLC0415
+
+    issued = await keys.create(conn, team="acme", allowed_tags=["eu"])
+    asked = job(key=issued.secret)
+    asked.constraints = Constraints(providers=["openai"])
+    asked.constraints_asked = Constraints(providers=["anthropic"])  # forged
+
+    (verdict,) = await admission(require_key=True).admit([asked])
+
+    assert verdict is None
+    assert asked.constraints is not None
+    assert (asked.constraints.providers, asked.constraints.tags) == (["openai"], ["eu"])
+    assert asked.constraints_asked == Constraints(providers=["openai"])
+
+
 async def test_admission_refusals_say_what_to_do(conn: asyncpg.Connection, admission: Any) -> None:
     only_large = await keys.create(conn, team="acme", allowed_models=["large"])
     gone = await keys.create(conn, team="acme")

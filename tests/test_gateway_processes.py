@@ -156,17 +156,18 @@ async def test_router_worker_and_ledger_serve_health_readiness_and_metrics(
     worker = metrics["worker"]
     assert sample(worker, "modelyard_provider_calls_total", deployment="mini", outcome="ok") == 3
     billed = sample(worker, "modelyard_billed_tokens_total", deployment="mini", direction="output")
-    assert billed == sum(a.usage.output_tokens for a in answers if a.usage) > 0
+    assert billed == sum(a.usage.output_tokens for a in answers if a.usage)
+    assert billed
     assert sample(worker, "modelyard_provider_call_duration_seconds_count", deployment="mini") == 3
     assert sample(worker, "modelyard_provider_calls_in_flight", pool="main") == 0
     assert sample(metrics["ledger"], "modelyard_ledger_events_written_total") == 3
-    assert sample(metrics["ledger"], "modelyard_ledger_cost_usd_total") > 0
+    assert (sample(metrics["ledger"], "modelyard_ledger_cost_usd_total") or 0) > 0
 
 
-def sample(text: str, name: str, **labels: str) -> float:
-    """The value of one sample in a Prometheus text page (0 when absent)."""
+def sample(text: str, name: str, **labels: str) -> float | None:
+    """The value of one sample in a Prometheus text page (None when absent)."""
     for family in text_string_to_metric_families(text):
         for found in family.samples:
             if found.name == name and found.labels == labels:
                 return float(found.value)
-    return 0.0
+    return None

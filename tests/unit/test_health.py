@@ -174,6 +174,15 @@ def test_a_router_started_after_a_probe_readmitted_a_deployment_does_not_cool_it
     assert late.status("a", T0 + 7) == "cooling"
 
 
+def test_a_mostly_failing_deployment_cools_down_though_its_latest_second_went_well() -> None:
+    rec = recorder("a")
+    view = HealthView(SETTINGS, ["a"])
+    calls(rec, "a", T0, ok=1, failed=4)
+    calls(rec, "a", T0 + 1, ok=1)  # a lucky second
+    view.observe(rec.report(T0 + 1.2), T0 + 1.2)
+    assert view.status("a", T0 + 1.2) == "cooling"
+
+
 def test_a_provider_asking_to_wait_cools_down_until_then_and_says_so() -> None:
     rec = recorder("a")
     view = HealthView(SETTINGS, ["a"])
