@@ -667,12 +667,14 @@ class GroupedAcks:
         """`message` is done (call it while `holding()`, for one held): it
         is acked with the next group, by the latest message done on its
         channel."""
-        tag = message.delivery_tag or 0
+        channel, tag = _channel_of(message), message.delivery_tag or 0
+        if channel is None:
+            return  # its channel is gone: the broker delivers it again
         acked = self._acked
-        if acked is not None and acked[0] is message.channel and tag <= acked[1]:
+        if acked is not None and acked[0] is channel and tag <= acked[1]:
             return  # a multiple ack already covered it
         last = self._last
-        if last is not None and last.channel is message.channel and (last.delivery_tag or 0) > tag:
+        if last is not None and _channel_of(last) is channel and (last.delivery_tag or 0) > tag:
             self._pending += 1  # an earlier message, finished late: the later one covers it
             return
         self._last = message
@@ -700,10 +702,22 @@ class GroupedAcks:
         if self._holding or self._last is None:
             return  # the message being held acks them all once it is done
         last, self._last, self._pending = self._last, None, 0
-        self._acked = (last.channel, last.delivery_tag or 0)
+        channel = _channel_of(last)
+        if channel is None:
+            return  # gone with its channel: nothing to ack, all of it comes again
+        self._acked = (channel, last.delivery_tag or 0)
         task = asyncio.ensure_future(_ack_through(last))
         self._sending.add(task)  # the loop keeps only weak references to tasks
         task.add_done_callback(self._sending.discard)
+
+
+def _channel_of(message: AbstractIncomingMessage) -> object | None:
+    """The channel a message came on, or None once that channel is closed
+    (aio-pika raises then)."""
+    try:
+        return message.channel
+    except ChannelInvalidStateError:
+        return None
 
 
 async def _ack_through(message: AbstractIncomingMessage) -> bool:

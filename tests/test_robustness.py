@@ -296,6 +296,18 @@ async def test_a_batch_item_without_an_id_is_dead_lettered_and_its_neighbours_an
     assert [(a.job_id, a.status) for a in answers] == [(f"good-{token}", "ok")]
 
 
+@pytest_asyncio.fixture(loop_scope="session")
+async def config_file(pipe: Pipeline, tmp_path: Path, fake_port: int) -> Path:
+    """The pipeline's config as a file for `modelyard` commands, with an
+    empty dead queue."""
+    path = write_config(
+        tmp_path / "modelyard.yaml",
+        config_document(pipe.config.broker_url, pipe.config.database_url, fake_port),
+    )
+    await pipe.drain(DEAD_QUEUE)
+    return path
+
+
 def cli(config_file: Path, *args: str) -> subprocess.CompletedProcess[str]:
     """Run `modelyard` as an operator would."""
     return subprocess.run(
@@ -308,13 +320,8 @@ def cli(config_file: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 async def test_dead_letters_are_listed_replayed_once_fixed_and_purged(
-    pipe: Pipeline, tmp_path: Path, fake_port: int
+    pipe: Pipeline, config_file: Path
 ) -> None:
-    config_file = write_config(
-        tmp_path / "modelyard.yaml",
-        config_document(pipe.config.broker_url, pipe.config.database_url, fake_port),
-    )
-    await pipe.drain(DEAD_QUEUE)
     job_id = f"parked-{uuid.uuid4().hex}"
     queue = f"created-later-{uuid.uuid4().hex}"
     await pipe.publish(raw_job(job_id, queue))  # its reply queue does not exist yet
@@ -382,18 +389,13 @@ async def test_an_inbox_acks_its_replies_in_groups_and_parks_garbage_first(
 
 
 async def test_a_message_that_keeps_crashing_its_worker_is_parked_then_replayed_once_fixed(
-    pipe: Pipeline, tmp_path: Path, fake_port: int
+    pipe: Pipeline, config_file: Path
 ) -> None:
     """The quorum queue's delivery limit: a job whose every delivery ends
     with its worker going away (here a consumer that hands it back each
     time) lands in `dead.jobs` after `DELIVERY_LIMIT` tries, with the
     broker's reason; once a working worker serves its pool, `dead replay`
     runs it and it is answered."""
-    config_file = write_config(
-        tmp_path / "modelyard.yaml",
-        config_document(pipe.config.broker_url, pipe.config.database_url, fake_port),
-    )
-    await pipe.drain(DEAD_QUEUE)
     job_id = f"poison-{uuid.uuid4().hex}"
     queue = f"poison-answers-{uuid.uuid4().hex}"
     await pipe.client.declare_results_queue(queue)
@@ -432,13 +434,8 @@ async def test_a_message_that_keeps_crashing_its_worker_is_parked_then_replayed_
 
 
 async def test_dead_list_shows_a_table_purge_respects_its_age_and_replay_all_runs_every_job(
-    pipe: Pipeline, tmp_path: Path, fake_port: int
+    pipe: Pipeline, config_file: Path
 ) -> None:
-    config_file = write_config(
-        tmp_path / "modelyard.yaml",
-        config_document(pipe.config.broker_url, pipe.config.database_url, fake_port),
-    )
-    await pipe.drain(DEAD_QUEUE)
     token = uuid.uuid4().hex
     parked = {f"all-{i}-{token}": f"later-{i}-{token}" for i in range(2)}
     for job_id, queue in parked.items():

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from aiormq.exceptions import ChannelInvalidStateError
 
 from modelyard.broker import GroupedAcks
 
@@ -65,3 +66,38 @@ async def test_a_new_channel_starts_its_own_tags() -> None:
     acks.done(Delivery(new, 1, sent))  # after a reconnect, tags start again
     await settled(acks)
     assert sent == [(old, 7), (new, 1)]
+
+
+class Closing(Delivery):
+    """A message whose channel can close: aio-pika raises on `.channel` then."""
+
+    def __init__(self, tag: int, acks: list[tuple[object, int]]) -> None:
+        self._channel, self.closed = object(), False
+        super().__init__(self._channel, tag, acks)
+
+    @property  # type: ignore[override]
+    def channel(self) -> object:
+        if self.closed:
+            raise ChannelInvalidStateError
+        return self._channel
+
+    @channel.setter
+    def channel(self, _: object) -> None:
+        pass
+
+
+async def test_a_message_whose_channel_closed_is_left_for_the_broker_to_deliver_again() -> None:
+    sent: list[tuple[object, int]] = []
+    failures: list[dict[str, object]] = []  # what the acks' timer callbacks raised
+    asyncio.get_running_loop().set_exception_handler(lambda _, context: failures.append(context))
+    acks = GroupedAcks(linger_s=0.001)
+    gone = Closing(4, sent)
+    gone.closed = True
+    acks.done(gone)  # done after its channel closed
+    await settled(acks)
+    closing = Closing(5, sent)
+    acks.done(closing)
+    closing.closed = True  # closed before its group's ack went out
+    await settled(acks)
+    assert sent == []
+    assert failures == []
