@@ -119,7 +119,11 @@ async def test_a_failing_deployment_cools_down_in_every_router_and_a_probe_bring
         await sick.clear()
         cooling = await wave(client, "pair", 40)
         assert all(r.status == "ok" and r.deployment == "well" for r in cooling)
-        assert len(await sick.requests()) <= 2
+        assert len(await sick.requests()) <= 3  # a probe each (a third router comes next)
+
+        # A router started now knows within seconds what the others know.
+        processes.start("router-3", "router")
+        processes.wait_for("router-3", "deployment cooling down", timeout=10)
 
         # With every deployment of a model cooling down, the job still runs,
         # and its result says why it went where it went.
@@ -144,6 +148,43 @@ async def test_a_failing_deployment_cools_down_in_every_router_and_a_probe_bring
         for router in ("router-1", "router-2"):
             assert processes.events(router, "deployment probed"), router
             assert processes.events(router, "deployment recovered"), router
+
+
+async def test_a_router_started_after_the_probe_does_not_cool_the_deployment_again(
+    two_routers: tuple[Processes, str], fake: FakeControl, own_fake_port: int
+) -> None:
+    """The late router sees the failures still in the window (more than
+    half of its calls), but also that its calls since went well."""
+    processes, broker_url = two_routers
+    async with aiohttp.ClientSession() as session, await Client.connect(broker_url) as client:
+        sick = FakeControl(session, own_fake_port)
+        await sick.set(rate_500=1.0)
+        failed = await wave(client, "sick-only", 12)
+        assert all(r.status == "error" for r in failed)
+        processes.wait_for("router-1", "deployment cooling down", timeout=5)
+        await sick.set(rate_500=0.0)
+        await asyncio.sleep(HEALTH["cooldown_s"] + 0.2)
+
+        async def trickle(seconds: float) -> None:
+            """A call now and then: the deployment is seen to work, while
+            its failures stay most of the window's calls."""
+            until = time.monotonic() + seconds
+            while time.monotonic() < until:
+                await wave(client, "sick-only", 1)
+                await asyncio.sleep(0.4)
+
+        await trickle(0.9)  # the probes go out and succeed
+        assert processes.events("router-1", "deployment recovered")
+        processes.start("router-late", "router")
+        trickling = asyncio.create_task(trickle(30))
+        try:
+            await asyncio.to_thread(processes.wait_for, "router-late", "router started")
+            await asyncio.sleep(1.0)  # its first reports
+        finally:
+            trickling.cancel()
+        calls = len(await sick.requests())
+        assert processes.events("router-late", "deployment cooling down") == []
+        assert calls < 2 * 12  # the failures were still most of its calls
 
 
 # Strategies, in one process (the strategy is the router's choice alone).
