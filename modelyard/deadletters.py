@@ -69,11 +69,19 @@ def _identify(message: AbstractIncomingMessage) -> tuple[Kind, str | None, int]:
     return "other", message.correlation_id, 0
 
 
-def _death_reason(headers: dict[str, Any]) -> str:
-    """Why the broker itself dead-lettered a message (rejected, delivery limit)."""
+def _latest_death(headers: dict[str, Any]) -> dict[str, Any] | None:
+    """The broker's record of the last time it dead-lettered the message
+    (`x-death` lists the newest first), or None."""
     deaths = headers.get("x-death")
     if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict):
-        death = deaths[0]
+        return deaths[0]
+    return None
+
+
+def _death_reason(headers: dict[str, Any]) -> str:
+    """Why the broker itself dead-lettered a message (rejected, delivery limit)."""
+    death = _latest_death(headers)
+    if death is not None:
         return f"{death.get('reason', 'dead-lettered')} by queue {death.get('queue', '?')}"
     return "unknown"
 
@@ -85,10 +93,8 @@ def _admitted(message: AbstractIncomingMessage) -> bool:
     admitted jobs reach: a worker's, or the router's internal one. One
     modelyard parked says so itself (`dead_letter` writes fresh headers)."""
     headers = message.headers or {}
-    deaths = headers.get("x-death")
-    if isinstance(deaths, list) and deaths:
-        latest = deaths[0]
-        queue = str(latest.get("queue", "")) if isinstance(latest, dict) else ""
+    if headers.get("x-death"):
+        queue = str((_latest_death(headers) or {}).get("queue", ""))
         return queue.startswith("worker.") or queue == ROUTER_INTERNAL_QUEUE
     return bool(headers.get(ADMITTED_HEADER))
 
@@ -98,11 +104,10 @@ def _dead_at(message: AbstractIncomingMessage) -> datetime | None:
     if message.timestamp is not None:
         stamp = message.timestamp
         return stamp if stamp.tzinfo else stamp.replace(tzinfo=UTC)
-    deaths = (message.headers or {}).get("x-death")
-    if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict):
-        when = deaths[0].get("time")
-        if isinstance(when, datetime):
-            return when if when.tzinfo else when.replace(tzinfo=UTC)
+    death = _latest_death(message.headers or {})
+    when = death.get("time") if death is not None else None
+    if isinstance(when, datetime):
+        return when if when.tzinfo else when.replace(tzinfo=UTC)
     return None
 
 

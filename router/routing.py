@@ -180,14 +180,15 @@ class RouteTable(msgspec.Struct):
         origin = self.resolve(_chain_origin(job, reason))
         if origin is None or origin.name == group.name:
             return out
-        along = [g.name for g in self.chain(origin, reason, own)]
-        if group.name not in along:
+        along = self.chain(origin, reason, own)
+        names = [g.name for g in along]
+        if group.name not in names:
             return out  # not moved along that chain (another chain brought it here)
         have = {g.name for g in out}
-        for name in along[along.index(group.name) + 1 :]:
-            if name not in have and (later := self.resolve(name)) is not None:
+        for later in along[names.index(group.name) + 1 :]:
+            if later.name not in have:
                 out.append(later)
-                have.add(name)
+                have.add(later.name)
         return out
 
     def _expand(

@@ -150,8 +150,8 @@ def exhausted_reset_s(limits: RateLimits | None, tokens: int = 1) -> float | Non
     if limits is None:
         return None
     waits = []
-    if limits.remaining_requests == 0 and limits.reset_requests_s:
-        waits.append(limits.reset_requests_s / max(limits.limit_requests or 1, 1))
+    if (one_request := refill_wait(limits)) is not None:
+        waits.append(one_request)
     if limits.remaining_tokens == 0 and limits.reset_tokens_s:
         share = min(tokens / limits.limit_tokens, 1.0) if limits.limit_tokens else 1.0
         waits.append(limits.reset_tokens_s * share)
